@@ -75,9 +75,9 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
 def info(path: Path, as_json: bool) -> None:
     """Show a model's provenance, or a feature cache's contents and skipped files."""
     if path.is_dir():
-        from pipeline.cache import FeatureCache
+        from pipeline.cache import describe
 
-        data = FeatureCache(path).describe()
+        data = describe(path)
     else:
         from export import read_metadata
 
@@ -94,6 +94,40 @@ def info(path: Path, as_json: bool) -> None:
                 click.echo(f"  {item}")
         else:
             click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
+              help="The body written by `headstart export`.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
+              show_default=True, help="The Zarr feature cache to create or add to.")
+@click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--jobs", type=int, default=2, show_default=True, help="Decoding threads beside inference.")
+@click.option("--resize", type=click.Choice(["squash", "center-crop"]), default="squash", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the cached features.")
+@DEVICE
+@friendly
+def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
+            dtype: str, device: str) -> None:
+    """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
+
+    DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
+    with columns path,label[,split].
+    """
+    from pipeline.extract import extract as run
+
+    try:
+        report = run(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
+                     device=device)
+    except KeyboardInterrupt:
+        raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
+            from None
+    click.echo(report.line())
+    if report.skipped:
+        click.echo(f"{report.skipped} files skipped; `headstart info {cache}` lists them with the reason")
 
 
 if __name__ == "__main__":

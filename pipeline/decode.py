@@ -49,11 +49,11 @@ def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
             img = _to_rgb(img)
     except BadImage:
         raise
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"truncated or corrupt image ({str(e).strip() or type(e).__name__})") from None
     if resize == "center-crop":
         scale = size / min(img.size)

@@ -41,3 +41,19 @@ def small_model(real_weights, tmp_path_factory) -> Path:
     """The real body at 64 px with gap and pool5: fast enough to run over hundreds of photos in tests."""
     path = tmp_path_factory.mktemp("models") / "vgg16-64.onnx"
     return save(build_body(real_weights, 64, ("gap", "pool5")), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_weights, tmp_path_factory) -> Path:
+    """The real body at 32 px: for tests of the cache's mechanics rather than of accuracy."""
+    path = tmp_path_factory.mktemp("models") / "vgg16-32.onnx"
+    return save(build_body(real_weights, 32, ("gap", "pool5")), path)
+
+
+def link_photos(paths: list[Path], root: Path, split: str | None = None) -> Path:
+    """Lay out photos as root/[split/]<class>/<name> with symlinks: the bytes stay in ../shared."""
+    for p in paths:
+        folder = root / split / p.parent.name if split else root / p.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / p.name).symlink_to(p)
+    return root

@@ -1,0 +1,125 @@
+"""Run the frozen body once over a dataset and keep its activations: reader -> mapper -> writer.
+
+reader: files -> sha256 and, for content the cache lacks, decoded uint8 pixels (a thread pool);
+mapper: batches of pixels -> onnxruntime -> named activations;
+writer: CacheWriter appends rows and commits after every batch, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from export.graph import layer_shape, read_metadata
+
+from .cache import CacheWriter
+from .dataset import scan
+from .decode import BadImage, decode
+
+
+@dataclass
+class Report:
+    dataset: str
+    files: int
+    reused: int
+    computed: int
+    skipped: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = f" ({self.computed / self.seconds:.1f} images/s)" if self.computed else ""
+        return (f"{self.dataset}: {self.files} files, {self.reused} reused, {self.computed} computed{rate}, "
+                f"{self.skipped} skipped")
+
+
+def sha256_of(path: str) -> tuple[str | None, str | None]:
+    """(hex digest, None), or (None, reason) for a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest(), None
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or type(e).__name__})"
+
+
+def _load(path: str, size: int, resize: str) -> np.ndarray | str:
+    """Pixels, or the reason the file is not a usable image."""
+    try:
+        with open(path, "rb") as f:
+            return decode(f.read(), size, resize)
+    except BadImage as e:
+        return str(e)
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+
+
+def _ordered(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
+    """pool.map that keeps at most `ahead` results in flight, so memory stays bounded on huge datasets."""
+    items = iter(items)
+    pending = [pool.submit(fn, x) for x in islice(items, ahead)]
+    while pending:
+        result = pending.pop(0).result()
+        pending.extend(pool.submit(fn, x) for x in islice(items, 1))
+        yield result
+
+
+def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
+            batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
+            device: str = "auto", progress: bool = True) -> Report:
+    """Extract the activations of every image of `data` into `cache`; only new content is computed."""
+    t0 = time.perf_counter()
+    if batch_size < 1 or jobs < 1:
+        raise ValueError(f"--batch-size ({batch_size}) and --jobs ({jobs}) must be at least 1")
+    ds = scan(data, name)
+    meta = read_metadata(model)
+    if meta.get("kind") != "body":
+        raise ValueError(f"{model}: not a headstart body model (kind {meta.get('kind')!r}); "
+                         "use the model written by `headstart export`")
+    size = int(meta["image_size"])
+    layers = meta["layers"].split(",")
+    dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
+    with CacheWriter(cache, meta, dims, resize, dtype) as writer, ThreadPoolExecutor(jobs) as pool:
+        writer.begin_dataset(ds.name)
+        hashed = list(tqdm(pool.map(sha256_of, ds.paths), total=len(ds), desc="hashing", unit="file",
+                           disable=not progress, leave=False))
+        hashes = [h for h, _ in hashed]
+        unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
+        todo: dict[str, str] = {}  # hash -> first path with that content, in scan order
+        for path, h in zip(ds.paths, hashes, strict=True):
+            if h is not None and h not in writer.index and h not in todo:
+                todo[h] = path
+        known = {h for h in hashes if h is not None and h in writer.index}
+        if todo:
+            _compute(writer, pool, model, todo, size, layers, batch_size, resize, device, progress, jobs)
+        summary = writer.write_dataset(ds.name, ds.paths, ds.splits, ds.labels, ds.classes, hashes, unreadable,
+                                       str(Path(data).resolve()))
+    return Report(ds.name, len(ds), len(known), len(todo), summary["skipped"], time.perf_counter() - t0)
+
+
+def _compute(writer: CacheWriter, pool: ThreadPoolExecutor, model: str | Path, todo: dict[str, str], size: int,
+             layers: list[str], batch_size: int, resize: str, device: str, progress: bool, jobs: int) -> None:
+    from export.runtime import open_session
+
+    session = open_session(model, device, quiet=not progress)
+    items = list(todo.items())
+    bar = tqdm(total=len(items), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
+    decoded = _ordered(pool, lambda hp: (hp[0], _load(hp[1], size, resize)), items, ahead=2 * batch_size + jobs)
+    try:
+        while batch := list(islice(decoded, batch_size)):
+            bad = {h: x for h, x in batch if isinstance(x, str)}
+            good = [x for h, x in batch if not isinstance(x, str)]
+            feats = None
+            if good:
+                outs = session.run(layers, {"images": np.stack(good)})
+                feats = dict(zip(layers, outs, strict=True))
+            writer.append([h for h, _ in batch], feats, bad)
+            bar.update(len(batch))
+    finally:
+        bar.close()
