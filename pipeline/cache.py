@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,8 +145,11 @@ class CacheWriter:
     """The single writer of a cache. Use as a context manager: it holds the cache's lock while open."""
 
     def __init__(self, path: str | Path, model: dict[str, str], dims: dict[str, int], resize: str,
-                 dtype: str = "float16") -> None:
+                 dtype: str = "float16", replace: bool = False, chunk_rows: int = CHUNK_ROWS) -> None:
         self.path = Path(path)
+        # Rows per feature chunk, fixed when the cache is created: batch-sized chunks are written whole.
+        self.chunk_rows = max(16, min(chunk_rows, 4096))
+        self.replace = replace
         self.dims = dims
         self.dtype = dtype
         fingerprint = {"model": {k: model[k] for k in ("weights_source", "weights_sha256", "image_size",
@@ -183,8 +187,15 @@ class CacheWriter:
             have = {k: attrs.get(k) for k in fingerprint}
             if have != fingerprint:
                 diff = [k for k in fingerprint if have[k] != fingerprint[k]]
-                raise CacheError(f"{self.path} holds features of another model or setting ({', '.join(diff)} "
-                                 "differ); use a new --cache for this model")
+                if not self.replace:
+                    raise CacheError(f"{self.path} holds features of another model or setting ({', '.join(diff)} "
+                                     "differ); use a new --cache for this model, or --replace to start it afresh")
+                # The marker goes first: interrupted here, the folder reads as a creation to finish.
+                (self.path / "zarr.json").unlink()
+                for p in self.path.iterdir():
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                return self._open(fingerprint)
         elif attrs or any(p.name not in ours for p in self.path.iterdir()):
             raise CacheError(f"{self.path}: a Zarr store that is not a headstart feature cache")
         else:
@@ -194,8 +205,8 @@ class CacheWriter:
             self.root.create_array("hash", shape=(0, 32), chunks=(rows, 32), dtype="uint8", overwrite=True)
             self.root.create_array("status", shape=(0,), chunks=(rows,), dtype="int8", overwrite=True)
             for layer, d in self.dims.items():
-                self.root.create_array(f"features/{layer}", shape=(0, d), chunks=(CHUNK_ROWS, d), dtype=self.dtype,
-                                       overwrite=True)
+                self.root.create_array(f"features/{layer}", shape=(0, d), chunks=(self.chunk_rows, d),
+                                       dtype=self.dtype, overwrite=True)
             self.root.attrs.update({"headstart_cache": FORMAT, **fingerprint, "rows": 0, "bad": {},
                                     "datasets": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         attrs = _attrs(self.root)

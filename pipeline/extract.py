@@ -72,8 +72,11 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Itera
 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
-            device: str = "auto", progress: bool = True) -> Report:
-    """Extract the activations of every image of `data` into `cache`; only new content is computed."""
+            device: str = "auto", replace: bool = False, progress: bool = True) -> Report:
+    """Extract the activations of every image of `data` into `cache`; only new content is computed.
+
+    `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.
+    """
     t0 = time.perf_counter()
     if batch_size < 1 or jobs < 1:
         raise ValueError(f"--batch-size ({batch_size}) and --jobs ({jobs}) must be at least 1")
@@ -85,7 +88,8 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
     dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
-    with CacheWriter(cache, meta, dims, resize, dtype) as writer, ThreadPoolExecutor(jobs) as pool:
+    writer = CacheWriter(cache, meta, dims, resize, dtype, replace, chunk_rows=batch_size)
+    with writer, ThreadPoolExecutor(jobs) as pool:
         writer.begin_dataset(ds.name)
         hashed = list(tqdm(pool.map(sha256_of, ds.paths), total=len(ds), desc="hashing", unit="file",
                            disable=not progress, leave=False))
@@ -111,15 +115,24 @@ def _compute(writer: CacheWriter, pool: ThreadPoolExecutor, model: str | Path, t
     items = list(todo.items())
     bar = tqdm(total=len(items), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
     decoded = _ordered(pool, lambda hp: (hp[0], _load(hp[1], size, resize)), items, ahead=2 * batch_size + jobs)
-    try:
-        while batch := list(islice(decoded, batch_size)):
-            bad = {h: x for h, x in batch if isinstance(x, str)}
-            good = [x for h, x in batch if not isinstance(x, str)]
-            feats = None
-            if good:
-                outs = session.run(layers, {"images": np.stack(good)})
-                feats = dict(zip(layers, outs, strict=True))
-            writer.append([h for h, _ in batch], feats, bad)
-            bar.update(len(batch))
-    finally:
-        bar.close()
+    # The writer runs one batch behind inference, in order, so that compressing and writing a batch
+    # overlaps the next forward pass; each append still commits before the next one starts.
+    with ThreadPoolExecutor(1) as write_pool:
+        pending = None
+        try:
+            while batch := list(islice(decoded, batch_size)):
+                bad = {h: x for h, x in batch if isinstance(x, str)}
+                good = [x for h, x in batch if not isinstance(x, str)]
+                feats = None
+                if good:
+                    outs = session.run(layers, {"images": np.stack(good)})
+                    feats = dict(zip(layers, outs, strict=True))
+                if pending is not None:
+                    pending.result()
+                    bar.update(batch_size)
+                pending = write_pool.submit(writer.append, [h for h, _ in batch], feats, bad)
+            if pending is not None:
+                pending.result()
+                bar.update(bar.total - bar.n)
+        finally:
+            bar.close()
