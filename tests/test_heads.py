@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import onnxruntime
+import pytest
+from click.testing import CliRunner
+from conftest import link_photos, photos
+
+from heads.models import LogisticHead, MLPHead, SoftmaxHead
+from heads.train import load_head, save_head, train_head
+from pipeline.cache import FeatureCache
+from pipeline.cli import main
+from pipeline.extract import extract
+
+
+@pytest.mark.parametrize("kind", ["softmax", "logistic", "mlp"])
+@pytest.mark.parametrize("layer", ["gap", "pool5"])
+def test_every_head_separates_cats_from_dogs(photo_cache, kind, layer):
+    head = train_head(photo_cache, layer, kind)
+    assert head.meta_["rows"] == {"train": 800, "valid": 200}
+    assert head.meta_["metrics"]["valid_accuracy"] >= 0.92, head.meta_["metrics"]
+
+
+def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path):
+    out = tmp_path / "h.head"
+    result = CliRunner().invoke(main, ["train", "--cache", str(photo_cache), "--layer", "gap", "--epochs", "5",
+                                       "-o", str(out), "--history", str(tmp_path / "hist.json")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    epochs = [x for x in lines if x.startswith("epoch")]
+    assert len(epochs) == 5 and all("valid loss" in x and x.endswith(" ms") for x in epochs)
+    assert lines[-1].startswith("catsdogs: softmax head on gap (512 features, 2 classes), 800 train / 200 valid")
+    assert len(json.loads((tmp_path / "hist.json").read_text())) == 5
+
+    args = ["evaluate", "--cache", str(photo_cache), "--head", str(out), "--metrics", str(tmp_path / "m.json"),
+            "--confusion", str(tmp_path / "cm.csv"), "--plot", str(tmp_path / "cm.png")]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert printed["accuracy"] == saved["accuracy"] == pytest.approx(load_head(out).meta_["metrics"]["valid_accuracy"])
+    cm = np.array(printed["confusion_matrix"])
+    assert cm.sum() == 200 and cm.trace() / 200 == pytest.approx(printed["accuracy"])
+    assert set(saved["per_class"]) == {"cats", "dogs"} and 0 < saved["log_loss"] < 1
+    rows = (tmp_path / "cm.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 201
+    assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_tasks_from_one_cache_without_onnxruntime(photo_cache, tmp_path, monkeypatch):
+    def no_onnxruntime(*args, **kwargs):
+        raise AssertionError("onnxruntime was called while training heads on cached features")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", no_onnxruntime)
+    (tmp_path / "map.yaml").write_text("cats: feline\ndogs: canine\n")
+    runner = CliRunner()
+    for args in (["--task", "catsdogs"], ["--task", "family", "--classes-map", str(tmp_path / "map.yaml")]):
+        result = runner.invoke(main, ["train", "--cache", str(photo_cache), "--head", "logistic",
+                                      "-o", str(tmp_path / f"{args[1]}.head"), *args])
+        assert result.exit_code == 0, result.output
+    a, b = load_head(tmp_path / "catsdogs.head"), load_head(tmp_path / "family.head")
+    assert a.meta_["classes"] == ["cats", "dogs"] and b.meta_["classes"] == ["canine", "feline"]
+    X = FeatureCache(photo_cache).features("gap")[:50]
+    # The same optimum with the classes swapped: cat probability of one is feline probability of the other.
+    np.testing.assert_allclose(a.predict_proba(X)[:, 0], b.predict_proba(X)[:, 1], atol=1e-4)
+
+
+def test_head_file_is_plain_npz_and_round_trips(photo_cache, tmp_path):
+    head = train_head(photo_cache, "gap", "mlp", hidden=(32, 16), epochs=3)
+    path = save_head(head, tmp_path / "mlp.head")
+    with np.load(path, allow_pickle=False) as z:
+        assert sorted(z.files) == ["W0", "W1", "W2", "b0", "b1", "b2", "mean", "meta", "scale"]
+    loaded = load_head(path)
+    X = FeatureCache(photo_cache).features("gap")
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    assert loaded.meta_["model"]["image_size"] == "96" and loaded.meta_["layer"] == "gap"
+
+
+def test_head_on_features_of_another_model_is_refused(photo_cache, tiny_model, tmp_path):
+    head = save_head(train_head(photo_cache, "gap", "logistic"), tmp_path / "h.head")
+    other = tmp_path / "other.zarr"
+    extract(link_photos(photos("valid", 3), tmp_path / "d", "valid"), tiny_model, other, name="catsdogs",
+            progress=False)
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head", str(head)])
+    assert result.exit_code != 0 and "trained on features of another model (image_size 96" in result.output
+
+
+def test_valid_fraction_when_the_cache_has_no_valid_split(photo_cache, tmp_path):
+    head = train_head(photo_cache, "gap", "logistic", valid_split="none", valid_fraction=0.25, seed=3)
+    assert head.meta_["rows"] == {"train": 600, "valid": 200}
+    from heads.evaluate import evaluate
+
+    result, y, _ = evaluate(photo_cache, head)
+    assert result["n"] == 200 and np.bincount(y).tolist() == [100, 100]  # stratified
+    assert result["accuracy"] == pytest.approx(head.meta_["metrics"]["valid_accuracy"])
+
+
+def test_estimators_validate_inputs_and_learn_a_known_rule():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 5)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int) + (X[:, 2] > 1).astype(int)  # 3 classes
+    for head in (SoftmaxHead(epochs=50, lr=0.01), LogisticHead(l2=1e-4),
+                 MLPHead(hidden=(16,), dropout=0.1, epochs=50, lr=0.01)):
+        p = head.fit(X[:500], y[:500]).predict_proba(X[500:])
+        assert p.shape == (100, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+        assert head.score(X[500:], y[500:]) > 0.75, type(head).__name__  # chance is about 0.45
+    with pytest.raises(ValueError, match="2-D float array"):
+        SoftmaxHead().fit(np.zeros((3,)), np.zeros(3, int))
+    with pytest.raises(ValueError, match="class indices"):
+        SoftmaxHead().fit(np.zeros((3, 2), np.float32), np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SoftmaxHead().fit(np.zeros((3, 2), np.float32), np.zeros(3, int))
+
+
+def test_softmax_head_reaches_the_logistic_optimum():
+    """Minibatch descent on Dense(softmax) and lbfgs minimise the same objective: they must agree."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((400, 8)).astype(np.float32)
+    # Three classes: lbfgs is multinomial there, the very parameterisation of Dense(3, softmax).
+    y = (X @ rng.standard_normal((8, 3)) + 0.5 * rng.standard_normal((400, 3))).argmax(1)
+    exact = LogisticHead(l2=1e-2).fit(X, y).predict_proba(X)
+    sgd = SoftmaxHead(epochs=1000, lr=0.01, batch_size=400, l2=1e-2).fit(X, y).predict_proba(X)
+    assert np.abs(exact - sgd).max() < 0.01
