@@ -1,0 +1,114 @@
+"""Body + head as one ONNX classifier: uint8 images in, `probabilities` (N, C) and `label` (N,) out.
+
+The classic "pop the last layer, add Dense(softmax)" as a file any onnxruntime runs, headstart or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.graph import make_model, read_metadata
+
+from .models import Head
+from .train import check_compatible, load_head
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A half-precision copy of a headstart body: float initializers, the input Cast and the outputs."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                                              init.name))
+    for node in g.node:
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+    for out in g.output:
+        if out.type.tensor_type.elem_type == TensorProto.FLOAT:
+            out.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+def _prune(graph: onnx.GraphProto, keep: list[str]) -> None:
+    """Drop the nodes and initializers that the kept outputs do not depend on (other layers, fc6/fc7)."""
+    needed, nodes = set(keep), []
+    for node in reversed(graph.node):
+        if needed & set(node.output):
+            nodes.append(node)
+            needed |= set(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def bundle(model_path: str | Path, head: Head, dtype: str | None = None) -> onnx.ModelProto:
+    """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax.
+
+    The head runs in float32 even in a float16 bundle: it is a few thousand FLOPs per image.
+    """
+    meta = read_metadata(model_path)
+    if meta.get("kind") != "body":
+        raise ValueError(f"{model_path}: not a headstart body model; use the model written by `headstart export`")
+    check_compatible(head, meta, str(model_path))
+    layer = head.meta_["layer"]
+    if layer not in meta["layers"].split(","):
+        raise ValueError(f"{model_path} has no {layer!r} output, which this head takes; export it with "
+                         f"--layers {layer}")
+    model = onnx.load(str(model_path))
+    if dtype == "float16" and meta["dtype"] != "float16":
+        model = to_float16(model)
+    elif dtype == "float32" and meta["dtype"] != "float32":
+        raise ValueError(f"{model_path} is a float16 body; export a float32 one for a float32 bundle")
+    g = model.graph
+    _prune(g, [layer])
+    inits = [numpy_helper.from_array(head.mean_.astype(np.float32), "head.mean"),
+             numpy_helper.from_array(head.scale_.astype(np.float32), "head.scale")]
+    nodes = [helper.make_node("Flatten", [layer], ["head.flat"]),
+             helper.make_node("Cast", ["head.flat"], ["head.x"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["head.x", "head.mean"], ["head.centered"]),
+             helper.make_node("Div", ["head.centered", "head.scale"], ["head.h0"])]
+    h = "head.h0"
+    for i, (W, b) in enumerate(head.layers_):
+        inits += [numpy_helper.from_array(W.astype(np.float32), f"head.W{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"head.b{i}")]
+        nodes.append(helper.make_node("Gemm", [h, f"head.W{i}", f"head.b{i}"], [f"head.z{i}"]))
+        h = f"head.z{i}"
+        if i < len(head.layers_) - 1:
+            nodes.append(helper.make_node("Relu", [h], [f"head.a{i}"]))
+            h = f"head.a{i}"
+    nodes += [helper.make_node("Softmax", [h], ["probabilities"], axis=1),
+              helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
+    classes = head.meta_["classes"]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),
+               helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])]
+    graph = helper.make_graph(list(g.node) + nodes, f"{head.meta_['task']}_classifier", list(g.input), outputs,
+                              list(g.initializer) + inits)
+    body = {k: v for k, v in meta.items() if k not in ("kind", "layers", "dtype")}
+    return make_model(graph, body | {
+        "kind": "classifier", "classes": json.dumps(classes), "task": head.meta_["task"], "layer": layer,
+        "head": head.meta_["kind"], "dtype": dtype or meta["dtype"], "resize": head.meta_["model"]["resize"],
+        "head_metrics": json.dumps(head.meta_["metrics"]),
+    })
+
+
+def bundle_files(model_path: str | Path, head_path: str | Path, dtype: str | None = None) -> onnx.ModelProto:
+    return bundle(model_path, load_head(head_path), dtype)
+
+
+def classifier_metadata(path: str | Path) -> dict:
+    meta = read_metadata(path)
+    if meta.get("kind") != "classifier":
+        raise ValueError(f"{path}: not a headstart classifier; build one with `headstart bundle`")
+    meta["classes"] = json.loads(meta["classes"])
+    return meta
+

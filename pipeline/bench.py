@@ -1,0 +1,192 @@
+"""Benchmarks: measured numbers behind the README's claims. Each returns rows for a table and JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def rate(fn: Callable[[], object], items: int, seconds: float = 10.0, min_runs: int = 2) -> float:
+    """Items per second of `fn` (which handles `items` per call), after one warm-up call."""
+    fn()
+    runs, t0 = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - t0 < seconds:
+        fn()
+        runs += 1
+    return runs * items / (time.perf_counter() - t0)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table."""
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), seconds: float = 10.0) -> list[dict]:
+    """ONNX body (onnxruntime, CPU) against torch eager on the same weights, images/s per batch size."""
+    import onnxruntime as ort
+
+    from export import build_body, load_weights
+    from export.reference import TorchVGG16
+    from export.runtime import open_session
+
+    weights = load_weights()
+    model = build_body(weights, image_size, ("gap", "pool5"))
+    session = open_session(model.SerializeToString(), "cpu", quiet=True)
+    torch_model = TorchVGG16(weights, threads=os.cpu_count())
+    import torch
+
+    rows = []
+    for bs in batches:
+        x = random_images(bs, image_size)
+        onnx_ips = rate(lambda x=x: session.run(["gap", "pool5"], {"images": x}), bs, seconds)
+        torch_ips = rate(lambda x=x: torch_model(x), bs, seconds)
+        rows.append({"image_size": image_size, "batch": bs, "onnxruntime_img_s": onnx_ips,
+                     "torch_eager_img_s": torch_ips, "speedup": onnx_ips / torch_ips,
+                     "versions": f"onnxruntime {ort.__version__}, torch {torch.__version__}"})
+    return rows
+
+
+def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_size: int = 32, jobs: int = 2,
+                  bare_images: int = 256, seconds: float = 20.0) -> list[dict]:
+    """End-to-end extract (scan, hash, decode, infer, write) beside the bare model on pre-decoded arrays."""
+    from export.graph import read_metadata
+    from export.runtime import open_session
+
+    from .dataset import scan
+    from .decode import read_and_decode
+    from .extract import extract
+
+    size = int(read_metadata(model)["image_size"])
+    layers = read_metadata(model)["layers"].split(",")
+    report = extract(data, model, cache, batch_size=batch_size, jobs=jobs, progress=False)
+    if report.computed == 0:
+        raise ValueError(f"{cache} already held every image: pass a new --cache so that extract does the work")
+    end_to_end = report.computed / report.seconds
+    paths = scan(data).paths[:bare_images]
+    x = np.stack([read_and_decode(p, size) for p in paths])
+    session = open_session(model, "auto", quiet=True)
+
+    def run_all() -> None:
+        for i in range(0, len(x), batch_size):
+            session.run(layers, {"images": x[i:i + batch_size]})
+
+    bare = rate(run_all, len(x), seconds, min_runs=1)
+    return [{"images": report.computed, "image_size": size, "batch": batch_size, "end_to_end_img_s": end_to_end,
+             "bare_model_img_s": bare, "ratio": end_to_end / bare, "seconds": report.seconds}]
+
+
+def body_gflop(image_size: int) -> float:
+    """Forward GFLOP of the VGG16 body per image (2 per multiply-add; 30.7 at 224 px)."""
+    from export.graph import BLOCKS
+    from export.weights import CONV_CHANNELS
+
+    side, flop, i = image_size, 0, 0
+    for n_convs in BLOCKS:
+        for _ in range(n_convs):
+            out, inp = CONV_CHANNELS[i]
+            flop += 2 * 9 * inp * out * side * side
+            i += 1
+        side //= 2
+    return flop / 1e9
+
+
+def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap", data: str | Path | None = None,
+                 batch_size: int = 32, classes: int = 2, extrapolate: int = 25_000) -> list[dict]:
+    """Seconds per training epoch of a replacement head, three ways, all measured on this machine:
+
+    cached    the head trained on features the body produced once (headstart);
+    frozen    the Keras way: every image decoded and pushed through the frozen body again, then the head;
+    full      fine-tuning the whole network, estimated as forward + backward (about twice the forward).
+    """
+    from export import build_body, load_weights
+    from export.graph import layer_shape
+    from export.runtime import open_session
+    from heads.models import SoftmaxHead
+
+    from .dataset import scan
+    from .decode import read_and_decode
+
+    session = open_session(build_body(load_weights(), image_size, (layer,)).SerializeToString(), "auto")
+    dim = int(np.prod(layer_shape(layer, image_size)))
+    if data is not None:
+        paths = (scan(data).paths * n_images)[:n_images]
+
+        def pixels(i: int) -> np.ndarray:
+            return np.stack([read_and_decode(p, image_size) for p in paths[i:i + batch_size]])
+    else:
+        synthetic = random_images(batch_size, image_size)
+
+        def pixels(i: int) -> np.ndarray:
+            return synthetic[: min(batch_size, n_images - i)]
+
+    t0 = time.perf_counter()
+    feats = [session.run([layer], {"images": pixels(i)})[0].reshape(-1, dim) for i in range(0, n_images, batch_size)]
+    forward = time.perf_counter() - t0
+    X = np.concatenate(feats).astype(np.float16)
+    y = np.random.default_rng(0).integers(0, classes, len(X))
+    y[:classes] = np.arange(classes)
+    head = SoftmaxHead(epochs=1, batch_size=batch_size)
+    t0 = time.perf_counter()
+    head.fit(X, y)
+    head_epoch = (time.perf_counter() - t0)
+    head_gflop = 3 * 2 * dim * classes / 1e9  # forward + backward of Dense(classes)
+    body = body_gflop(image_size)
+    ways = [("cached features (headstart)", head_epoch, head_gflop),
+            ("frozen body, Keras way", forward + head_epoch, body + head_gflop),
+            ("full fine-tuning (estimated 3x forward)", 3 * forward + head_epoch, 3 * body + head_gflop)]
+    rows = []
+    for name, seconds, gflop in ways:
+        rows.append({"epoch": name, "images": n_images, "seconds": seconds, "img_s": n_images / seconds,
+                     "gflop_per_image": gflop, "speedup_of_cached": seconds / head_epoch,
+                     f"s_per_epoch_at_{extrapolate}": seconds / n_images * extrapolate})
+    rows.append({"epoch": "one-off extraction (forward once)", "images": n_images, "seconds": forward,
+                 "img_s": n_images / forward, "gflop_per_image": body, "speedup_of_cached": float("nan"),
+                 f"s_per_epoch_at_{extrapolate}": forward / n_images * extrapolate})
+    for r in rows:
+        r.update(image_size=image_size, layer=layer, device=session.get_providers()[0])
+    return rows
+
+
+def plot_epochs(rows: list[dict], path: str | Path) -> None:
+    """Bar chart, log scale: seconds per epoch of each way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(k for k in rows[0] if k.startswith("s_per_epoch_at_"))
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    names = [r["epoch"] for r in rows]
+    values = [r[key] for r in rows]
+    bars = ax.barh(names[::-1], values[::-1], color=["#888", "#c44", "#d84", "#2a6"][: len(rows)])
+    ax.set_xscale("log")
+    ax.set_xlabel(f"seconds per epoch of {key.rsplit('_', 1)[1]} images (log scale)")
+    for bar, v in zip(bars, values[::-1], strict=True):
+        ax.text(v, bar.get_y() + bar.get_height() / 2, f" {v:,.2f} s", va="center", fontsize=8)
+    r = rows[0]
+    ax.set_title(f"VGG16 {r['image_size']} px, head on {r['layer']}, {r['device']}: {machine()}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
