@@ -108,10 +108,11 @@ def info(path: Path, as_json: bool) -> None:
 @click.option("--resize", type=click.Choice(["squash", "center-crop"]), default="squash", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the cached features.")
+@click.option("--replace", is_flag=True, help="Start the cache afresh if it holds another model's features.")
 @DEVICE
 @friendly
 def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
-            dtype: str, device: str) -> None:
+            dtype: str, replace: bool, device: str) -> None:
     """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
@@ -121,13 +122,267 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
 
     try:
         report = run(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
-                     device=device)
+                     device=device, replace=replace)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
     click.echo(report.line())
     if report.skipped:
         click.echo(f"{report.skipped} files skipped; `headstart info {cache}` lists them with the reason")
+
+
+CACHE = click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
+                     show_default=True, help="The feature cache written by `headstart extract`.")
+DATASET = click.option("--dataset", help="Dataset inside the cache, where it holds several.")
+
+
+@main.command()
+@CACHE
+@DATASET
+@click.option("--layer", default="gap", show_default=True, help="Cached layer to train on: gap, pool5, ...")
+@click.option("--head", "kind", type=click.Choice(["softmax", "logistic", "mlp"]), default="softmax",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Head file to write (npz + JSON).")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--l2", type=float, default=None, help="L2 penalty on the mean loss [softmax/mlp 1e-4, logistic 1e-2].")
+@click.option("--hidden", default="256", show_default=True, help="mlp: comma-separated hidden layer sizes.")
+@click.option("--dropout", type=float, default=0.5, show_default=True, help="mlp: dropout after each hidden layer.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
+@click.option("--standardize/--no-standardize", default=True, show_default=True)
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--valid-split", default="valid", show_default=True)
+@click.option("--valid-fraction", type=float, default=0.2, show_default=True,
+              help="Held out of the train split (stratified, seeded) where the cache has no valid split.")
+@click.option("--classes-map", default="",
+              help="YAML/JSON file: cache class name -> task label, or null to leave a class out ('' for none).")
+@click.option("--task", help="Name of the task (default: the dataset's name).")
+@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
+@friendly
+def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int, lr: float,
+          batch_size: int, l2: float | None, hidden: str, dropout: float, seed: int, class_weight: str,
+          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, classes_map: str,
+          task: str | None, history: Path | None) -> None:
+    """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
+    import time
+
+    from heads.train import read_classes_map, save_head, train_head
+
+    params: dict = {"standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
+    if kind == "logistic":
+        params["l2"] = 1e-2 if l2 is None else l2
+    else:
+        params.update(epochs=epochs, lr=lr, batch_size=batch_size, l2=1e-4 if l2 is None else l2)
+    if kind == "mlp":
+        params.update(hidden=tuple(int(h) for h in hidden.split(",") if h.strip()), dropout=dropout)
+
+    def log(rec: dict) -> None:
+        valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}"
+                 if "valid_loss" in rec else "")
+        click.echo(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
+                   f"{valid}  {rec['ms']:.0f} ms")
+
+    t0 = time.perf_counter()
+    head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
+                      train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
+                      log=log, **params)
+    save_head(head, output)
+    if history:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        history.write_text(json.dumps(head.history_, indent=1) + "\n")
+    m, rows = head.meta_["metrics"], head.meta_["rows"]
+    click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.meta_['input_dim']} features, "
+               f"{len(head.meta_['classes'])} classes), {rows['train']} train / {rows['valid']} valid rows: "
+               f"valid accuracy {m.get('valid_accuracy', float('nan')):.4f}, "
+               f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
+
+
+@main.command()
+@CACHE
+@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--split", help="Split to score (default: the rows the head was validated on).")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics JSON here.")
+@click.option("--confusion", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a confusion-matrix PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@friendly
+def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | None, confusion: Path | None,
+             plot: Path | None, as_json: bool) -> None:
+    """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix."""
+    from heads.evaluate import evaluate as score
+    from heads.evaluate import write_reports
+    from heads.train import load_head
+
+    result, y, pred = score(cache, load_head(head_path), split)
+    write_reports(result, y, pred, metrics, confusion, plot)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['task']}: {result['head']} on {result['layer']}, {result['split']}, n={result['n']}: "
+               f"accuracy {result['accuracy']:.4f}, log loss {result['log_loss']:.4f}")
+    for c, r in result["per_class"].items():
+        click.echo(f"  {c}: precision {r['precision']:.3f} recall {r['recall']:.3f} (n={r['support']})")
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
+              help="The body written by `headstart export`.")
+@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="float16 for GPUs (default: the body's own type).")
+@friendly
+def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> None:
+    """Bundle body and head into one fine-tuned ONNX classifier: images in, probabilities and label out."""
+    from export import save
+    from heads.bundle import bundle_files
+
+    onnx_model = bundle_files(model, head_path, dtype)
+    save(onnx_model, output)
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    click.echo(f"wrote {output}: {meta['headstart.task']} classifier, classes {meta['headstart.classes']}, "
+               f"{meta['headstart.dtype']}")
+
+
+@main.command()
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="A classifier from `headstart bundle`.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
+              show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--jobs", type=int, default=2, show_default=True)
+@click.option("--clip", help="LO,HI: clip probabilities, as log-loss submissions (Kaggle's dogs-vs-cats) want.")
+@DEVICE
+@friendly
+def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
+            device: str) -> None:
+    """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
+    from heads.bundle import classifier_metadata
+    from heads.predict import predict as run
+    from heads.predict import write_csv
+
+    bounds = None
+    if clip:
+        try:
+            lo, hi = (float(v) for v in clip.split(","))
+        except ValueError:
+            raise Failure(f"--clip {clip!r}: expected LO,HI such as 0.005,0.995") from None
+        if not 0 <= lo < hi <= 1:
+            raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
+        bounds = (lo, hi)
+    classes = classifier_metadata(model)["classes"]
+    n, bad = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
+    for row in bad:
+        click.echo(f"skipped {row['path']}: {row['error']}", err=True)
+    click.echo(f"wrote {output}: {n - len(bad)} predicted, {len(bad)} skipped")
+
+
+@main.group()
+def data() -> None:
+    """Write a ready dataset as an image folder: digits (offline, built in) or pets (download)."""
+
+
+@data.command("digits")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--valid-fraction", type=float, default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly
+def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
+    """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
+    from pipeline.data import write_digits
+
+    counts = write_digits(out, valid_fraction, seed)
+    click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid digits, 10 classes")
+
+
+@data.command("pets")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--mirror", default=None, help="Base URL serving images.tar.gz and annotations.tar.gz.")
+@friendly
+def data_pets(out: Path, mirror: str | None) -> None:
+    """Oxford-IIIT Pet (download, md5-checked) in OUT/{train,valid}/<breed>/, plus OUT/species.yaml."""
+    from pipeline.data import PETS_URL, write_pets
+
+    counts = write_pets(out, mirror or PETS_URL)
+    click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid photos of 37 breeds")
+
+
+@main.group()
+def bench() -> None:
+    """Measure: body speed, extract throughput, head training, and frozen epochs the two ways."""
+
+
+def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) -> None:
+    from pipeline.bench import machine, table
+
+    click.echo(f"{title}\nmachine: {machine()}\n\n{table(rows, columns)}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"title": title, "machine": machine(), "rows": rows}, indent=2) + "\n")
+
+
+@bench.command("body")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batches", default="1,16", show_default=True)
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@friendly
+def bench_body(image_size: int, batches: str, seconds: float, out: Path | None) -> None:
+    """ONNX body on the CPU against torch eager on the same weights (needs torch)."""
+    from pipeline.bench import bench_body as run
+
+    rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds)
+    _report(rows, ["image_size", "batch", "onnxruntime_img_s", "torch_eager_img_s", "speedup"], out,
+            f"VGG16 body, images/s ({rows[0]['versions']})")
+
+
+@bench.command("extract")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A new cache: the benchmark must compute every image.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--jobs", type=int, default=2, show_default=True)
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@friendly
+def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: int, out: Path | None) -> None:
+    """End-to-end extract throughput beside the bare model's on pre-decoded arrays."""
+    from pipeline.bench import bench_extract as run
+
+    rows = run(data, model, cache, batch_size, jobs)
+    _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_model_img_s", "ratio"], out,
+            "Extract throughput, images/s")
+
+
+@bench.command("epochs")
+@click.option("--images", "n_images", type=int, default=256, show_default=True, help="Images per measured epoch.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--layer", default="gap", show_default=True)
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Real photos to decode each epoch (default: synthetic pixels, no decoding).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.json"),
+              show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.png"),
+              show_default=True)
+@friendly
+def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, batch_size: int, out: Path,
+                 plot: Path) -> None:
+    """Why frozen epochs can be fast: a head epoch on cached features against the Keras way and full tuning."""
+    from pipeline.bench import bench_epochs as run
+    from pipeline.bench import plot_epochs
+
+    rows = run(n_images, image_size, layer, data, batch_size)
+    key = next(k for k in rows[0] if k.startswith("s_per_epoch_at_"))
+    _report(rows, ["epoch", "images", "seconds", "img_s", "gflop_per_image", "speedup_of_cached", key], out,
+            f"Seconds per epoch, VGG16 at {image_size} px, head on {layer}")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_epochs(rows, plot)
+    click.echo(f"wrote {out} and {plot}")
 
 
 if __name__ == "__main__":
