@@ -217,13 +217,22 @@ def fetch_lpips_ckpt() -> Path:
 
 
 def fetch_hf() -> Path:
-    """timm's vgg16.tv_in1k safetensors from the Hugging Face hub (online users; optional extra `hf`)."""
+    """timm's vgg16.tv_in1k safetensors from the Hugging Face hub (online users; optional extra `hf`).
+
+    The file is checked against the sha256 the hub publishes for it (its LFS object id), at a pinned revision.
+    """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import HfApi, hf_hub_download
     except ImportError:
         raise WeightsError("--source hf needs the hf extra: pip install 'headstart[hf]'") from None
-    # The hub addresses files by their git/LFS sha256, which hf_hub_download verifies on download.
-    return Path(hf_hub_download(HF_REPO, "model.safetensors"))
+    info = HfApi().model_info(HF_REPO, files_metadata=True)
+    lfs = next((s.lfs for s in info.siblings if s.rfilename == "model.safetensors"), None)
+    expected = getattr(lfs, "sha256", None) or (lfs or {}).get("sha256")
+    if not expected:
+        raise WeightsError(f"the hub lists no sha256 for {HF_REPO}/model.safetensors; refusing an unverified file")
+    path = Path(hf_hub_download(HF_REPO, "model.safetensors", revision=info.sha))
+    check_sha256(path, expected)
+    return path
 
 
 def random_weights(seed: int) -> Weights:

@@ -78,23 +78,26 @@ def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_
     from .decode import read_and_decode
     from .extract import extract
 
-    size = int(read_metadata(model)["image_size"])
-    layers = read_metadata(model)["layers"].split(",")
+    meta = read_metadata(model)
+    size, layers = int(meta["image_size"]), meta["layers"].split(",")
+    x = np.stack([read_and_decode(p, size) for p in scan(data).paths[:bare_images]])
+    session = open_session(model, "auto", quiet=True)
+
+    def bare() -> float:
+        return rate(lambda: [session.run(layers, {"images": x[i:i + batch_size]})
+                             for i in range(0, len(x), batch_size)], len(x), seconds, min_runs=1)
+
+    # The bare model is timed before and after the extract and averaged: shared CPUs drift over minutes.
+    before = bare()
     report = extract(data, model, cache, batch_size=batch_size, jobs=jobs, progress=False)
     if report.computed == 0:
         raise ValueError(f"{cache} already held every image: pass a new --cache so that extract does the work")
+    after = bare()
     end_to_end = report.computed / report.seconds
-    paths = scan(data).paths[:bare_images]
-    x = np.stack([read_and_decode(p, size) for p in paths])
-    session = open_session(model, "auto", quiet=True)
-
-    def run_all() -> None:
-        for i in range(0, len(x), batch_size):
-            session.run(layers, {"images": x[i:i + batch_size]})
-
-    bare = rate(run_all, len(x), seconds, min_runs=1)
+    mean = (before + after) / 2
     return [{"images": report.computed, "image_size": size, "batch": batch_size, "end_to_end_img_s": end_to_end,
-             "bare_model_img_s": bare, "ratio": end_to_end / bare, "seconds": report.seconds}]
+             "bare_model_img_s": mean, "bare_before": before, "bare_after": after, "ratio": end_to_end / mean,
+             "seconds": report.seconds}]
 
 
 def body_gflop(image_size: int) -> float:
@@ -190,3 +193,23 @@ def plot_epochs(rows: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def bench_heads(rows: int = 25_000, shapes: tuple[tuple[int, str], ...] = ((512, "float32"), (25_088, "float16")),
+                epochs: int = 10, batch_size: int = 64) -> list[dict]:
+    """Softmax head training on synthetic features of the cache's shapes: gap (512) and pool5 at 224 px."""
+    from heads.models import SoftmaxHead
+
+    out = []
+    for dim, dtype in shapes:
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 2, rows)
+        X = np.empty((rows, dim), dtype)
+        for i in range(0, rows, 1000):  # in blocks: a float32 copy of the whole pool5 array would be 2.5 GB
+            X[i:i + 1000] = rng.standard_normal((min(1000, rows - i), dim), np.float32) + 0.05 * y[i:i + 1000, None]
+        t0 = time.perf_counter()
+        head = SoftmaxHead(epochs=epochs, batch_size=batch_size).fit(X, y)
+        total = time.perf_counter() - t0
+        out.append({"rows": rows, "dim": dim, "dtype": dtype, "epochs": epochs, "batch": batch_size,
+                    "seconds": total, "ms_per_epoch": float(np.mean([r["ms"] for r in head.history_]))})
+    return out

@@ -354,8 +354,21 @@ def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: i
     from pipeline.bench import bench_extract as run
 
     rows = run(data, model, cache, batch_size, jobs)
-    _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_model_img_s", "ratio"], out,
+    _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio"], out,
             "Extract throughput, images/s")
+
+
+@bench.command("heads")
+@click.option("--rows", type=int, default=25_000, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@friendly
+def bench_heads(rows: int, epochs: int, out: Path | None) -> None:
+    """Softmax head epochs on synthetic features: gap (rows x 512) and pool5 at 224 px (rows x 25,088 float16)."""
+    from pipeline.bench import bench_heads as run
+
+    _report(run(rows, epochs=epochs), ["rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch"], out,
+            "Softmax head training, seconds (fit, standardization included)")
 
 
 @bench.command("epochs")

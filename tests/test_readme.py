@@ -24,7 +24,7 @@ def reference() -> str:
     parts = []
     for path in commands(main, []):
         text = CliRunner().invoke(main, [*path, "--help"], prog_name="headstart", terminal_width=100).output
-        parts.append(f"### `headstart {' '.join(path)}`\n\n```text\n{text.rstrip()}\n```\n")
+        parts.append(f"### `{' '.join(['headstart', *path])}`\n\n```text\n{text.rstrip()}\n```\n")
     return "\n".join(parts)
 
 
