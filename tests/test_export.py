@@ -152,3 +152,23 @@ def test_cuda_request_is_a_clear_error_without_a_gpu(small_model):
         assert "--device cuda is unusable here" in str(e)
     else:
         assert "CUDAExecutionProvider" in session.get_providers()
+
+
+def test_safetensors_with_timm_names_load_the_same_convs(tmp_path, real_weights):
+    from safetensors.numpy import save_file
+
+    from export.weights import TORCHVISION_CONV_INDEX
+
+    sd = {}
+    for (w, b), i in zip(real_weights.convs, TORCHVISION_CONV_INDEX, strict=True):
+        sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = w, b
+    save_file(sd, str(tmp_path / "vgg16.safetensors"))
+    loaded = from_file(tmp_path / "vgg16.safetensors")
+    assert loaded.fc is None and loaded.source == "file:vgg16.safetensors"
+    for (a, b), (c, d) in zip(loaded.convs, real_weights.convs, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    del sd["features.28.bias"]
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(WeightsError, match="missing features.28.bias"):
+        from_file(tmp_path / "broken.safetensors")
