@@ -12,7 +12,7 @@ import numpy as np
 
 from export.runtime import open_session
 from pipeline.dataset import scan
-from pipeline.decode import BadImage, read_and_decode
+from pipeline.decode import load_or_reason
 
 from .bundle import classifier_metadata
 
@@ -26,14 +26,8 @@ def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: i
     paths = scan(images).paths
     session = open_session(model, device, quiet=quiet)
 
-    def load(path: str) -> np.ndarray | str:
-        try:
-            return read_and_decode(path, size, resize)
-        except BadImage as e:
-            return str(e)
-
     with ThreadPoolExecutor(jobs) as pool:
-        it = iter(zip(paths, pool.map(load, paths), strict=True))
+        it = iter(zip(paths, pool.map(lambda p: load_or_reason(p, size, resize), paths), strict=True))
         while batch := list(islice(it, batch_size)):
             good = [x for _, x in batch if not isinstance(x, str)]
             proba = session.run(["probabilities"], {"images": np.stack(good)})[0] if good else None

@@ -74,3 +74,11 @@ def read_and_decode(path: str, size: int, resize: str = "squash") -> np.ndarray:
     except OSError as e:
         raise BadImage(f"unreadable ({e.strerror or type(e).__name__})") from None
     return decode(data, size, resize)
+
+
+def load_or_reason(path: str, size: int, resize: str = "squash") -> np.ndarray | str:
+    """Pixels of a file, or the reason it is not a usable image: for pipelines that record and go on."""
+    try:
+        return read_and_decode(path, size, resize)
+    except BadImage as e:
+        return str(e)

@@ -7,7 +7,6 @@ writer: CacheWriter appends rows and commits after every batch, so a killed run 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from export.graph import layer_shape, read_metadata
+from export.weights import sha256_file
 
 from .cache import CacheWriter
 from .dataset import scan
-from .decode import BadImage, decode
+from .decode import load_or_reason
 
 
 @dataclass
@@ -43,21 +43,9 @@ class Report:
 def sha256_of(path: str) -> tuple[str | None, str | None]:
     """(hex digest, None), or (None, reason) for a file that cannot be read."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest(), None
+        return sha256_file(path), None
     except OSError as e:
         return None, f"unreadable ({e.strerror or type(e).__name__})"
-
-
-def _load(path: str, size: int, resize: str) -> np.ndarray | str:
-    """Pixels, or the reason the file is not a usable image."""
-    try:
-        with open(path, "rb") as f:
-            return decode(f.read(), size, resize)
-    except BadImage as e:
-        return str(e)
-    except OSError as e:
-        return f"unreadable ({e.strerror or type(e).__name__})"
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
@@ -114,7 +102,8 @@ def _compute(writer: CacheWriter, pool: ThreadPoolExecutor, model: str | Path, t
     session = open_session(model, device, quiet=not progress)
     items = list(todo.items())
     bar = tqdm(total=len(items), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
-    decoded = _ordered(pool, lambda hp: (hp[0], _load(hp[1], size, resize)), items, ahead=2 * batch_size + jobs)
+    decoded = _ordered(pool, lambda hp: (hp[0], load_or_reason(hp[1], size, resize)), items,
+                       ahead=2 * batch_size + jobs)
     # The writer runs one batch behind inference, in order, so that compressing and writing a batch
     # overlaps the next forward pass; each append still commits before the next one starts.
     with ThreadPoolExecutor(1) as write_pool:
