@@ -142,6 +142,7 @@ class MLPHead(Head):
         params = [p for layer in self.layers_ for p in layer]
         m = [np.zeros_like(p) for p in params]
         v = [np.zeros_like(p) for p in params]
+        scratch = [np.empty_like(p) for p in params]
         sw = self._sample_weight(y)
         onehot = np.eye(self.n_classes_, dtype=np.float32)
         step, b1, b2 = 0, 0.9, 0.999
@@ -177,12 +178,19 @@ class MLPHead(Head):
                             g *= masks[j - 1]
                 step += 1
                 lr = self.lr * np.sqrt(1 - b2**step) / (1 - b1**step)
-                for p_, gr, mm, vv in zip(params, grads, m, v, strict=True):
+                for p_, gr, mm, vv, tmp in zip(params, grads, m, v, scratch, strict=True):
+                    # In place: for a pool5 MLP these are 6.4M-element arrays, updated every step.
                     mm *= b1
-                    mm += (1 - b1) * gr
+                    mm += np.multiply(gr, 1 - b1, out=tmp)
                     vv *= b2
-                    vv += (1 - b2) * gr * gr
-                    p_ -= lr * mm / (np.sqrt(vv) + 1e-7)
+                    np.multiply(gr, gr, out=tmp)
+                    tmp *= 1 - b2
+                    vv += tmp
+                    np.sqrt(vv, out=tmp)
+                    tmp += 1e-7
+                    np.divide(mm, tmp, out=tmp)
+                    tmp *= lr
+                    p_ -= tmp
             ms = (time.perf_counter() - t0) * 1000
             self._log(log, epoch, ms, (loss_sum / len(X), correct / len(X)), X_valid, y_valid)
 
