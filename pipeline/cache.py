@@ -135,7 +135,7 @@ class FeatureCache:
 
 
 def describe(path: str | Path) -> dict:
-    """What `headstart info CACHE` prints: the only or the first complete dataset, else the cache alone."""
+    """What `headstart info CACHE` prints, for its first complete dataset (FeatureCache's error where none is)."""
     root = zarr.open_group(str(path), mode="r")
     names = [n for n, d in _attrs(root).get("datasets", {}).items() if d.get("complete")]
     return FeatureCache(path, names[0] if names else None).describe()
