@@ -10,15 +10,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .files import atomic_write
+from .vgg import DEFAULT_LAYERS, FC_SIZE, LAST, LAYERS, STAGES, check_image_size, layer_shape
 from .weights import Weights
 
-LAYERS = ("conv5_3", "pool5", "gap", "fc6", "fc7")
-DEFAULT_LAYERS = ("gap", "pool5")
 # torchvision trained these weights on RGB in [0, 1] normalised with these statistics.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-# VGG16 "D": 64,64,M,128,128,M,256x3,M,512x3,M,512x3 (conv5_3), then pool5.
-BLOCKS = (2, 2, 3, 3, 3)
+DTYPES = ("float32", "float16")
 OPSET = 17
 IR_VERSION = 8  # onnxruntime 1.20+ reads it; newer onnx releases write IR versions it refuses
 META_PREFIX = "headstart."
@@ -36,26 +35,14 @@ def _dtype(dtype: str) -> tuple[int, type]:
         return TensorProto.FLOAT, np.float32
     if dtype == "float16":
         return TensorProto.FLOAT16, np.float16
-    raise ValueError(f"dtype {dtype!r} is not supported; use float32 or float16")
-
-
-def check_image_size(image_size: int) -> None:
-    if image_size < 32 or image_size % 32:
-        raise ValueError(f"image size {image_size} is not a multiple of 32 from 32 up (VGG16 halves it 5 times)")
-
-
-def layer_shape(layer: str, image_size: int) -> tuple[int, ...]:
-    """Per-image shape of a body output."""
-    s = image_size // 32
-    return {"conv5_3": (512, 2 * s, 2 * s), "pool5": (512, s, s), "gap": (512,),
-            "fc6": (4096,), "fc7": (4096,)}[layer]
+    raise ValueError(f"dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
 
 
 def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype: str,
                prefix: str = "") -> tuple[list, list[onnx.TensorProto]]:
     """Nodes and initializers that turn the uint8 `images` input into the requested layers.
 
-    Shared with heads.bundle, which appends a head to the same body; `prefix` keeps names apart there.
+    `prefix` keeps the names apart where the body is part of a larger graph.
     """
     check_image_size(image_size)
     unknown = [x for x in layers if x not in LAYERS]
@@ -65,8 +52,8 @@ def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype
         if weights.fc is None:
             raise ValueError(f"fc6/fc7 need the classifier layers, which {weights.source} does not have; "
                              "use --weights with torchvision or timm safetensors/npz, or --source hf")
-        if image_size != 224:
-            raise ValueError("fc6/fc7 need --image-size 224: the classifier expects a 7x7 pool5")
+        if image_size != FC_SIZE:
+            raise ValueError(f"fc6/fc7 need --image-size {FC_SIZE}: the classifier reads pool5 at that size")
     elem, np_dtype = _dtype(dtype)
     p = prefix
     inits: list[onnx.TensorProto] = []
@@ -84,26 +71,26 @@ def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype
         helper.make_node("Mul", [p + "x_nchw", scale], [p + "x_scaled"]),
         helper.make_node("Add", [p + "x_scaled", shift], [p + "x_norm"]),
     ]
-    x, i = p + "x_norm", 0
-    for block, n_convs in enumerate(BLOCKS, start=1):
-        for j in range(1, n_convs + 1):
-            w, b = weights.convs[i]
-            name = f"conv{block}_{j}"
+    x, params = p + "x_norm", iter(weights.convs)
+    for stage in STAGES:
+        out = p + stage.name
+        if stage.kind == "conv":
+            w, b = next(params)
             nodes += [
-                helper.make_node("Conv", [x, const(f"{name}.w", w), const(f"{name}.b", b)], [p + name + "_pre"],
-                                 pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-                helper.make_node("Relu", [p + name + "_pre"], [p + name]),
+                helper.make_node("Conv", [x, const(f"{stage.name}.w", w), const(f"{stage.name}.b", b)],
+                                 [out + "_pre"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                helper.make_node("Relu", [out + "_pre"], [out]),
             ]
-            x, i = p + name, i + 1
-        nodes.append(helper.make_node("MaxPool", [x], [p + f"pool{block}"], kernel_shape=[2, 2], strides=[2, 2]))
-        x = p + f"pool{block}"
+        else:
+            nodes.append(helper.make_node("MaxPool", [x], [out], kernel_shape=[2, 2], strides=[2, 2]))
+        x = out
     if "gap" in layers:
-        nodes += [helper.make_node("GlobalAveragePool", [p + "pool5"], [p + "gap_4d"]),
+        nodes += [helper.make_node("GlobalAveragePool", [p + LAST.name], [p + "gap_4d"]),
                   helper.make_node("Flatten", [p + "gap_4d"], [p + "gap"])]
     if "fc6" in layers or "fc7" in layers:
         (w6, b6), (w7, b7) = weights.fc
         nodes += [
-            helper.make_node("Flatten", [p + "pool5"], [p + "pool5_flat"]),
+            helper.make_node("Flatten", [p + LAST.name], [p + "pool5_flat"]),
             helper.make_node("Gemm", [p + "pool5_flat", const("fc6.w", w6), const("fc6.b", b6)], [p + "fc6_pre"],
                              transB=1),
             helper.make_node("Relu", [p + "fc6_pre"], [p + "fc6"]),
@@ -156,12 +143,9 @@ def build_body(weights: Weights, image_size: int = 224, layers: tuple[str, ...] 
 
 def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write atomically so that an interrupted export never leaves a half model under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    onnx.save(model, str(partial))
-    partial.replace(path)
-    return path
+    with atomic_write(path) as partial:
+        onnx.save(model, str(partial))
+    return Path(path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

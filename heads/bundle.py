@@ -12,10 +12,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.graph import make_model, read_metadata
+from headstart.export.fingerprint import body_fingerprint, compatible
+from headstart.export.graph import make_model, read_metadata
 
-from .models import Head
-from .train import check_compatible, load_head
+from .headfile import load_head
+from .models import DenseHead
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -51,19 +52,21 @@ def _prune(graph: onnx.GraphProto, keep: list[str]) -> None:
     graph.initializer.extend(inits)
 
 
-def bundle(model_path: str | Path, head: Head, dtype: str | None = None) -> onnx.ModelProto:
+def bundle(model_path: str | Path, head: DenseHead, dtype: str | None = None) -> onnx.ModelProto:
     """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax.
 
+    `head.meta_` says which layer it reads and carries the fingerprint of the features it was trained on.
     The head runs in float32 even in a float16 bundle: it is a few thousand FLOPs per image.
     """
     meta = read_metadata(model_path)
     if meta.get("kind") != "body":
         raise ValueError(f"{model_path}: not a headstart body model; use the model written by `headstart export`")
-    check_compatible(head, meta, str(model_path))
-    layer = head.meta_["layer"]
-    if layer not in meta["layers"].split(","):
-        raise ValueError(f"{model_path} has no {layer!r} output, which this head takes; export it with "
-                         f"--layers {layer}")
+    info = getattr(head, "meta_", {})
+    if "fingerprint" not in info or "layer" not in info:
+        raise ValueError("this head does not say which body features it was trained on; train it with "
+                         "`headstart train`")
+    layer = info["layer"]
+    compatible(info["fingerprint"], body_fingerprint(meta), str(model_path), layer)
     model = onnx.load(str(model_path))
     if dtype == "float16" and meta["dtype"] != "float16":
         model = to_float16(model)
@@ -88,16 +91,18 @@ def bundle(model_path: str | Path, head: Head, dtype: str | None = None) -> onnx
             h = f"head.a{i}"
     nodes += [helper.make_node("Softmax", [h], ["probabilities"], axis=1),
               helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
-    classes = head.meta_["classes"]
+    classes = [str(c) for c in head.classes_]
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),
                helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])]
-    graph = helper.make_graph(list(g.node) + nodes, f"{head.meta_['task']}_classifier", list(g.input), outputs,
+    task = info.get("task", "head")
+    graph = helper.make_graph(list(g.node) + nodes, f"{task}_classifier", list(g.input), outputs,
                               list(g.initializer) + inits)
     body = {k: v for k, v in meta.items() if k not in ("kind", "layers", "dtype")}
+    fingerprint = info["fingerprint"] | {"dtype": dtype or meta["dtype"], "layers": [layer]}
     return make_model(graph, body | {
-        "kind": "classifier", "classes": json.dumps(classes), "task": head.meta_["task"], "layer": layer,
-        "head": head.meta_["kind"], "dtype": dtype or meta["dtype"], "resize": head.meta_["model"]["resize"],
-        "head_metrics": json.dumps(head.meta_["metrics"]),
+        "kind": "classifier", "classes": json.dumps(classes), "task": task, "layer": layer,
+        "head": type(head).__name__, "dtype": fingerprint["dtype"], "resize": fingerprint["resize"],
+        "fingerprint": json.dumps(fingerprint), "head_metrics": json.dumps(info.get("metrics", {})),
     })
 
 
@@ -106,9 +111,11 @@ def bundle_files(model_path: str | Path, head_path: str | Path, dtype: str | Non
 
 
 def classifier_metadata(path: str | Path) -> dict:
+    """A bundled classifier's metadata, with `classes` and `fingerprint` decoded."""
     meta = read_metadata(path)
     if meta.get("kind") != "classifier":
         raise ValueError(f"{path}: not a headstart classifier; build one with `headstart bundle`")
     meta["classes"] = json.loads(meta["classes"])
+    meta["fingerprint"] = json.loads(meta["fingerprint"])
     return meta
 

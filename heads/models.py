@@ -1,8 +1,8 @@
-"""Replacement heads for a frozen body, in scikit-learn style: `fit(X, y)`, `predict_proba(X)`.
+"""Replacement heads for a frozen body, as scikit-learn estimators: `fit(X, y)`, `predict_proba(X)`, `score`.
 
-Every fitted head ends as the same plain form, which is what gets saved and bundled into ONNX:
-standardize (mean_, scale_), then dense layers `layers_` [(W (D_in, D_out), b)] with ReLU between them,
-then softmax over the classes.
+Every fitted head ends as the same plain form, which is what gets saved and bundled into ONNX: standardize
+(`mean_`, `scale_`), then dense layers `layers_` [(W (D_in, D_out), b)] with ReLU between them, then softmax
+over `classes_`. They know nothing of where features come from: X is any (n_samples, n_features) float array.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .metrics import loss_and_accuracy
 
 EpochLog = Callable[[dict], None]
+# float16 features stay float16 (pool5 at 224 px is 1.25 GB per 25,000 images); blocks are widened as used.
+FLOATS = [np.float32, np.float64, np.float16]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -21,32 +29,43 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _check(X: np.ndarray, y: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    X = np.asarray(X)
-    if X.ndim != 2 or not np.issubdtype(X.dtype, np.floating):
-        raise ValueError(f"X must be a 2-D float array (n_samples, n_features), got {X.dtype} {X.shape}")
-    if y is not None:
-        y = np.asarray(y)
-        if y.shape != (X.shape[0],) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-            raise ValueError(f"y must be (n_samples,) = ({X.shape[0]},) class indices >= 0, got {y.dtype} {y.shape}")
-    return X, y
+class DenseHead(ClassifierMixin, BaseEstimator):
+    """What every head shares once fitted: inference, bookkeeping and the epoch log. Subclasses implement `_fit`.
 
+    Fitted attributes: `classes_` (k,), `n_features_in_`, `mean_`/`scale_` (D,), `layers_`, `history_`
+    (one dict per epoch: train and valid loss and accuracy, milliseconds).
+    """
 
-class Head:
-    """Shared inference and bookkeeping; subclasses implement `_fit`."""
+    def fit(self, X: np.ndarray, y: np.ndarray, *, X_valid: np.ndarray | None = None,
+            y_valid: np.ndarray | None = None, log: EpochLog | None = None) -> DenseHead:
+        """Fit on X (n, D) float and y (n,) labels of any kind; X_valid/y_valid are only scored, for the log."""
+        X, y = validate_data(self, X, y, dtype=FLOATS)
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to train a head, got {len(self.classes_)}: "
+                             f"{self.classes_.tolist()}")
+        valid = None
+        if X_valid is not None and len(X_valid):
+            X_valid = validate_data(self, X_valid, reset=False, dtype=FLOATS)
+            valid = (X_valid, self._encode(np.asarray(y_valid), "validation"))
+        self._check_params()
+        self._stats(X)
+        self.history_ = []
+        self._fit(X, y_index, valid, log or (lambda _: None))
+        return self
 
-    n_classes_: int
-    mean_: np.ndarray
-    scale_: np.ndarray
-    layers_: list[tuple[np.ndarray, np.ndarray]]
-    history_: list[dict]
+    def _check_params(self) -> None:
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
 
-    def __init__(self, standardize: bool = True, class_weight: str | None = None, seed: int = 0) -> None:
-        if class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
-        self.standardize = standardize
-        self.class_weight = class_weight
-        self.seed = seed
+    def _encode(self, y: np.ndarray, what: str) -> np.ndarray:
+        """Class indices of labels `y`; a label the head was not trained on is an error naming it."""
+        unknown = sorted(set(np.unique(y).tolist()) - set(self.classes_.tolist()))
+        if unknown:
+            raise ValueError(f"the {what} labels hold {unknown}, which the training labels "
+                             f"({self.classes_.tolist()}) do not have")
+        return np.searchsorted(self.classes_, y)
 
     def _stats(self, X: np.ndarray) -> None:
         d = X.shape[1]
@@ -63,29 +82,11 @@ class Head:
         else:
             self.mean_, self.scale_ = np.zeros(d, np.float32), np.ones(d, np.float32)
 
-    def _sample_weight(self, y: np.ndarray) -> np.ndarray:
-        if self.class_weight != "balanced":
-            return np.ones(len(y), np.float32)
-        counts = np.bincount(y, minlength=self.n_classes_).astype(np.float64)
-        w = len(y) / (self.n_classes_ * np.maximum(counts, 1))
-        return w[y].astype(np.float32)
+    def _sample_weight(self, y_index: np.ndarray) -> np.ndarray:
+        return compute_sample_weight(self.class_weight, y_index).astype(np.float32)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_valid: np.ndarray | None = None, y_valid: np.ndarray | None = None,
-            log: EpochLog | None = None, n_classes: int | None = None) -> Head:
-        """Fit on X (n, D) float, y (n,) class indices; X_valid/y_valid are only scored, for the epoch log."""
-        X, y = _check(X, y)
-        self.n_classes_ = int(n_classes or y.max() + 1)
-        if self.n_classes_ < 2:
-            raise ValueError(f"need at least 2 classes to train a head, got {self.n_classes_}")
-        self._stats(X)
-        self.history_ = []
-        self._fit(X, y, X_valid, y_valid, log or (lambda _: None))
-        return self
-
-    def decision_function(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """Logits (n, n_classes)."""
-        X, _ = _check(X)
-        out = np.empty((len(X), self.n_classes_), np.float32)
+    def _logits(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+        out = np.empty((len(X), len(self.classes_)), np.float32)
         for i in range(0, len(X), batch):
             h = (X[i:i + batch].astype(np.float32) - self.mean_) / self.scale_
             for j, (W, b) in enumerate(self.layers_):
@@ -95,47 +96,45 @@ class Head:
             out[i:i + batch] = h
         return out
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits (n, n_classes)."""
+        check_is_fitted(self)
+        return self._logits(validate_data(self, X, reset=False, dtype=FLOATS))
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, n_classes)."""
+        """Class probabilities (n, n_classes), columns in the order of `classes_`."""
         return softmax(self.decision_function(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.decision_function(X).argmax(axis=1)
+        """Labels (n,), from `classes_`."""
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
 
-    def score(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float((self.predict(X) == np.asarray(y)).mean())
-
-    def _loss_acc(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        p = self.predict_proba(X)
-        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()), float((p.argmax(1) == y).mean())
-
-    def _log(self, log: EpochLog, epoch: int, ms: float, train: tuple[float, float], X_valid, y_valid,
-             **extra: object) -> None:
+    def _log(self, log: EpochLog, epoch: int, ms: float, train: tuple[float, float],
+             valid: tuple[np.ndarray, np.ndarray] | None, **extra: object) -> None:
         rec = {"epoch": epoch, "ms": round(ms, 2), "train_loss": train[0], "train_accuracy": train[1], **extra}
-        if X_valid is not None and len(X_valid):
-            rec["valid_loss"], rec["valid_accuracy"] = self._loss_acc(X_valid, y_valid)
+        if valid is not None:
+            rec["valid_loss"], rec["valid_accuracy"] = loss_and_accuracy(valid[1], softmax(self._logits(valid[0])))
         self.history_.append(rec)
         log(rec)
 
 
-class MLPHead(Head):
-    """Hidden Dense+ReLU+dropout layers, then Dense(n_classes) with softmax, trained by minibatch Adam.
+class _AdamHead(DenseHead):
+    """Dense layers trained by minibatch Adam on the mean cross-entropy plus `l2` times the weights' squares."""
 
-    `hidden=()` is the classic replacement head, Dense(n_classes, softmax) on frozen features.
-    """
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
 
-    def __init__(self, hidden: tuple[int, ...] = (256,), dropout: float = 0.5, epochs: int = 20, lr: float = 1e-3,
-                 batch_size: int = 64, l2: float = 1e-4, standardize: bool = True, class_weight: str | None = None,
-                 seed: int = 0) -> None:
-        super().__init__(standardize, class_weight, seed)
-        if not 0 <= dropout < 1 or epochs < 1 or lr <= 0 or batch_size < 1 or l2 < 0:
-            raise ValueError("need 0 <= dropout < 1, epochs >= 1, lr > 0, batch_size >= 1, l2 >= 0")
-        self.hidden, self.dropout, self.epochs, self.lr = tuple(hidden), dropout, epochs, lr
-        self.batch_size, self.l2 = batch_size, l2
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not (all(int(h) >= 1 for h in self.hidden) and 0 <= self.dropout < 1 and self.epochs >= 1
+                and self.lr > 0 and self.batch_size >= 1 and self.l2 >= 0):
+            raise ValueError(f"{type(self).__name__}: need hidden sizes >= 1, 0 <= dropout < 1, epochs >= 1, "
+                             f"lr > 0, batch_size >= 1, l2 >= 0; got {self.get_params()}")
 
-    def _fit(self, X, y, X_valid, y_valid, log: EpochLog) -> None:
-        rng = np.random.default_rng(self.seed)
-        sizes = [X.shape[1], *self.hidden, self.n_classes_]
+    def _fit(self, X, y, valid, log: EpochLog) -> None:
+        rng = np.random.default_rng(self.random_state)
+        k = len(self.classes_)
+        sizes = [X.shape[1], *(int(h) for h in self.hidden), k]
         self.layers_ = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
                          .astype(np.float32), np.zeros(b, np.float32))
                         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
@@ -144,12 +143,12 @@ class MLPHead(Head):
         v = [np.zeros_like(p) for p in params]
         scratch = [np.empty_like(p) for p in params]
         sw = self._sample_weight(y)
-        onehot = np.eye(self.n_classes_, dtype=np.float32)
+        onehot = np.eye(k, dtype=np.float32)
+        proba = np.empty((len(X), k), np.float32)  # each row's probabilities when its batch was trained on
         step, b1, b2 = 0, 0.9, 0.999
         for epoch in range(1, self.epochs + 1):
             t0 = time.perf_counter()
             order = rng.permutation(len(X))
-            loss_sum = correct = 0.0
             for i in range(0, len(X), self.batch_size):
                 idx = np.sort(order[i:i + self.batch_size])  # sorted rows gather faster from memory
                 h = (X[idx].astype(np.float32) - self.mean_) / self.scale_
@@ -163,10 +162,8 @@ class MLPHead(Head):
                     acts.append(h)
                 W, b = self.layers_[-1]
                 p = softmax(h @ W + b)
+                proba[idx] = p
                 yb = y[idx]
-                # Running training loss and accuracy over the epoch, as Keras reports them.
-                loss_sum += float(-np.log(np.clip(p[np.arange(len(idx)), yb], 1e-12, None)).sum())
-                correct += float((p.argmax(1) == yb).sum())
                 g = (p - onehot[yb]) * (sw[idx] / sw[idx].sum())[:, None]  # d(weighted mean CE)/d(logits)
                 grads = []
                 for j in range(len(self.layers_) - 1, -1, -1):
@@ -192,48 +189,77 @@ class MLPHead(Head):
                     tmp *= lr
                     p_ -= tmp
             ms = (time.perf_counter() - t0) * 1000
-            self._log(log, epoch, ms, (loss_sum / len(X), correct / len(X)), X_valid, y_valid)
+            # Running training loss and accuracy over the epoch, as Keras reports them.
+            self._log(log, epoch, ms, loss_and_accuracy(y, proba), valid)
 
 
-class SoftmaxHead(MLPHead):
-    """Multinomial logistic regression by minibatch gradient descent: Keras' Dense(n_classes, softmax)."""
+class MLPHead(_AdamHead):
+    """Hidden Dense+ReLU+dropout layers, then Dense(n_classes) with softmax, trained by minibatch Adam."""
+
+    def __init__(self, hidden: tuple[int, ...] = (256,), dropout: float = 0.5, epochs: int = 20, lr: float = 1e-3,
+                 batch_size: int = 64, l2: float = 1e-4, standardize: bool = True, class_weight: str | None = None,
+                 random_state: int | None = 0) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.l2 = l2
+        self.standardize = standardize
+        self.class_weight = class_weight
+        self.random_state = random_state
+
+
+class SoftmaxHead(_AdamHead):
+    """Multinomial logistic regression by minibatch Adam: Keras' Dense(n_classes, softmax) on frozen features."""
 
     def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 64, l2: float = 1e-4,
-                 standardize: bool = True, class_weight: str | None = None, seed: int = 0) -> None:
-        super().__init__((), 0.0, epochs, lr, batch_size, l2, standardize, class_weight, seed)
+                 standardize: bool = True, class_weight: str | None = None, random_state: int | None = 0) -> None:
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.l2 = l2
+        self.standardize = standardize
+        self.class_weight = class_weight
+        self.random_state = random_state
 
 
-class LogisticHead(Head):
+class LogisticHead(DenseHead):
     """scikit-learn's LogisticRegression (lbfgs, the exact optimum): binary, or multinomial for more classes.
 
     `l2` is the penalty on the mean loss, so C = 1 / (l2 * n_samples), comparable with the other heads.
     """
 
     def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True,
-                 class_weight: str | None = None, seed: int = 0) -> None:
-        super().__init__(standardize, class_weight, seed)
-        if l2 <= 0:
-            raise ValueError(f"l2 must be > 0 for the logistic head, got {l2}")
-        self.l2, self.max_iter = l2, max_iter
+                 class_weight: str | None = None, random_state: int | None = 0) -> None:
+        self.l2 = l2
+        self.max_iter = max_iter
+        self.standardize = standardize
+        self.class_weight = class_weight
+        self.random_state = random_state
 
-    def _fit(self, X, y, X_valid, y_valid, log: EpochLog) -> None:
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.l2 <= 0 or self.max_iter < 1:
+            raise ValueError(f"LogisticHead: need l2 > 0 and max_iter >= 1; got l2={self.l2}, "
+                             f"max_iter={self.max_iter}")
+
+    def _fit(self, X, y, valid, log: EpochLog) -> None:
         from sklearn.linear_model import LogisticRegression
 
         t0 = time.perf_counter()
         Z = (X.astype(np.float32) - self.mean_) / self.scale_
         model = LogisticRegression(C=1.0 / (self.l2 * len(X)), max_iter=self.max_iter,
-                                   class_weight=self.class_weight, random_state=self.seed)
+                                   class_weight=self.class_weight, random_state=self.random_state)
         model.fit(Z, y)
-        if set(model.classes_) != set(range(self.n_classes_)):
-            raise ValueError(f"the training rows hold classes {list(model.classes_)}, "
-                             f"expected every one of 0..{self.n_classes_ - 1}")
         coef, intercept = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
-        if self.n_classes_ == 2:  # sigmoid(z) == softmax([0, z])[1]
+        if len(self.classes_) == 2:  # sigmoid(z) == softmax([0, z])[1]
             coef = np.vstack([np.zeros_like(coef), coef])
             intercept = np.array([0.0, intercept[0]], np.float32)
         self.layers_ = [(np.ascontiguousarray(coef.T), intercept)]
         ms = (time.perf_counter() - t0) * 1000
-        self._log(log, 1, ms, self._loss_acc(X, y), X_valid, y_valid, iterations=int(np.max(model.n_iter_)))
+        self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid,
+                  iterations=int(np.max(model.n_iter_)))
 
 
-KINDS = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead}
+KINDS: dict[str, type[DenseHead]] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead}

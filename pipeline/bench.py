@@ -47,9 +47,9 @@ def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), second
     """ONNX body (onnxruntime, CPU) against torch eager on the same weights, images/s per batch size."""
     import onnxruntime as ort
 
-    from export import build_body, load_weights
-    from export.reference import TorchVGG16
-    from export.runtime import open_session
+    from headstart.export import build_body, load_weights
+    from headstart.export.reference import TorchVGG16
+    from headstart.export.runtime import open_session
 
     weights = load_weights()
     model = build_body(weights, image_size, ("gap", "pool5"))
@@ -71,8 +71,8 @@ def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), second
 def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_size: int = 32, jobs: int = 2,
                   bare_images: int = 256, seconds: float = 20.0) -> list[dict]:
     """End-to-end extract (scan, hash, decode, infer, write) beside the bare model on pre-decoded arrays."""
-    from export.graph import read_metadata
-    from export.runtime import open_session
+    from headstart.export.graph import read_metadata
+    from headstart.export.runtime import open_session
 
     from .dataset import scan
     from .decode import read_and_decode
@@ -100,21 +100,6 @@ def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_
              "seconds": report.seconds}]
 
 
-def body_gflop(image_size: int) -> float:
-    """Forward GFLOP of the VGG16 body per image (2 per multiply-add; 30.7 at 224 px)."""
-    from export.graph import BLOCKS
-    from export.weights import CONV_CHANNELS
-
-    side, flop, i = image_size, 0, 0
-    for n_convs in BLOCKS:
-        for _ in range(n_convs):
-            out, inp = CONV_CHANNELS[i]
-            flop += 2 * 9 * inp * out * side * side
-            i += 1
-        side //= 2
-    return flop / 1e9
-
-
 def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap", data: str | Path | None = None,
                  batch_size: int = 32, classes: int = 2, extrapolate: int = 25_000) -> list[dict]:
     """Seconds per training epoch of a replacement head, three ways, all measured on this machine:
@@ -123,10 +108,10 @@ def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap",
     frozen    the Keras way: every image decoded and pushed through the frozen body again, then the head;
     full      fine-tuning the whole network, estimated as forward + backward (about twice the forward).
     """
-    from export import build_body, load_weights
-    from export.graph import layer_shape
-    from export.runtime import open_session
-    from heads.models import SoftmaxHead
+    from headstart.export import build_body, layer_shape, load_weights
+    from headstart.export.runtime import open_session
+    from headstart.export.vgg import body_gflop
+    from headstart.heads.models import SoftmaxHead
 
     from .dataset import scan
     from .decode import read_and_decode
@@ -198,7 +183,7 @@ def plot_epochs(rows: list[dict], path: str | Path) -> None:
 def bench_heads(rows: int = 25_000, shapes: tuple[tuple[int, str], ...] = ((512, "float32"), (25_088, "float16")),
                 epochs: int = 10, batch_size: int = 64) -> list[dict]:
     """Softmax head training on synthetic features of the cache's shapes: gap (512) and pool5 at 224 px."""
-    from heads.models import SoftmaxHead
+    from headstart.heads.models import SoftmaxHead
 
     out = []
     for dim, dtype in shapes:

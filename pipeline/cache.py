@@ -1,7 +1,7 @@
 """The feature cache: a Zarr v3 group of activations, one row per distinct image content.
 
 Layout of CACHE/:
-  zarr.json attrs   model fingerprint, `rows` (the commit point), `bad` {sha256: reason}, datasets summary
+  zarr.json attrs   fingerprint of the features, `rows` (the commit point), `bad` {sha256: reason}, datasets
   hash   (R, 32) uint8     sha256 of each row's image bytes
   status (R,) int8         1 features computed, 2 undecodable image (reason in attrs `bad`)
   features/<layer> (R, D)  pool5 and conv5_3 flattened (C, H, W), float16 by default
@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-FORMAT = 1
+from headstart.export.fingerprint import IncompatibleError, compatible
+
+FORMAT = 2
 OK, BAD = 1, 2
 CHUNK_ROWS = 256
+DTYPES = ("float16", "float32")  # storage types of the features
 
 
 class CacheError(ValueError):
@@ -56,7 +59,8 @@ class FeatureCache:
             raise CacheError(f"{self.path}: not a headstart feature cache (format {FORMAT})")
         self.rows = int(self.attrs["rows"])
         self.model = self.attrs["model"]
-        self.layers = list(self.attrs["layers"])
+        self.fingerprint: dict = self.attrs["fingerprint"]
+        self.layers = list(self.fingerprint["layers"])
         complete = [n for n, d in self.attrs.get("datasets", {}).items() if d.get("complete")]
         if dataset is None:
             if len(complete) != 1:
@@ -123,8 +127,8 @@ class FeatureCache:
         return {
             "cache": str(self.path), "rows": self.rows, "layers": ", ".join(self.layers),
             "model_weights": f"{self.model.get('weights_source')} sha256 {self.model.get('weights_sha256')}",
-            "image_size": self.model.get("image_size"), "resize": self.attrs.get("resize"),
-            "dtype": self.attrs.get("dtype"),
+            "image_size": self.fingerprint["image_size"], "resize": self.fingerprint["resize"],
+            "body_dtype": self.fingerprint["dtype"], "dtype": self.attrs.get("dtype"),
             "datasets": [f"{n}: {d.get('images', '?')} files, {d.get('skipped', 0)} skipped"
                          + ("" if d.get("complete") else " (INCOMPLETE: rerun its extract to resume)")
                          for n, d in datasets.items()],
@@ -144,17 +148,20 @@ def describe(path: str | Path) -> dict:
 class CacheWriter:
     """The single writer of a cache. Use as a context manager: it holds the cache's lock while open."""
 
-    def __init__(self, path: str | Path, model: dict[str, str], dims: dict[str, int], resize: str,
+    def __init__(self, path: str | Path, fingerprint: dict, model: dict[str, str], dims: dict[str, int],
                  dtype: str = "float16", replace: bool = False, chunk_rows: int = CHUNK_ROWS) -> None:
+        """`fingerprint`: of the features (export.fingerprint); `model`: the body's metadata, for provenance;
+        `dims`: features per image of each layer; `dtype`: their storage type."""
+        if dtype not in DTYPES:
+            raise ValueError(f"storage dtype {dtype!r}: use {' or '.join(DTYPES)}")
         self.path = Path(path)
         # Rows per feature chunk, fixed when the cache is created: batch-sized chunks are written whole.
         self.chunk_rows = max(16, min(chunk_rows, 4096))
         self.replace = replace
         self.dims = dims
         self.dtype = dtype
-        fingerprint = {"model": {k: model[k] for k in ("weights_source", "weights_sha256", "image_size",
-                                                          "preprocessing", "trained")},
-                       "layers": list(dims), "resize": resize, "dtype": dtype}
+        settings = {"fingerprint": fingerprint, "dtype": dtype,
+                    "model": {k: model.get(k) for k in ("weights_source", "weights_sha256", "trained")}}
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / ".lock", "a+")
         try:
@@ -170,12 +177,12 @@ class CacheWriter:
         self._lock.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self._lock.flush()
         try:
-            self._open(fingerprint)
+            self._open(settings)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, fingerprint: dict) -> None:
+    def _open(self, settings: dict) -> None:
         ours = {".lock", "zarr.json", "hash", "status", "features", "datasets"}
         if not (self.path / "zarr.json").is_file() and any(p.name != ".lock" for p in self.path.iterdir()):
             raise CacheError(f"{self.path}: exists, is not empty and is not a feature cache")
@@ -184,18 +191,21 @@ class CacheWriter:
         if "headstart_cache" in attrs:
             if attrs["headstart_cache"] != FORMAT:
                 raise CacheError(f"{self.path}: a feature cache of another format ({attrs['headstart_cache']})")
-            have = {k: attrs.get(k) for k in fingerprint}
-            if have != fingerprint:
-                diff = [k for k in fingerprint if have[k] != fingerprint[k]]
+            advice = "use a new --cache for this model, or --replace to start it afresh"
+            try:
+                compatible(settings["fingerprint"], attrs["fingerprint"], str(self.path), advice=advice)
+                if attrs["dtype"] != settings["dtype"]:
+                    raise IncompatibleError(f"{self.path} stores features as {attrs['dtype']}, not {self.dtype}; "
+                                            f"{advice}")
+            except IncompatibleError as e:
                 if not self.replace:
-                    raise CacheError(f"{self.path} holds features of another model or setting ({', '.join(diff)} "
-                                     "differ); use a new --cache for this model, or --replace to start it afresh")
+                    raise CacheError(str(e)) from None
                 # The marker goes first: interrupted here, the folder reads as a creation to finish.
                 (self.path / "zarr.json").unlink()
                 for p in self.path.iterdir():
                     if p.is_dir():
                         shutil.rmtree(p)
-                return self._open(fingerprint)
+                return self._open(settings)
         elif attrs or any(p.name not in ours for p in self.path.iterdir()):
             raise CacheError(f"{self.path}: a Zarr store that is not a headstart feature cache")
         else:
@@ -207,7 +217,7 @@ class CacheWriter:
             for layer, d in self.dims.items():
                 self.root.create_array(f"features/{layer}", shape=(0, d), chunks=(self.chunk_rows, d),
                                        dtype=self.dtype, overwrite=True)
-            self.root.attrs.update({"headstart_cache": FORMAT, **fingerprint, "rows": 0, "bad": {},
+            self.root.attrs.update({"headstart_cache": FORMAT, **settings, "rows": 0, "bad": {},
                                     "datasets": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         attrs = _attrs(self.root)
         self.rows = int(attrs["rows"])

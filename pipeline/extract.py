@@ -8,21 +8,22 @@ writer: CacheWriter appends rows and commits after every batch, so a killed run 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from export.graph import layer_shape, read_metadata
-from export.weights import sha256_file
+from headstart.export.files import file_digest
+from headstart.export.fingerprint import features_fingerprint
+from headstart.export.graph import read_metadata
+from headstart.export.runtime import open_session
+from headstart.export.vgg import layer_shape
 
 from .cache import CacheWriter
 from .dataset import scan
-from .decode import load_or_reason
+from .reader import read_batches
 
 
 @dataclass
@@ -43,19 +44,9 @@ class Report:
 def sha256_of(path: str) -> tuple[str | None, str | None]:
     """(hex digest, None), or (None, reason) for a file that cannot be read."""
     try:
-        return sha256_file(path), None
+        return file_digest(path), None
     except OSError as e:
         return None, f"unreadable ({e.strerror or type(e).__name__})"
-
-
-def _ordered(pool: ThreadPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
-    """pool.map that keeps at most `ahead` results in flight, so memory stays bounded on huge datasets."""
-    items = iter(items)
-    pending = [pool.submit(fn, x) for x in islice(items, ahead)]
-    while pending:
-        result = pending.pop(0).result()
-        pending.extend(pool.submit(fn, x) for x in islice(items, 1))
-        yield result
 
 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
@@ -76,7 +67,8 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
     dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
-    writer = CacheWriter(cache, meta, dims, resize, dtype, replace, chunk_rows=batch_size)
+    writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
+                         chunk_rows=batch_size)
     with writer, ThreadPoolExecutor(jobs) as pool:
         writer.begin_dataset(ds.name)
         hashed = list(tqdm(pool.map(sha256_of, ds.paths), total=len(ds), desc="hashing", unit="file",
@@ -89,27 +81,22 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                 todo[h] = path
         known = {h for h in hashes if h is not None and h in writer.index}
         if todo:
-            _compute(writer, pool, model, todo, size, layers, batch_size, resize, device, progress, jobs)
+            _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs)
         summary = writer.write_dataset(ds.name, ds.paths, ds.splits, ds.labels, ds.classes, hashes, unreadable,
                                        str(Path(data).resolve()))
     return Report(ds.name, len(ds), len(known), len(todo), summary["skipped"], time.perf_counter() - t0)
 
 
-def _compute(writer: CacheWriter, pool: ThreadPoolExecutor, model: str | Path, todo: dict[str, str], size: int,
-             layers: list[str], batch_size: int, resize: str, device: str, progress: bool, jobs: int) -> None:
-    from export.runtime import open_session
-
+def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, str], size: int, layers: list[str],
+             batch_size: int, resize: str, device: str, progress: bool, jobs: int) -> None:
     session = open_session(model, device, quiet=not progress)
-    items = list(todo.items())
-    bar = tqdm(total=len(items), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
-    decoded = _ordered(pool, lambda hp: (hp[0], load_or_reason(hp[1], size, resize)), items,
-                       ahead=2 * batch_size + jobs)
+    bar = tqdm(total=len(todo), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
     # The writer runs one batch behind inference, in order, so that compressing and writing a batch
     # overlaps the next forward pass; each append still commits before the next one starts.
     with ThreadPoolExecutor(1) as write_pool:
         pending = None
         try:
-            while batch := list(islice(decoded, batch_size)):
+            for batch in read_batches(todo.items(), size, resize, batch_size, jobs):
                 bad = {h: x for h, x in batch if isinstance(x, str)}
                 good = [x for h, x in batch if not isinstance(x, str)]
                 feats = None

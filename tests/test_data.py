@@ -7,12 +7,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
-from conftest import photos
+from conftest import generated_images
 
-from heads.train import read_classes_map
-from pipeline.cli import main
-from pipeline.data import PARITY, write_pets
-from pipeline.dataset import scan
+from headstart.pipeline.cli import main
+from headstart.pipeline.data import PARITY, write_pets
+from headstart.pipeline.dataset import scan
+from headstart.pipeline.train import read_classes_map
 
 
 def test_digits_are_written_as_an_image_folder(tmp_path):
@@ -38,8 +38,9 @@ def _tar(members: dict[str, bytes]) -> bytes:
 
 @pytest.fixture
 def pets_server(tmp_path):
-    """A local HTTP server with small archives in the Oxford-IIIT Pet layout (real photos inside)."""
-    cats, dogs = photos("valid", 3)[:3], photos("valid", 3)[3:]
+    """A local HTTP server with small archives in the Oxford-IIIT Pet layout (generated JPEGs inside)."""
+    images = generated_images(tmp_path / "src", 3)
+    cats, dogs = images[:3], images[3:]
     names = [("Abyssinian_1", 1, cats[0]), ("Abyssinian_2", 1, cats[1]), ("Bengal_1", 1, cats[2]),
              ("beagle_1", 2, dogs[0]), ("beagle_2", 2, dogs[1]), ("pug_1", 2, dogs[2])]
     images = _tar({f"images/{n}.jpg": p.read_bytes() for n, _, p in names})

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import photos, pixels
 
-from export import build_body, open_session, read_metadata, save
-from export.weights import (
+from headstart.export import build_body, open_session, read_metadata, save
+from headstart.export.weights import (
     LPIPS_MEMBER,
     WeightsError,
     from_file,
@@ -18,7 +18,7 @@ from export.weights import (
     lpips_archive_member,
     random_weights,
 )
-from pipeline.cli import main
+from headstart.pipeline.cli import main
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,6 +31,7 @@ def reference(real_weights):
     return torch_ref.TorchVGG16(real_weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 1e-2)])
 def test_cli_export_matches_torch_on_real_photos(tmp_path, reference, dtype, tol):
     out = tmp_path / "m.onnx"
@@ -45,6 +46,7 @@ def test_cli_export_matches_torch_on_real_photos(tmp_path, reference, dtype, tol
     assert gap.dtype == (np.float16 if dtype == "float16" else np.float32)
 
 
+@pytest.mark.slow
 def test_metadata_carries_provenance(tmp_path, real_weights):
     path = save(build_body(real_weights, 32, ("gap", "conv5_3")), tmp_path / "m.onnx")
     meta = read_metadata(path)
@@ -79,6 +81,7 @@ def test_export_refuses_bad_options_in_one_line(tmp_path, args, message):
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_fc6_fc7_from_torchvision_names(tmp_path, real_weights):
     """A torchvision-style .npz carries the classifier, so fc6/fc7 become outputs (checked against numpy)."""
     rng = np.random.default_rng(0)
@@ -143,29 +146,30 @@ def test_random_weights_are_deterministic():
     assert a.sha256 == b.sha256 and a.sha256 != random_weights(2).sha256
 
 
-def test_cuda_request_is_a_clear_error_without_a_gpu(small_model):
-    from export import DeviceError
+def test_cuda_request_is_a_clear_error_without_a_gpu(random_model):
+    from headstart.export import DeviceError
 
     try:
-        session = open_session(small_model, "cuda", quiet=True)
+        session = open_session(random_model, "cuda", quiet=True)
     except DeviceError as e:
         assert "--device cuda is unusable here" in str(e)
     else:
         assert "CUDAExecutionProvider" in session.get_providers()
 
 
-def test_safetensors_with_timm_names_load_the_same_convs(tmp_path, real_weights):
+def test_safetensors_with_torchvision_names_load_the_same_convs(tmp_path):
     from safetensors.numpy import save_file
 
-    from export.weights import TORCHVISION_CONV_INDEX
-
+    weights = random_weights(5)
+    # torchvision's vgg16().features: conv at 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28 (ReLUs, pools between).
+    index = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
     sd = {}
-    for (w, b), i in zip(real_weights.convs, TORCHVISION_CONV_INDEX, strict=True):
+    for (w, b), i in zip(weights.convs, index, strict=True):
         sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = w, b
     save_file(sd, str(tmp_path / "vgg16.safetensors"))
     loaded = from_file(tmp_path / "vgg16.safetensors")
     assert loaded.fc is None and loaded.source == "file:vgg16.safetensors"
-    for (a, b), (c, d) in zip(loaded.convs, real_weights.convs, strict=True):
+    for (a, b), (c, d) in zip(loaded.convs, weights.convs, strict=True):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
     del sd["features.28.bias"]

@@ -9,37 +9,38 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import link_photos, photos
+from conftest import generated_images, link_photos
 from PIL import Image
 
-from export import build_body, open_session, save
-from export.weights import random_weights
-from pipeline.cache import CacheError, CacheWriter, FeatureCache
-from pipeline.cli import main
-from pipeline.dataset import scan
-from pipeline.decode import BadImage, decode
-from pipeline.extract import extract
+from headstart.export import build_body, open_session, save
+from headstart.export.weights import random_weights
+from headstart.pipeline.cache import CacheError, CacheWriter, FeatureCache
+from headstart.pipeline.cli import main
+from headstart.pipeline.dataset import scan
+from headstart.pipeline.decode import BadImage, decode
+from headstart.pipeline.extract import extract
 
 
-def test_overlapping_folders_reuse_cached_rows(tmp_path, tiny_model, monkeypatch):
-    train, valid = photos("train", 15), photos("valid", 10)
+def test_overlapping_folders_reuse_cached_rows(tmp_path, random_model, monkeypatch):
+    train = generated_images(tmp_path / "pool" / "train", 15, seed=1)
+    valid = generated_images(tmp_path / "pool" / "valid", 10, seed=2)
     data = link_photos(train, tmp_path / "catsdogs", "train")
     link_photos(valid, data, "valid")
     cache = tmp_path / "c.zarr"
-    first = extract(data, tiny_model, cache, progress=False)
+    first = extract(data, random_model, cache, progress=False)
     assert (first.files, first.reused, first.computed, first.skipped) == (50, 0, 50, 0)
 
     # Another folder: 10 of the training photos, 6 of the valid ones, and 8 photos the cache has never seen.
     overlap = train[:5] + train[15:20] + valid[:3] + valid[10:13]
-    new = photos("train", 19)[15:19] + photos("train")[-4:]
+    new = generated_images(tmp_path / "pool" / "new", 4, seed=3)
     other = link_photos(overlap + new, tmp_path / "other")
-    second = extract(other, tiny_model, cache, progress=False)
+    second = extract(other, random_model, cache, progress=False)
     assert (second.files, second.reused, second.computed) == (24, 16, 8)
     assert "24 files, 16 reused, 8 computed" in second.line()
 
     a, b = FeatureCache(cache, "catsdogs"), FeatureCache(cache, "other")
     assert FeatureCache(cache, "catsdogs").rows == 58  # one row per distinct content
-    assert a.classes == b.classes == ["cats", "dogs"]
+    assert a.classes == b.classes == ["a", "b"]
     assert sorted(set(b.splits)) == ["train"] and len(b) == 24
     # Reused rows give the very features computed the first time, by content.
     by_hash = dict(zip(a.hashes, a.features("pool5"), strict=True))
@@ -48,41 +49,52 @@ def test_overlapping_folders_reuse_cached_rows(tmp_path, tiny_model, monkeypatch
             np.testing.assert_array_equal(x, by_hash[h])
     # The features are the model's, stored as float16.
     x = np.stack([decode(open(p, "rb").read(), 32) for p in a.paths[:4]])
-    want = open_session(tiny_model, quiet=True).run(["gap"], {"images": x})[0]
+    want = open_session(random_model, quiet=True).run(["gap"], {"images": x})[0]
     np.testing.assert_allclose(a.features("gap")[:4], want, rtol=2e-3, atol=1e-3)
     # A second run over the same folder computes nothing and opens no onnxruntime session.
-    import export.runtime
+    import headstart.pipeline.extract
 
     def no_session(*args, **kwargs):
         raise AssertionError("onnxruntime was called")
 
-    monkeypatch.setattr(export.runtime, "open_session", no_session)
-    again = extract(data, tiny_model, cache, progress=False)
+    monkeypatch.setattr(headstart.pipeline.extract, "open_session", no_session)
+    again = extract(data, random_model, cache, progress=False)
     assert (again.reused, again.computed) == (50, 0)
 
 
-def test_another_model_into_the_same_cache_is_refused(tmp_path, tiny_model):
-    data = link_photos(photos("valid", 2), tmp_path / "d")
+@pytest.mark.parametrize("other,message", [
+    (dict(seed=1), "weights_sha256"),
+    (dict(dtype="float16"), "dtype 'float32' (expected 'float16')"),
+    (dict(layers=("gap",)), "layers ['gap', 'pool5'] (expected ['gap'])"),
+    (dict(resize="center-crop"), "resize 'squash' (expected 'center-crop')"),
+])
+def test_features_of_another_body_or_setting_are_refused(tmp_path, random_model, other, message):
+    generated_images(tmp_path / "d", 2)
     cache = tmp_path / "c.zarr"
-    extract(data, tiny_model, cache, progress=False)
-    other = save(build_body(random_weights(0), 32), tmp_path / "random.onnx")
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(other), "--cache", str(cache)])
-    assert result.exit_code != 0
-    assert "holds features of another model or setting (model differ)" in result.output
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(tiny_model), "--cache", str(cache),
-                                       "--resize", "center-crop"])
-    assert "(resize differ)" in result.output
+    extract(tmp_path / "d", random_model, cache, progress=False)
+    model = random_model
+    if "resize" not in other:
+        model = save(build_body(random_weights(other.get("seed", 0)), 32, other.get("layers", ("gap", "pool5")),
+                                other.get("dtype", "float32")), tmp_path / "other.onnx")
+    args = ["extract", str(tmp_path / "d"), "--model", str(model), "--cache", str(cache),
+            "--resize", other.get("resize", "squash")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{cache} holds features of another body or setting" in result.output and message in result.output
+    assert "--replace to start it afresh" in result.output
     assert FeatureCache(cache).rows == 4
 
 
-def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, tiny_model):
-    data = link_photos(photos("valid", 2), tmp_path / "d")
+def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, random_model):
+    data = tmp_path / "d"
+    generated_images(data, 2)
     cache = tmp_path / "c.zarr"
-    extract(data, tiny_model, cache, progress=False)
-    from export.graph import read_metadata
+    extract(data, random_model, cache, progress=False)
+    from headstart.export import features_fingerprint, read_metadata
 
-    with CacheWriter(cache, read_metadata(tiny_model), {"gap": 512, "pool5": 512}, "squash"):
-        result = CliRunner().invoke(main, ["extract", str(data), "--model", str(tiny_model), "--cache", str(cache)])
+    meta = read_metadata(random_model)
+    with CacheWriter(cache, features_fingerprint(meta, "squash"), meta, {"gap": 512, "pool5": 512}):
+        result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache)])
     assert result.exit_code != 0
     assert f"is being written by pid {os.getpid()}" in result.output
     assert len(FeatureCache(cache)) == 4
@@ -93,9 +105,9 @@ def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, tiny_model):
     (lambda p: (p.mkdir(), p)[1], "no image files found"),
     (lambda p: ((p / "a" / "b").mkdir(parents=True), p)[1], "no image files found"),
 ])
-def test_empty_or_mistyped_data_fails_before_any_work(tmp_path, tiny_model, make, message):
+def test_empty_or_mistyped_data_fails_before_any_work(tmp_path, random_model, make, message):
     data = make(tmp_path / "data")
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(tiny_model),
+    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model),
                                        "--cache", str(tmp_path / "c.zarr")])
     assert result.exit_code != 0 and message in result.output and str(data) in result.output
     assert not (tmp_path / "c.zarr").exists()
@@ -103,7 +115,8 @@ def test_empty_or_mistyped_data_fails_before_any_work(tmp_path, tiny_model, make
 
 def _salt(folder):
     """One bad file of each kind, and good images in every mode and format that must be accepted."""
-    real = photos("valid", 1)[0].read_bytes()
+    sample = generated_images(folder.parent.parent / "sample", 1, classes=("x",), seed=9)[0]
+    real = sample.read_bytes()
     folder.mkdir(parents=True, exist_ok=True)
     bad = {
         "zero.jpg": (b"", "zero-byte file"),
@@ -115,7 +128,7 @@ def _salt(folder):
         (folder / name).write_bytes(data)
     Image.new("1", (12000, 8000)).save(folder / "bomb.png")
     bad["bomb.png"] = (None, "decompression bomb")
-    rgb = Image.open(photos("valid", 1)[0])
+    rgb = Image.open(sample)
     rgb.convert("RGBA").save(folder / "rgba.png")
     rgb.convert("P").save(folder / "palette.gif")
     rgb.convert("L").save(folder / "gray.jpg")
@@ -126,16 +139,16 @@ def _salt(folder):
     return bad
 
 
-def test_bad_files_are_recorded_and_skipped(tmp_path, tiny_model):
+def test_bad_files_are_recorded_and_skipped(tmp_path, random_model):
     data = tmp_path / "salted"
-    link_photos(photos("valid", 3), data)
+    generated_images(data, 3)
     bad = _salt(data / "cats")
     cache = tmp_path / "c.zarr"
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(tiny_model), "--cache", str(cache)])
+    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache)])
     assert result.exit_code == 0, result.output
     assert "18 files, 0 reused, 18 computed" in result.output and "5 skipped" in result.output
     fc = FeatureCache(cache)
-    assert len(fc) == 13  # 6 photos + 7 good images in other formats
+    assert len(fc) == 13  # 6 images + 7 good images in other formats
     reasons = {os.path.basename(s["path"]): s["reason"] for s in fc.skipped}
     assert set(reasons) == set(bad)
     for name, (_, why) in bad.items():
@@ -164,7 +177,7 @@ def test_decode_modes_and_exif_orientation():
 
 
 def test_scan_layouts(tmp_path):
-    src = photos("valid", 2)
+    src = generated_images(tmp_path / "pool", 2, classes=("cat", "dog"))
     flat = tmp_path / "test1"
     flat.mkdir()
     for p in src:
@@ -182,9 +195,10 @@ def _rows(cache):
     return json.loads((cache / "zarr.json").read_text()).get("attributes", {}).get("rows", 0)
 
 
-def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
-    data = link_photos(photos("train", 120), tmp_path / "d")
-    cmd = [sys.executable, "-m", "pipeline.cli", "extract", str(data), "--model", str(tiny_model),
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_model):
+    data = tmp_path / "d"
+    generated_images(data, 120)
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--model", str(random_model),
            "--batch-size", "4", "--jobs", "1"]
     whole = tmp_path / "whole.zarr"
     subprocess.run([*cmd, "--cache", str(whole)], check=True, capture_output=True)
@@ -210,11 +224,12 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_m
         np.testing.assert_array_equal(a.features(layer), b.features(layer))
 
 
-def test_interrupted_run_leaves_no_partial_rows_visible(tmp_path, tiny_model, monkeypatch):
+def test_interrupted_run_leaves_no_partial_rows_visible(tmp_path, random_model, monkeypatch):
     """Ctrl-C inside a batch: committed rows stay, the rest is redone on the next run."""
-    data = link_photos(photos("train", 10), tmp_path / "d")
+    data = tmp_path / "d"
+    generated_images(data, 10)
     cache = tmp_path / "c.zarr"
-    import pipeline.cache as cache_mod
+    import headstart.pipeline.cache as cache_mod
 
     calls = {"n": 0}
     original = cache_mod.CacheWriter.append
@@ -226,11 +241,11 @@ def test_interrupted_run_leaves_no_partial_rows_visible(tmp_path, tiny_model, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cache_mod.CacheWriter, "append", flaky)
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(tiny_model), "--cache", str(cache),
+    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache),
                                        "--batch-size", "4"])
     assert result.exit_code != 0 and "rerun the same command to resume" in result.output
     assert _rows(cache) == 8
     monkeypatch.setattr(cache_mod.CacheWriter, "append", original)
-    report = extract(data, tiny_model, cache, batch_size=4, progress=False)
+    report = extract(data, random_model, cache, batch_size=4, progress=False)
     assert (report.reused, report.computed) == (8, 12)
     shutil.rmtree(cache)

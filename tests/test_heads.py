@@ -6,13 +6,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import link_photos, photos
 
-from heads.models import LogisticHead, MLPHead, SoftmaxHead
-from heads.train import load_head, save_head, train_head
-from pipeline.cache import FeatureCache
-from pipeline.cli import main
-from pipeline.extract import extract
+from headstart.heads import LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
+from headstart.pipeline.cache import FeatureCache
+from headstart.pipeline.cli import main
+from headstart.pipeline.extract import extract
+from headstart.pipeline.train import train_head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "logistic", "mlp"])
 @pytest.mark.parametrize("layer", ["gap", "pool5"])
 def test_every_head_separates_cats_from_dogs(photo_cache, kind, layer):
@@ -21,6 +22,7 @@ def test_every_head_separates_cats_from_dogs(photo_cache, kind, layer):
     assert head.meta_["metrics"]["valid_accuracy"] >= 0.92, head.meta_["metrics"]
 
 
+@pytest.mark.slow
 def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path):
     out = tmp_path / "h.head"
     result = CliRunner().invoke(main, ["train", "--cache", str(photo_cache), "--layer", "gap", "--epochs", "5",
@@ -33,7 +35,8 @@ def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path)
     assert len(json.loads((tmp_path / "hist.json").read_text())) == 5
 
     args = ["evaluate", "--cache", str(photo_cache), "--head", str(out), "--metrics", str(tmp_path / "m.json"),
-            "--confusion", str(tmp_path / "cm.csv"), "--plot", str(tmp_path / "cm.png")]
+            "--details", str(tmp_path / "d.json"), "--confusion", str(tmp_path / "cm.csv"),
+            "--plot", str(tmp_path / "cm.png")]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
@@ -41,12 +44,16 @@ def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path)
     assert printed["accuracy"] == saved["accuracy"] == pytest.approx(load_head(out).meta_["metrics"]["valid_accuracy"])
     cm = np.array(printed["confusion_matrix"])
     assert cm.sum() == 200 and cm.trace() / 200 == pytest.approx(printed["accuracy"])
-    assert set(saved["per_class"]) == {"cats", "dogs"} and 0 < saved["log_loss"] < 1
+    assert set(saved) == {"accuracy", "log_loss", "n"} and 0 < saved["log_loss"] < 1 and saved["n"] == 200
+    details = json.loads((tmp_path / "d.json").read_text())
+    assert details == printed and set(details["per_class"]) == {"cats", "dogs"}
+    assert sum(c["support"] for c in details["per_class"].values()) == 200
     rows = (tmp_path / "cm.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 201
     assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_two_tasks_from_one_cache_without_onnxruntime(photo_cache, tmp_path, monkeypatch):
     def no_onnxruntime(*args, **kwargs):
         raise AssertionError("onnxruntime was called while training heads on cached features")
@@ -59,12 +66,13 @@ def test_two_tasks_from_one_cache_without_onnxruntime(photo_cache, tmp_path, mon
                                       "-o", str(tmp_path / f"{args[1]}.head"), *args])
         assert result.exit_code == 0, result.output
     a, b = load_head(tmp_path / "catsdogs.head"), load_head(tmp_path / "family.head")
-    assert a.meta_["classes"] == ["cats", "dogs"] and b.meta_["classes"] == ["canine", "feline"]
+    assert a.classes_.tolist() == ["cats", "dogs"] and b.classes_.tolist() == ["canine", "feline"]
     X = FeatureCache(photo_cache).features("gap")[:50]
     # The same optimum with the classes swapped: cat probability of one is feline probability of the other.
     np.testing.assert_allclose(a.predict_proba(X)[:, 0], b.predict_proba(X)[:, 1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_head_file_is_plain_npz_and_round_trips(photo_cache, tmp_path):
     head = train_head(photo_cache, "gap", "mlp", hidden=(32, 16), epochs=3)
     path = save_head(head, tmp_path / "mlp.head")
@@ -73,22 +81,26 @@ def test_head_file_is_plain_npz_and_round_trips(photo_cache, tmp_path):
     loaded = load_head(path)
     X = FeatureCache(photo_cache).features("gap")
     np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
-    assert loaded.meta_["model"]["image_size"] == "96" and loaded.meta_["layer"] == "gap"
+    assert loaded.meta_["fingerprint"]["image_size"] == 96 and loaded.meta_["layer"] == "gap"
+    assert type(loaded) is MLPHead and loaded.get_params() == head.get_params()
 
 
+@pytest.mark.slow
 def test_head_on_features_of_another_model_is_refused(photo_cache, tiny_model, tmp_path):
     head = save_head(train_head(photo_cache, "gap", "logistic"), tmp_path / "h.head")
     other = tmp_path / "other.zarr"
     extract(link_photos(photos("valid", 3), tmp_path / "d", "valid"), tiny_model, other, name="catsdogs",
             progress=False)
     result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head", str(head)])
-    assert result.exit_code != 0 and "trained on features of another model (image_size 96" in result.output
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{other} holds features of another body or setting: image_size 32 (expected 96)" in result.output
 
 
+@pytest.mark.slow
 def test_valid_fraction_when_the_cache_has_no_valid_split(photo_cache, tmp_path):
     head = train_head(photo_cache, "gap", "logistic", valid_split="none", valid_fraction=0.25, seed=3)
     assert head.meta_["rows"] == {"train": 600, "valid": 200}
-    from heads.evaluate import evaluate
+    from headstart.pipeline.train import evaluate
 
     result, y, _ = evaluate(photo_cache, head)
     assert result["n"] == 200 and np.bincount(y).tolist() == [100, 100]  # stratified
@@ -104,12 +116,16 @@ def test_estimators_validate_inputs_and_learn_a_known_rule():
         p = head.fit(X[:500], y[:500]).predict_proba(X[500:])
         assert p.shape == (100, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
         assert head.score(X[500:], y[500:]) > 0.75, type(head).__name__  # chance is about 0.45
-    with pytest.raises(ValueError, match="2-D float array"):
+    with pytest.raises(ValueError, match="Expected 2D array"):
         SoftmaxHead().fit(np.zeros((3,)), np.zeros(3, int))
-    with pytest.raises(ValueError, match="class indices"):
-        SoftmaxHead().fit(np.zeros((3, 2), np.float32), np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        SoftmaxHead().fit(np.zeros((3, 2), np.float32), np.array([0.5, 1.5, 2.5]))
     with pytest.raises(ValueError, match="at least 2 classes"):
         SoftmaxHead().fit(np.zeros((3, 2), np.float32), np.zeros(3, int))
+    with pytest.raises(ValueError, match=r"validation labels hold \[7\]"):
+        SoftmaxHead().fit(X[:10], y[:10] * 0 + np.arange(10) % 2, X_valid=X[:2], y_valid=np.array([0, 7]))
+    with pytest.raises(ValueError, match="need hidden sizes >= 1, 0 <= dropout < 1"):
+        MLPHead(dropout=1.0).fit(X, y)
 
 
 def test_softmax_head_reaches_the_logistic_optimum():

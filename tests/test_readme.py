@@ -7,7 +7,7 @@ import click
 from click.testing import CliRunner
 from conftest import REPO
 
-from pipeline.cli import main
+from headstart.pipeline.cli import main
 
 BEGIN, END = "<!-- cli-reference: begin -->", "<!-- cli-reference: end -->"
 

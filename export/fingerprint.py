@@ -1,0 +1,49 @@
+"""What makes two sets of features "the same body features", and the one check every layer uses.
+
+Features of one image are comparable only if they come from the same weights, input size, preprocessing, body
+precision and resize policy, stored in the same format. The cache, heads, bundles and predict all carry this
+fingerprint and compare it with `compatible()`.
+"""
+
+from __future__ import annotations
+
+FORMAT = 1  # how features are laid out per image (stage outputs flattened (C, H, W)); bump on change
+CORE = ("format", "weights_sha256", "image_size", "preprocessing", "dtype")
+KEYS = (*CORE, "resize", "layers")
+
+
+class IncompatibleError(ValueError):
+    """Features, heads or bodies that do not belong together."""
+
+
+def body_fingerprint(meta: dict[str, str]) -> dict:
+    """The fingerprint of a body model, from its headstart metadata (`export.graph.read_metadata`)."""
+    return {"format": FORMAT, "weights_sha256": meta["weights_sha256"], "image_size": int(meta["image_size"]),
+            "preprocessing": meta["preprocessing"], "dtype": meta["dtype"], "layers": meta["layers"].split(",")}
+
+
+def features_fingerprint(meta: dict[str, str], resize: str) -> dict:
+    """The fingerprint of features computed by a body on images decoded with `resize`."""
+    return body_fingerprint(meta) | {"resize": resize}
+
+
+ADVICE = "use a body, cache and head made with the same model and settings"
+
+
+def compatible(expected: dict, actual: dict, where: str, layer: str | None = None, advice: str = ADVICE) -> None:
+    """Raise IncompatibleError unless `actual` (what `where` holds) matches `expected`; the message ends with
+    `advice`, what to do.
+
+    Keys only one side knows (a body has no resize policy) are not compared. With `layer`, `actual` must
+    provide that layer; without, both must have the same layer set.
+    """
+    missing = [k for k in CORE if k not in expected or k not in actual]
+    diff = [k for k in KEYS if k in expected and k in actual and expected[k] != actual[k]
+            and not (k == "layers" and layer is not None)]
+    if layer is not None and layer not in actual.get("layers", ()):
+        diff.append("layers")
+    if missing or diff:
+        parts = [f"{k} {actual.get(k)!r} (expected {expected.get(k)!r})" for k in missing + diff]
+        if layer is not None and "layers" in diff:
+            parts[-1] = f"layers {actual.get('layers')} without {layer!r}"
+        raise IncompatibleError(f"{where} holds features of another body or setting: {'; '.join(parts)}; {advice}")

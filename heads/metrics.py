@@ -1,0 +1,45 @@
+"""Scores of a head's probabilities, all from scikit-learn: one definition for training logs and evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support
+
+
+def loss_and_accuracy(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of probabilities (n, k) against class indices y (n,)."""
+    labels = np.arange(proba.shape[1])
+    return float(log_loss(y, proba, labels=labels)), float(accuracy_score(y, proba.argmax(1)))
+
+
+def metrics(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, log loss, n, per-class precision/recall/support, and the confusion matrix (rows: actual)."""
+    labels = np.arange(len(classes))
+    pred = proba.argmax(1)
+    loss, accuracy = loss_and_accuracy(y, proba)
+    precision, recall, _, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {"accuracy": accuracy, "log_loss": loss, "n": int(len(y)),
+            "per_class": {c: {"precision": float(p), "recall": float(r), "support": int(s)}
+                          for c, p, r, s in zip(classes, precision, recall, support, strict=True)},
+            "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist()}
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: str | Path, title: str) -> None:
+    """The confusion matrix as a PNG (scikit-learn's ConfusionMatrixDisplay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * max(k, 4), 1 + 0.5 * max(k, 4)), dpi=100)
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=classes).plot(
+        ax=ax, cmap="Blues", colorbar=False, include_values=k <= 20,
+        xticks_rotation="vertical" if k > 6 else "horizontal")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

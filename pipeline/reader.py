@@ -1,0 +1,42 @@
+"""The one reader of image files: (key, path) -> batches of (key, pixels or the reason why not), bounded.
+
+Extract and predict both read through it, so memory stays flat however many files a folder holds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import TypeVar
+
+import numpy as np
+
+from .decode import load_or_reason
+
+K = TypeVar("K")
+
+
+def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_size: int, jobs: int
+                 ) -> Iterator[list[tuple[K, np.ndarray | str]]]:
+    """Batches of `batch_size` (key, uint8 (size, size, 3) pixels, or the reason the file is unusable), in order.
+
+    `jobs` threads decode; at most 2 * batch_size + jobs decoded images are held at once, beside the batch
+    the caller is working on.
+    """
+    if batch_size < 1 or jobs < 1:
+        raise ValueError(f"batch size ({batch_size}) and jobs ({jobs}) must be at least 1")
+    items = iter(items)
+
+    def load(item: tuple[K, str]) -> tuple[K, np.ndarray | str]:
+        return item[0], load_or_reason(item[1], size, resize)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        pending = deque(pool.submit(load, x) for x in islice(items, 2 * batch_size + jobs))
+        while pending:
+            batch = []
+            while pending and len(batch) < batch_size:
+                batch.append(pending.popleft().result())
+                pending.extend(pool.submit(load, x) for x in islice(items, 1))
+            yield batch

@@ -1,0 +1,146 @@
+"""Heads from the cache: tasks (classes maps), row selection, training and scoring on cached features.
+
+The estimators themselves (headstart.heads) take plain arrays; this module feeds them from a FeatureCache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from headstart.export.files import atomic_write
+from headstart.export.fingerprint import compatible
+from headstart.heads.metrics import metrics, plot_confusion
+from headstart.heads.models import KINDS, DenseHead, EpochLog
+
+from .cache import FeatureCache
+
+
+def read_classes_map(path: str | Path | None) -> dict[str, str | None] | None:
+    """A YAML or JSON mapping of the cache's class names to the task's labels (null leaves a class out)."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        mapping = yaml.safe_load(Path(path).read_text())  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the classes map ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str | type(None)) for v in mapping.values()):
+        raise ValueError(f"{path}: a classes map is a mapping of class name -> task label (or null to leave out)")
+    return {str(k): v for k, v in mapping.items()}
+
+
+def task_labels(classes: list[str], labels: np.ndarray, mapping: dict[str, str | None] | None
+                ) -> tuple[list[str], np.ndarray]:
+    """Task classes and per-entry task labels (-1 for entries outside the task)."""
+    if mapping is None:
+        return list(classes), labels.copy()
+    unknown = sorted(set(mapping) - set(classes))
+    if unknown:
+        raise ValueError(f"classes map names {', '.join(unknown)}, which the cache does not have "
+                         f"(it has {', '.join(classes)})")
+    task_classes = sorted({v for v in mapping.values() if v is not None})
+    lookup = np.array([task_classes.index(mapping[c]) if mapping.get(c) is not None else -1 for c in classes]
+                      + [-1])  # the last slot serves label -1 (unlabelled)
+    return task_classes, lookup[labels]
+
+
+def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) entry indices. Without a valid split, a seeded stratified fraction of train is held out."""
+    labelled = y >= 0
+    train = np.flatnonzero((fc.splits == selection["train_split"]) & labelled)
+    valid = np.flatnonzero((fc.splits == selection["valid_split"]) & labelled)
+    if len(train) == 0:
+        raise ValueError(f"{fc.path}: no labelled rows in split {selection['train_split']!r} "
+                         f"(splits: {', '.join(sorted(set(fc.splits)))})")
+    if len(valid) == 0 and selection["valid_fraction"] > 0:
+        from sklearn.model_selection import train_test_split
+
+        train, valid = train_test_split(train, test_size=selection["valid_fraction"], random_state=selection["seed"],
+                                        stratify=y[train])
+        train, valid = np.sort(train), np.sort(valid)
+    return train, valid
+
+
+def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
+               task: str | None = None, classes_map: dict[str, str | None] | None = None,
+               train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
+               log: EpochLog | None = None, **params: object) -> DenseHead:
+    """Fit a head of `kind` (KINDS) on the cached `layer` features, with the estimator's `params`.
+
+    Returns the fitted estimator, labels being the task's class names, with `meta_`: task, layer, the
+    features' fingerprint, the row selection, row counts and the last epoch's metrics.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
+    fc = FeatureCache(cache, dataset)
+    classes, y = task_labels(fc.classes, fc.labels, classes_map)
+    selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
+                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map}
+    train, valid = select_rows(fc, y, selection)
+    absent = [c for i, c in enumerate(classes) if not (y[train] == i).any()]
+    if absent:
+        raise ValueError(f"{fc.path}: class(es) {', '.join(map(repr, absent))} have no training rows in split "
+                         f"{train_split!r}; add images of them, or leave them out with a classes map")
+    names = np.array(classes)
+    X_train = fc.features(layer, train, np.float16 if fc.attrs.get("dtype") == "float16" else np.float32)
+    head = KINDS[kind](random_state=seed, **params)
+    head.fit(X_train, names[y[train]], X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
+    last = head.history_[-1]
+    head.meta_ = {
+        "task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint, "selection": selection,
+        "rows": {"train": int(len(train)), "valid": int(len(valid))},
+        "metrics": {k: v for k, v in last.items() if k != "epoch"},
+    }
+    return head
+
+
+def evaluate(cache: str | Path, head: DenseHead, split: str | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Score `head` on the rows it was validated on (or on `split`): (metrics, y, predictions) as class indices."""
+    meta = head.meta_
+    sel = meta["selection"]
+    fc = FeatureCache(cache, sel["dataset"])
+    layer = meta["layer"]
+    compatible(meta["fingerprint"], fc.fingerprint, str(fc.path), layer)
+    classes, y = task_labels(fc.classes, fc.labels, sel["classes_map"])
+    if classes != [str(c) for c in head.classes_]:
+        raise ValueError(f"the task's classes in {fc.path} ({classes}) differ from the head's "
+                         f"({head.classes_.tolist()})")
+    if split is None:
+        _, rows = select_rows(fc, y, sel)
+    else:
+        rows = np.flatnonzero((fc.splits == split) & (y >= 0))
+    if len(rows) == 0:
+        raise ValueError(f"{fc.path}: no labelled rows to evaluate on (split {split or sel['valid_split']!r})")
+    proba = head.predict_proba(fc.features(layer, rows))
+    result = metrics(y[rows], proba, classes)
+    result.update({"task": meta["task"], "head": type(head).__name__, "layer": layer,
+                   "split": split or (sel["valid_split"] if (fc.splits == sel["valid_split"]).any() else
+                                      f"held-out {sel['valid_fraction']} of {sel['train_split']}")})
+    return result, y[rows], proba.argmax(1)
+
+
+def write_reports(result: dict, y: np.ndarray, pred: np.ndarray, metrics_path: Path | None = None,
+                  details_path: Path | None = None, confusion_csv: Path | None = None,
+                  confusion_png: Path | None = None) -> None:
+    """Short metrics JSON for `dvc metrics` (accuracy, log loss, n), the rest (per class, confusion matrix,
+    what was scored) in a second JSON, and the confusion matrix as CSV rows for `dvc plots` and as a PNG."""
+    classes = list(result["per_class"])
+    if metrics_path:
+        with atomic_write(metrics_path) as tmp:
+            tmp.write_text(json.dumps({k: result[k] for k in ("accuracy", "log_loss", "n")}, indent=2) + "\n")
+    if details_path:
+        with atomic_write(details_path) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    if confusion_csv:
+        with atomic_write(confusion_csv) as tmp:
+            tmp.write_text("actual,predicted\n" + "".join(f"{classes[a]},{classes[p]}\n"
+                                                          for a, p in zip(y, pred, strict=True)))
+    if confusion_png:
+        with atomic_write(confusion_png) as tmp:
+            plot_confusion(np.array(result["confusion_matrix"]), classes, tmp,
+                           f"{result['task']} ({result['head']} on {result['layer']}): "
+                           f"accuracy {result['accuracy']:.3f}")

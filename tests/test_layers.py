@@ -1,0 +1,111 @@
+"""The package's structure: one import name, layers that import only downward, VGG16 written once as data."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from headstart.export import vgg
+
+# The folders in their order, bottom first: a module may import its own layer or the ones below it.
+LAYERS = ("export", "heads", "pipeline")
+
+
+def modules() -> dict[str, Path]:
+    return {f"headstart.{p.parent.name}" + ("" if p.stem == "__init__" else f".{p.stem}"): p
+            for folder in LAYERS for p in sorted((REPO / folder).glob("*.py"))}
+
+
+def imports(name: str, path: Path) -> set[str]:
+    """Every headstart module `name` imports, at the top or inside functions, relative imports resolved."""
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import module`
+    known = modules()
+    return {m for m in out if m in known and m != name}
+
+
+def test_layers_import_only_downward_and_without_cycles():
+    graph = {name: imports(name, path) for name, path in modules().items()}
+    assert len(graph) > 15 and "headstart.pipeline.cli" in graph
+    rank = {name: LAYERS.index(name.split(".")[1]) for name in graph}
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if rank[b] > rank[a]]
+    assert not upward, f"upward imports: {upward}"
+    # A module importing its own package's __init__ is not a cycle between modules: leave those edges out.
+    cycle = find_cycle({a: {b for b in deps if b != ".".join(a.split(".")[:2])} for a, deps in graph.items()})
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A path that comes back to its start, or None (depth-first search)."""
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return None
+
+    return next((c for n in sorted(edges) if n not in state and (c := visit(n, [n]))), None)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_walker_sees_imports_inside_functions(tmp_path):
+    path = tmp_path / "extract.py"
+    path.write_text("def f():\n    from ..heads.models import KINDS\n    from . import cache\n")
+    assert imports("headstart.pipeline.extract", path) == {"headstart.heads.models", "headstart.pipeline.cache",
+                                                            "headstart.pipeline"}
+
+
+def test_installed_package_has_one_import_name(tmp_path):
+    code = ("import importlib.util, headstart.heads, headstart.pipeline.cli, headstart.export; "
+            "print([m for m in ('export', 'heads', 'pipeline') if importlib.util.find_spec(m)])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert not (REPO / "headstart").exists()  # nothing in the checkout can shadow the installed name
+
+
+def test_vgg16_is_written_once_as_data():
+    # torchvision's vgg16().features: a conv at these positions, ReLUs and pools between.
+    assert [s.index for s in vgg.CONVS] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert [s.name for s in vgg.STAGES if s.kind == "pool"] == [f"pool{i}" for i in range(1, 6)]
+    assert vgg.layer_shape("conv5_3", 224) == (512, 14, 14) and vgg.layer_shape("pool5", 224) == (512, 7, 7)
+    assert vgg.layer_shape("gap", 64) == (512,) and vgg.layer_shape("fc7", 224) == (4096,)
+    assert vgg.fc_input() == 25088
+    assert vgg.body_gflop(224) == pytest.approx(30.69, abs=0.01)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        vgg.check_image_size(100)
+
+
+def test_the_graph_follows_the_data(tmp_path):
+    from headstart.export import build_body
+    from headstart.export.weights import random_weights
+
+    model = build_body(random_weights(0), 64, ("conv5_3", "gap"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert [n.input[1].removesuffix(".w") for n in convs] == [s.name for s in vgg.CONVS]
+    shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim[1:]] for o in model.graph.output]
+    assert shapes == [list(vgg.layer_shape("conv5_3", 64)), list(vgg.layer_shape("gap", 64))]
+    assert np.prod(shapes[0]) == 512 * 4 * 4
