@@ -107,7 +107,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Labels (n,), from `classes_`."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        index = self.decision_function(X).argmax(axis=1)
+        return self.classes_[index]
 
     def _log(self, log: EpochLog, epoch: int, ms: float, train: tuple[float, float],
              valid: tuple[np.ndarray, np.ndarray] | None, **extra: object) -> None:

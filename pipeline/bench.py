@@ -198,3 +198,42 @@ def bench_heads(rows: int = 25_000, shapes: tuple[tuple[int, str], ...] = ((512,
         out.append({"rows": rows, "dim": dim, "dtype": dtype, "epochs": epochs, "batch": batch_size,
                     "seconds": total, "ms_per_epoch": float(np.mean([r["ms"] for r in head.history_]))})
     return out
+
+
+def bench_predict(data: str | Path, model: str | Path, counts: tuple[int, ...] = (200, 2000),
+                  batch_size: int = 32, jobs: int = 2) -> list[dict]:
+    """Peak resident memory of `headstart predict` over the first N files of `data`, for each N.
+
+    Each run is a fresh process (its peak RSS read from the kernel when it ends) over a folder of links, so
+    the numbers compare how memory grows with the folder, which the bounded reader keeps flat.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from .dataset import scan
+
+    paths = scan(data).paths
+    if max(counts) > len(paths):
+        raise ValueError(f"{data} holds {len(paths)} files; --counts asks for {max(counts)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            folder = Path(tmp) / f"n{n}"
+            folder.mkdir()
+            for i, p in enumerate(paths[:n]):
+                (folder / f"{i:06d}{Path(p).suffix}").symlink_to(Path(p).resolve())
+            cmd = [sys.executable, "-m", "headstart.pipeline.cli", "predict", str(folder), "--model", str(model),
+                   "-o", str(Path(tmp) / f"n{n}.csv"), "--batch-size", str(batch_size), "--jobs", str(jobs),
+                   "--device", "cpu"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            if status:
+                raise RuntimeError(f"predict failed: {proc.stderr.read().decode()[-500:]}")
+            rows.append({"files": n, "peak_rss_mib": usage.ru_maxrss / 1024, "seconds": seconds,
+                         "img_s": n / seconds})
+    for r in rows:
+        r["rss_vs_first"] = r["peak_rss_mib"] / rows[0]["peak_rss_mib"]
+    return rows

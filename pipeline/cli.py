@@ -201,7 +201,7 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
     ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
                and click.get_current_context().get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
     if ignored:
-        raise Failure(f"--head {kind} takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+        raise click.UsageError(f"--head {kind} takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
     params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
     def log(rec: dict) -> None:
@@ -386,6 +386,23 @@ def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: i
     rows = run(data, model, cache, batch_size, jobs)
     _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio"], out,
             "Extract throughput, images/s")
+
+
+@bench.command("predict")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A classifier from `headstart bundle`.")
+@click.option("--counts", default="200,2000", show_default=True, help="Files per run, comma-separated.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@friendly
+def bench_predict(data: Path, model: Path, counts: str, batch_size: int, out: Path | None) -> None:
+    """Peak memory of predict on N and 10 N files: flat, since the reader bounds the images in flight."""
+    from .bench import bench_predict as run
+
+    rows = run(data, model, tuple(int(c) for c in counts.split(",")), batch_size)
+    _report(rows, ["files", "peak_rss_mib", "rss_vs_first", "seconds", "img_s"], out,
+            "predict: peak resident memory by folder size")
 
 
 @bench.command("heads")

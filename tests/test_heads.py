@@ -137,3 +137,20 @@ def test_softmax_head_reaches_the_logistic_optimum():
     exact = LogisticHead(l2=1e-2).fit(X, y).predict_proba(X)
     sgd = SoftmaxHead(epochs=1000, lr=0.01, batch_size=400, l2=1e-2).fit(X, y).predict_proba(X)
     assert np.abs(exact - sgd).max() < 0.01
+
+
+@pytest.mark.slow
+def test_grid_search_and_a_pca_pipeline_over_a_head_on_cached_photos(photo_cache):
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    fc = FeatureCache(photo_cache)
+    tr, va = fc.select("train"), fc.select("valid")
+    X, y = fc.features("gap", tr), np.array(fc.classes)[fc.labels[tr]]
+    search = GridSearchCV(LogisticHead(), {"l2": [1e-3, 1e-2, 1e-1]}, cv=3).fit(X, y)
+    assert search.best_params_["l2"] in (1e-3, 1e-2, 1e-1) and len(search.cv_results_["mean_test_score"]) == 3
+    y_valid = np.array(fc.classes)[fc.labels[va]]
+    assert search.score(fc.features("gap", va), y_valid) >= 0.9
+    pipe = make_pipeline(PCA(32, random_state=0), SoftmaxHead(epochs=30, lr=0.01)).fit(X, y)
+    assert pipe.predict(fc.features("gap", va)).dtype.kind == "U" and pipe.score(fc.features("gap", va), y_valid) >= 0.9

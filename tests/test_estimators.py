@@ -1,0 +1,143 @@
+"""Heads as scikit-learn estimators, their files, and the one fingerprint check (hermetic: random weights)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import generated_images
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
+from headstart.pipeline.cli import main
+from headstart.pipeline.extract import extract
+from headstart.pipeline.train import train_head
+
+
+def blobs(n=300, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = (rng.standard_normal((n, d)) + 2.0 * np.eye(3, d)[y]).astype(np.float32)
+    return X, np.array(["cat", "dog", "fox"])[y]
+
+
+@pytest.mark.parametrize("cls", list(KINDS.values()))
+def test_heads_follow_the_estimator_contract(cls):
+    X, y = blobs()
+    head = cls(random_state=3)
+    with pytest.raises(NotFittedError):
+        head.predict(X)
+    params = head.get_params()
+    assert params["random_state"] == 3 and clone(head).get_params() == params
+    head.set_params(l2=0.002, **({"lr": 0.01} if "lr" in params else {}))
+    assert head.fit(X, y) is head
+    assert head.classes_.tolist() == ["cat", "dog", "fox"] and head.n_features_in_ == 6
+    assert set(head.predict(X)) <= set(head.classes_) and head.predict_proba(X).shape == (300, 3)
+    assert head.score(X, y) > 0.8
+    fresh = clone(head)
+    assert not hasattr(fresh, "classes_") and fresh.get_params()["l2"] == 0.002
+    with pytest.raises(ValueError, match="6 features"):
+        head.predict(X[:, :4])
+
+
+def test_float16_features_stay_float16_and_match_float32():
+    X, y = blobs()
+    a = SoftmaxHead(epochs=5).fit(X, y)
+    b = SoftmaxHead(epochs=5).fit(X.astype(np.float16), y)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=2e-2)
+
+
+@pytest.mark.parametrize("cls", list(KINDS.values()))
+def test_head_file_loads_back_into_the_same_estimator(cls, tmp_path):
+    X, y = blobs()
+    head = cls(random_state=1).fit(X, y)
+    head.meta_ = {"task": "t", "layer": "gap"}
+    loaded = load_head(save_head(head, tmp_path / "h.head"))
+    assert type(loaded) is cls and loaded.get_params() == head.get_params()
+    assert loaded.classes_.tolist() == head.classes_.tolist() and loaded.meta_ == head.meta_
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    assert loaded.score(X, y) == head.score(X, y)
+
+
+def _rewrite(path, out, arrays=None, meta=None):
+    with np.load(path, allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    m = json.loads(str(a.pop("meta")))
+    m.update(meta or {})
+    a.update(arrays or {})
+    a = {k: v for k, v in a.items() if v is not None}
+    np.savez(out, meta=np.array(json.dumps(m)), **a)
+    return out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"arrays": {"W1": np.zeros((16, 5), np.float32)}}, "W1 is float32 (16, 5), expected finite floats of shape"),
+    ({"arrays": {"b0": None}}, "arrays"),
+    ({"arrays": {"extra": np.zeros(3)}}, "arrays"),
+    ({"arrays": {"scale": np.zeros(6, np.float32)}}, "scale has values <= 0"),
+    ({"arrays": {"mean": np.full(6, np.nan, np.float32)}}, "mean is float32 (6,)"),
+    ({"meta": {"classes": ["cat", "cat", "fox"]}}, "classes must be 2 or more distinct names"),
+    ({"meta": {"kind": "svm"}}, "unknown head kind 'svm'"),
+    ({"meta": {"params": {"hidden": [16], "colour": 1}}}, "do not fit a mlp head"),
+    ({"meta": {"n_features": 7}}, "expected finite floats of shape (7,)"),
+    ({"meta": {"format": "headstart-head/1"}}, "format 'headstart-head/1'"),
+])
+def test_crafted_head_files_are_refused_at_load(tmp_path, change, message):
+    X, y = blobs()
+    good = save_head(MLPHead(hidden=(16,), epochs=2).fit(X, y), tmp_path / "good.head")
+    bad = _rewrite(good, tmp_path / "bad.npz", **change)
+    with pytest.raises(HeadFileError, match="not a usable head file") as e:
+        load_head(bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+    result = CliRunner().invoke(main, ["bundle", "--head", str(bad), "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 1 and "not a usable head file" in result.output and "Traceback" not in result.output
+    (tmp_path / "junk.head").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(HeadFileError, match="junk.head: not a usable head file"):
+        load_head(tmp_path / "junk.head")
+
+
+@pytest.fixture(scope="module")
+def two_caches(random_model, tmp_path_factory):
+    """Features of the same generated images, decoded two ways: squash and center-crop."""
+    root = tmp_path_factory.mktemp("two")
+    generated_images(root / "d", 12, "train")
+    generated_images(root / "d", 4, "valid", seed=1)
+    for resize in ("squash", "center-crop"):
+        extract(root / "d", random_model, root / f"{resize}.zarr", resize=resize, progress=False)
+    return root
+
+
+def test_a_head_of_squash_features_is_refused_on_a_center_crop_cache(two_caches, tmp_path):
+    head = save_head(train_head(two_caches / "squash.zarr", "gap", "logistic"), tmp_path / "h.head")
+    ok = CliRunner().invoke(main, ["evaluate", "--cache", str(two_caches / "squash.zarr"), "--head", str(head)])
+    assert ok.exit_code == 0, ok.output
+    other = two_caches / "center-crop.zarr"
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head", str(head)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{other} holds features of another body or setting: resize 'center-crop' (expected 'squash')" \
+        in result.output
+
+
+def test_cli_takes_head_defaults_from_the_estimators(two_caches, tmp_path):
+    cache = str(two_caches / "squash.zarr")
+    result = CliRunner().invoke(main, ["train", "--cache", cache, "--head", "logistic", "-o", str(tmp_path / "l.head")])
+    assert result.exit_code == 0, result.output
+    assert load_head(tmp_path / "l.head").get_params() == LogisticHead().get_params()
+    result = CliRunner().invoke(main, ["train", "--cache", cache, "--head", "logistic", "--epochs", "5",
+                                       "-o", str(tmp_path / "x.head")])
+    assert result.exit_code == 2 and "--head logistic takes no --epochs" in result.output
+    help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    assert "softmax 0.0001, logistic 0.01, mlp 0.0001" in help_text and "mlp (256,)" in help_text
+
+
+def test_a_bug_keeps_its_traceback(two_caches, monkeypatch, tmp_path):
+    import headstart.pipeline.train as train_module
+
+    def broken(*args, **kwargs):
+        return {}["missing"]
+
+    monkeypatch.setattr(train_module, "train_head", broken)
+    result = CliRunner().invoke(main, ["train", "--cache", str(two_caches / "squash.zarr"),
+                                       "-o", str(tmp_path / "h.head")])
+    assert isinstance(result.exception, KeyError)  # not turned into a one-line "Error: 'missing'"
