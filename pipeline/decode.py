@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -10,6 +13,7 @@ from PIL import Image, ImageOps
 
 RESIZE = ("squash", "center-crop")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, applied as a hard limit
+MAX_BYTES = 256 * 2**20  # per file; generous for photos, and a 3 GB sparse file is not read into memory
 
 
 class BadImage(Exception):
@@ -66,19 +70,43 @@ def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def read_and_decode(path: str, size: int, resize: str = "squash") -> np.ndarray:
-    """Decode a file; an unreadable file is a BadImage too."""
+def read_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """A regular file's bytes, at most `max_bytes` of them; anything else is a BadImage saying why.
+
+    Devices, FIFOs and sockets are refused before they are opened (reading /dev/zero never ends).
+    """
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage("not a regular file")
+        if st.st_size > max_bytes:
+            raise BadImage(f"{st.st_size} bytes, over the {max_bytes}-byte limit per file (--max-file-size)")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise BadImage(f"unreadable ({e.strerror or type(e).__name__})") from None
-    return decode(data, size, resize)
+    if len(data) > max_bytes:
+        raise BadImage(f"grew over the {max_bytes}-byte limit per file while being read")
+    return data
 
 
-def load_or_reason(path: str, size: int, resize: str = "squash") -> np.ndarray | str:
-    """Pixels of a file, or the reason it is not a usable image: for pipelines that record and go on."""
+def read_and_decode(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES) -> np.ndarray:
+    """Decode a file; an unreadable file is a BadImage too."""
+    return decode(read_bytes(path, max_bytes), size, resize)
+
+
+def load_or_reason(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES
+                   ) -> tuple[np.ndarray | str, str | None]:
+    """(pixels, sha256 of the bytes they came from), or (the reason the file is unusable, sha256 or None).
+
+    The file is read once: the digest and the pixels describe the same bytes, even if it changes meanwhile.
+    """
     try:
-        return read_and_decode(path, size, resize)
+        data = read_bytes(path, max_bytes)
     except BadImage as e:
-        return str(e)
+        return str(e), None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return decode(data, size, resize), digest
+    except BadImage as e:
+        return str(e), digest

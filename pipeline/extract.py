@@ -1,12 +1,14 @@
 """Run the frozen body once over a dataset and keep its activations: reader -> mapper -> writer.
 
-reader: files -> sha256 and, for content the cache lacks, decoded uint8 pixels (a thread pool);
+reader: files -> sha256 and, for content the cache lacks, decoded uint8 pixels (read_batches, bounded);
 mapper: batches of pixels -> onnxruntime -> named activations;
 writer: CacheWriter appends rows and commits after every batch, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from headstart.export.files import file_digest
 from headstart.export.fingerprint import features_fingerprint
 from headstart.export.graph import read_metadata
 from headstart.export.runtime import open_session
@@ -23,7 +24,10 @@ from headstart.export.vgg import layer_shape
 
 from .cache import CacheWriter
 from .dataset import scan
+from .decode import MAX_BYTES, BadImage, read_bytes
 from .reader import read_batches
+
+CHANGED = "changed while being extracted; rerun the extract to pick up its new content"
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Report:
     computed: int
     skipped: int
     seconds: float
+    duplicates: dict
+    flush_seconds: float = 0.0  # of `seconds`, spent making commits durable (fsync)
 
     def line(self) -> str:
         rate = f" ({self.computed / self.seconds:.1f} images/s)" if self.computed else ""
@@ -41,25 +47,30 @@ class Report:
                 f"{self.skipped} skipped")
 
 
-def sha256_of(path: str) -> tuple[str | None, str | None]:
+def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | None]:
     """(hex digest, None), or (None, reason) for a file that cannot be read."""
     try:
-        return file_digest(path), None
-    except OSError as e:
-        return None, f"unreadable ({e.strerror or type(e).__name__})"
+        return hashlib.sha256(read_bytes(path, max_bytes)).hexdigest(), None
+    except BadImage as e:
+        return None, str(e)
 
 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
-            device: str = "auto", replace: bool = False, progress: bool = True) -> Report:
+            device: str = "auto", replace: bool = False, overwrite_dataset: bool = False,
+            max_bytes: int = MAX_BYTES, progress: bool = True) -> Report:
     """Extract the activations of every image of `data` into `cache`; only new content is computed.
 
     `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.
+    `overwrite_dataset`: a dataset of the same name extracted from another source is replaced, not refused.
     """
     t0 = time.perf_counter()
-    if batch_size < 1 or jobs < 1:
-        raise ValueError(f"--batch-size ({batch_size}) and --jobs ({jobs}) must be at least 1")
+    if batch_size < 1 or jobs < 1 or max_bytes < 1:
+        raise ValueError(f"--batch-size ({batch_size}), --jobs ({jobs}) and --max-file-size ({max_bytes}) "
+                         "must be at least 1")
     ds = scan(data, name)
+    if progress:
+        print(ds.describe(), file=sys.stderr)
     meta = read_metadata(model)
     if meta.get("kind") != "body":
         raise ValueError(f"{model}: not a headstart body model (kind {meta.get('kind')!r}); "
@@ -67,12 +78,13 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
     dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
+    source = str(Path(data).resolve())
     writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
                          chunk_rows=batch_size)
     with writer, ThreadPoolExecutor(jobs) as pool:
-        writer.begin_dataset(ds.name)
-        hashed = list(tqdm(pool.map(sha256_of, ds.paths), total=len(ds), desc="hashing", unit="file",
-                           disable=not progress, leave=False))
+        writer.begin_dataset(ds.name, source, overwrite_dataset)
+        hashed = list(tqdm(pool.map(lambda p: sha256_of(p, max_bytes), ds.paths), total=len(ds), desc="hashing",
+                           unit="file", disable=not progress, leave=False))
         hashes = [h for h, _ in hashed]
         unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
         todo: dict[str, str] = {}  # hash -> first path with that content, in scan order
@@ -81,22 +93,34 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                 todo[h] = path
         known = {h for h in hashes if h is not None and h in writer.index}
         if todo:
-            _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs)
+            changed = _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs,
+                               max_bytes)
+            for h in changed:
+                unreadable[todo[h]] = CHANGED
+            hashes = [None if h in changed and p == todo[h] else h for p, h in zip(ds.paths, hashes, strict=True)]
         summary = writer.write_dataset(ds.name, ds.paths, ds.splits, ds.labels, ds.classes, hashes, unreadable,
-                                       str(Path(data).resolve()))
-    return Report(ds.name, len(ds), len(known), len(todo), summary["skipped"], time.perf_counter() - t0)
+                                       source)
+    return Report(ds.name, len(ds), len(known), len(todo), summary["skipped"], time.perf_counter() - t0,
+                  summary["duplicates"], writer.sync_seconds)
 
 
 def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, str], size: int, layers: list[str],
-             batch_size: int, resize: str, device: str, progress: bool, jobs: int) -> None:
+             batch_size: int, resize: str, device: str, progress: bool, jobs: int, max_bytes: int) -> set[str]:
+    """Compute and append the rows of `todo`; returns the hashes whose file changed since it was hashed."""
     session = open_session(model, device, quiet=not progress)
     bar = tqdm(total=len(todo), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
+    changed: set[str] = set()
     # The writer runs one batch behind inference, in order, so that compressing and writing a batch
     # overlaps the next forward pass; each append still commits before the next one starts.
     with ThreadPoolExecutor(1) as write_pool:
         pending = None
         try:
-            for batch in read_batches(todo.items(), size, resize, batch_size, jobs):
+            for batch in read_batches(todo.items(), size, resize, batch_size, jobs, max_bytes):
+                # A file whose bytes no longer have the hash it was listed under gets no row: its pixels
+                # belong to other content, and a row keyed by the old hash would poison later reuse.
+                moved = {h for h, _, digest in batch if digest != h}  # None: gone or unreadable now
+                changed |= moved
+                batch = [(h, x) for h, x, _ in batch if h not in moved]
                 bad = {h: x for h, x in batch if isinstance(x, str)}
                 good = [x for h, x in batch if not isinstance(x, str)]
                 feats = None
@@ -112,3 +136,4 @@ def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, str], size:
                 bar.update(bar.total - bar.n)
         finally:
             bar.close()
+    return changed

@@ -12,14 +12,14 @@ from headstart.export.files import atomic_write
 from headstart.export.runtime import open_session
 from headstart.heads.bundle import classifier_metadata
 
-from .dataset import scan
+from .dataset import display, scan
 from .reader import read_batches
 
 
 def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: int = 2, device: str = "auto",
             clip: tuple[float, float] | None = None, quiet: bool = False) -> Iterator[dict]:
     """One dict per file of `images` (a folder in any headstart layout, or a CSV manifest), in scan order:
-    id, path, label, a probability per class, and error (the reason a file could not be used, else '').
+    id, path, label, error (the reason a file could not be used, else '') and `proba` {class: probability}.
 
     Images are decoded as the classifier's fingerprint says (its image size and resize policy).
     """
@@ -30,32 +30,53 @@ def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: i
     batches = read_batches(((p, p) for p in paths), fingerprint["image_size"], fingerprint["resize"],
                            batch_size, jobs)
     for batch in batches:
-        good = [x for _, x in batch if not isinstance(x, str)]
+        good = [x for _, x, _ in batch if not isinstance(x, str)]
         proba = session.run(["probabilities"], {"images": np.stack(good)})[0] if good else None
         k = 0
-        for path, x in batch:
-            row = {"id": Path(path).stem, "path": path, "label": "", "error": ""}
+        for path, x, _ in batch:
+            row = {"id": display(Path(path).stem), "path": display(path), "label": "", "error": ""}
             if isinstance(x, str):
-                row.update({c: "" for c in classes}, error=x)
+                row.update(proba={c: "" for c in classes}, error=x)
             else:
                 p = proba[k].astype(np.float64)
                 k += 1
                 row["label"] = classes[int(p.argmax())]
                 if clip:
                     p = np.clip(p, *clip)
-                row.update({c: f"{v:.6f}" for c, v in zip(classes, p, strict=True)})
+                row["proba"] = {c: f"{v:.6f}" for c, v in zip(classes, p, strict=True)}
             yield row
 
 
-def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str]) -> tuple[int, list[dict]]:
-    """Write rows, atomically; returns (count, bad rows)."""
-    n, bad = 0, []
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, ["id", "label", *classes, "path", "error"])
+FIXED = ("id", "label", "path", "error")
+
+
+def probability_columns(classes: list[str]) -> dict[str, str]:
+    """Column of each class's probability: its name, or `p_` before it where that would clash."""
+    used, out = set(FIXED), {}
+    for c in classes:
+        name = c
+        while name in used:
+            name = "p_" + name
+        used.add(name)
+        out[c] = name
+    return out
+
+
+def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str]
+              ) -> tuple[int, list[dict], dict[str, list[str]]]:
+    """Write rows, atomically: on any error the file at `path` is left as it was.
+
+    Returns (count, rows that could not be predicted, {id: paths} for ids shared by several files).
+    """
+    n, bad, seen = 0, [], {}
+    columns = probability_columns(classes)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        w = csv.DictWriter(f, ["id", "label", *columns.values(), "path", "error"])
         w.writeheader()
         for row in rows:
-            w.writerow(row)
+            w.writerow({**{k: row[k] for k in FIXED}, **{columns[c]: v for c, v in row["proba"].items()}})
+            seen.setdefault(row["id"], []).append(row["path"])
             n += 1
             if row["error"]:
                 bad.append(row)
-    return n, bad
+    return n, bad, {k: v for k, v in seen.items() if len(v) > 1}

@@ -1,4 +1,4 @@
-"""The one reader of image files: (key, path) -> batches of (key, pixels or the reason why not), bounded.
+"""The one reader of image files: (key, path) -> batches of (key, pixels or the reason why not, sha256), bounded.
 
 Extract and predict both read through it, so memory stays flat however many files a folder holds.
 """
@@ -13,24 +13,25 @@ from typing import TypeVar
 
 import numpy as np
 
-from .decode import load_or_reason
+from .decode import MAX_BYTES, load_or_reason
 
 K = TypeVar("K")
 
 
-def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_size: int, jobs: int
-                 ) -> Iterator[list[tuple[K, np.ndarray | str]]]:
-    """Batches of `batch_size` (key, uint8 (size, size, 3) pixels, or the reason the file is unusable), in order.
+def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_size: int, jobs: int,
+                 max_bytes: int = MAX_BYTES) -> Iterator[list[tuple[K, np.ndarray | str, str | None]]]:
+    """Batches of `batch_size` (key, uint8 (size, size, 3) pixels or the reason the file is unusable, sha256 of
+    the bytes read or None), in input order.
 
-    `jobs` threads decode; at most 2 * batch_size + jobs decoded images are held at once, beside the batch
-    the caller is working on.
+    Each file is read once. `jobs` threads decode; at most 2 * batch_size + jobs decoded images are held at
+    once, beside the batch the caller is working on.
     """
     if batch_size < 1 or jobs < 1:
         raise ValueError(f"batch size ({batch_size}) and jobs ({jobs}) must be at least 1")
     items = iter(items)
 
-    def load(item: tuple[K, str]) -> tuple[K, np.ndarray | str]:
-        return item[0], load_or_reason(item[1], size, resize)
+    def load(item: tuple[K, str]) -> tuple[K, np.ndarray | str, str | None]:
+        return item[0], *load_or_reason(item[1], size, resize, max_bytes)
 
     with ThreadPoolExecutor(jobs) as pool:
         pending = deque(pool.submit(load, x) for x in islice(items, 2 * batch_size + jobs))

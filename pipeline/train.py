@@ -5,7 +5,9 @@ The estimators themselves (headstart.heads) take plain arrays; this module feeds
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from headstart.export.fingerprint import compatible
 from headstart.heads.metrics import metrics, plot_confusion
 from headstart.heads.models import KINDS, DenseHead, EpochLog
 
-from .cache import FeatureCache
+from .cache import FeatureCache, duplicates_line
 
 
 def read_classes_map(path: str | Path | None) -> dict[str, str | None] | None:
@@ -48,8 +50,18 @@ def task_labels(classes: list[str], labels: np.ndarray, mapping: dict[str, str |
     return task_classes, lookup[labels]
 
 
+def held_out(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(n,) bool: whether each image is held out, a function of its content hash (and the seed) alone.
+
+    Adding images to a dataset never moves an existing image between train and valid.
+    """
+    scores = [int(hashlib.sha256(f"{seed}:{h}".encode()).hexdigest()[:13], 16) / 16**13 for h in hashes]
+    return np.array(scores) < fraction
+
+
 def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) entry indices. Without a valid split, a seeded stratified fraction of train is held out."""
+    """(train, valid) entry indices. Without a valid split, a seeded fraction of train is held out by content
+    hash; with `drop_duplicates`, rows whose content is also in another split or under another label are out."""
     labelled = y >= 0
     train = np.flatnonzero((fc.splits == selection["train_split"]) & labelled)
     valid = np.flatnonzero((fc.splits == selection["valid_split"]) & labelled)
@@ -57,29 +69,41 @@ def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.nd
         raise ValueError(f"{fc.path}: no labelled rows in split {selection['train_split']!r} "
                          f"(splits: {', '.join(sorted(set(fc.splits)))})")
     if len(valid) == 0 and selection["valid_fraction"] > 0:
-        from sklearn.model_selection import train_test_split
-
-        train, valid = train_test_split(train, test_size=selection["valid_fraction"], random_state=selection["seed"],
-                                        stratify=y[train])
-        train, valid = np.sort(train), np.sort(valid)
+        held = held_out(fc.hashes[train], selection["valid_fraction"], selection["seed"])
+        train, valid = train[~held], train[held]
+    if selection.get("drop_duplicates"):
+        cross, conflict = fc.duplicate_mask()
+        train, valid = train[~(cross | conflict)[train]], valid[~conflict[valid]]
     return train, valid
 
 
 def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
                task: str | None = None, classes_map: dict[str, str | None] | None = None,
                train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
-               log: EpochLog | None = None, **params: object) -> DenseHead:
+               drop_duplicates: bool = False, log: EpochLog | None = None, say: Callable[[str], None] | None = None,
+               **params: object) -> DenseHead:
     """Fit a head of `kind` (KINDS) on the cached `layer` features, with the estimator's `params`.
 
     Returns the fitted estimator, labels being the task's class names, with `meta_`: task, layer, the
-    features' fingerprint, the row selection, row counts and the last epoch's metrics.
+    features' fingerprint, the row selection, row counts and the last epoch's metrics. `say` receives notes
+    for the user: rows a classes map leaves out, duplicates found.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"--valid-fraction {valid_fraction}: need 0 <= fraction < 1")
+    say = say or (lambda _: None)
     fc = FeatureCache(cache, dataset)
     classes, y = task_labels(fc.classes, fc.labels, classes_map)
+    left_out = {c: int(((fc.labels == i) & (y < 0)).sum()) for i, c in enumerate(fc.classes)}
+    if any(left_out.values()):
+        say("classes map leaves out " + ", ".join(f"{c} ({n} rows)" for c, n in left_out.items() if n))
     selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
-                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map}
+                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map,
+                 "drop_duplicates": drop_duplicates}
+    note = duplicates_line(fc.summary.get("duplicates", {}))
+    if note:
+        say(note if not drop_duplicates else note.split("; `headstart")[0] + "; left out (--drop-duplicates)")
     train, valid = select_rows(fc, y, selection)
     absent = [c for i, c in enumerate(classes) if not (y[train] == i).any()]
     if absent:

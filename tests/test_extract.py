@@ -103,7 +103,8 @@ def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, random_model)
 @pytest.mark.parametrize("make,message", [
     (lambda p: p, "no such folder or .csv manifest"),
     (lambda p: (p.mkdir(), p)[1], "no image files found"),
-    (lambda p: ((p / "a" / "b").mkdir(parents=True), p)[1], "no image files found"),
+    (lambda p: ((p / "a" / "b").mkdir(parents=True), p)[1], "cannot tell the layout: a/ is read as a class folder"),
+    (lambda p: ((p / "train" / "b").mkdir(parents=True), p)[1], "no image files found"),
 ])
 def test_empty_or_mistyped_data_fails_before_any_work(tmp_path, random_model, make, message):
     data = make(tmp_path / "data")

@@ -99,12 +99,15 @@ def test_head_on_features_of_another_model_is_refused(photo_cache, tiny_model, t
 @pytest.mark.slow
 def test_valid_fraction_when_the_cache_has_no_valid_split(photo_cache, tmp_path):
     head = train_head(photo_cache, "gap", "logistic", valid_split="none", valid_fraction=0.25, seed=3)
-    assert head.meta_["rows"] == {"train": 600, "valid": 200}
+    rows = head.meta_["rows"]
+    assert rows["train"] + rows["valid"] == 800 and 170 <= rows["valid"] <= 230  # a quarter, chosen by hash
     from headstart.pipeline.train import evaluate
 
     result, y, _ = evaluate(photo_cache, head)
-    assert result["n"] == 200 and np.bincount(y).tolist() == [100, 100]  # stratified
+    assert result["n"] == rows["valid"] and min(np.bincount(y)) >= 70  # both classes held out
     assert result["accuracy"] == pytest.approx(head.meta_["metrics"]["valid_accuracy"])
+    other = train_head(photo_cache, "gap", "logistic", valid_split="none", valid_fraction=0.25, seed=4)
+    assert other.meta_["rows"] != rows  # the seed salts the choice
 
 
 def test_estimators_validate_inputs_and_learn_a_known_rule():
