@@ -146,23 +146,32 @@ class _AdamHead(DenseHead):
         sw = self._sample_weight(y)
         onehot = np.eye(k, dtype=np.float32)
         proba = np.empty((len(X), k), np.float32)  # each row's probabilities when its batch was trained on
+        inv = 1.0 / self.scale_
+        # Reused every step: allocating a pool5 batch anew costs more than computing with it.
+        raw = np.empty((self.batch_size, sizes[0]), X.dtype)
+        batch = np.empty((self.batch_size, sizes[0]), np.float32)
         step, b1, b2 = 0, 0.9, 0.999
         for epoch in range(1, self.epochs + 1):
             t0 = time.perf_counter()
             order = rng.permutation(len(X))
             for i in range(0, len(X), self.batch_size):
                 idx = np.sort(order[i:i + self.batch_size])  # sorted rows gather faster from memory
-                h = (X[idx].astype(np.float32) - self.mean_) / self.scale_
+                h = batch[:len(idx)]
+                np.take(X, idx, axis=0, out=raw[:len(idx)])
+                np.copyto(h, raw[:len(idx)], casting="unsafe")  # float16 -> float32
+                h -= self.mean_
+                h *= inv
+                z = h @ self.layers_[0][0] + self.layers_[0][1]
                 acts, masks = [h], []
-                for W, b in self.layers_[:-1]:
-                    h = np.maximum(h @ W + b, 0)
+                for W, b in self.layers_[1:]:
+                    h = np.maximum(z, 0)
                     if self.dropout:
                         mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / (1 - self.dropout)
                         h = h * mask
                         masks.append(mask)
                     acts.append(h)
-                W, b = self.layers_[-1]
-                p = softmax(h @ W + b)
+                    z = h @ W + b
+                p = softmax(z)
                 proba[idx] = p
                 yb = y[idx]
                 g = (p - onehot[yb]) * (sw[idx] / sw[idx].sum())[:, None]  # d(weighted mean CE)/d(logits)

@@ -43,28 +43,59 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), seconds: float = 10.0) -> list[dict]:
-    """ONNX body (onnxruntime, CPU) against torch eager on the same weights, images/s per batch size."""
+def cpu_features() -> str:
+    """The instruction sets that decide int8 and float32 speed on x86 CPUs, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
+    return " ".join(x for x in wanted if x in flags) or "none of " + " ".join(wanted)
+
+
+def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), seconds: float = 10.0,
+               calibrate: str | Path | None = None, calibrate_count: int = 32) -> list[dict]:
+    """The body on the CPU, images/s per batch size: float32 and int8 in onnxruntime, and torch eager on the
+    same weights where torch is installed, measured in turns in one run.
+
+    int8 is calibrated on `calibrate` photos when given, else on random pixels (speed does not depend on it).
+    """
     import onnxruntime as ort
 
     from headstart.export import build_body, load_weights
-    from headstart.export.reference import TorchVGG16
+    from headstart.export.quantize import quantize_int8
     from headstart.export.runtime import open_session
+
+    from .reader import sample_images
 
     weights = load_weights()
     model = build_body(weights, image_size, ("gap", "pool5"))
-    session = open_session(model.SerializeToString(), "cpu", quiet=True)
-    torch_model = TorchVGG16(weights, threads=os.cpu_count())
-    import torch
+    if calibrate:
+        images, hashes = sample_images(calibrate, calibrate_count, image_size)
+    else:
+        images, hashes = random_images(calibrate_count, image_size, seed=1), ["random pixels"]
+    sessions = {"float32": open_session(model.SerializeToString(), "cpu", quiet=True),
+                "int8": open_session(quantize_int8(model, images, hashes).SerializeToString(), "cpu", quiet=True)}
+    torch_model, versions = None, f"onnxruntime {ort.__version__}"
+    try:
+        import torch
 
+        from headstart.export.reference import TorchVGG16
+
+        torch_model, versions = TorchVGG16(weights, threads=os.cpu_count()), versions + f", torch {torch.__version__}"
+    except ImportError:
+        pass
     rows = []
     for bs in batches:
         x = random_images(bs, image_size)
-        onnx_ips = rate(lambda x=x: session.run(["gap", "pool5"], {"images": x}), bs, seconds)
-        torch_ips = rate(lambda x=x: torch_model(x), bs, seconds)
-        rows.append({"image_size": image_size, "batch": bs, "onnxruntime_img_s": onnx_ips,
-                     "torch_eager_img_s": torch_ips, "speedup": onnx_ips / torch_ips,
-                     "versions": f"onnxruntime {ort.__version__}, torch {torch.__version__}"})
+        row = {"image_size": image_size, "batch": bs}
+        for name, session in sessions.items():
+            row[f"{name}_img_s"] = rate(lambda x=x, s=session: s.run(["gap", "pool5"], {"images": x}), bs, seconds)
+        row["int8_speedup"] = row["int8_img_s"] / row["float32_img_s"]
+        if torch_model is not None:
+            row["torch_eager_img_s"] = rate(lambda x=x: torch_model(x), bs, seconds)
+        rows.append(row | {"versions": versions, "cpu": cpu_features()})
     return rows
 
 

@@ -15,6 +15,7 @@ import click
 
 from headstart.export.files import atomic_write
 from headstart.export.graph import DTYPES as BODY_DTYPES
+from headstart.export.quantize import QUANTIZE
 from headstart.export.runtime import DEVICES, DeviceError
 from headstart.export.vgg import DEFAULT_LAYERS, LAYERS
 from headstart.export.weights import SOURCES, WeightsError
@@ -76,14 +77,32 @@ def main() -> None:
 @click.option("--layers", default=",".join(DEFAULT_LAYERS), show_default=True,
               help=f"Comma-separated outputs: {', '.join(LAYERS)}.")
 @click.option("--dtype", type=click.Choice(BODY_DTYPES), default=BODY_DTYPES[0], show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZE), default=QUANTIZE[0], show_default=True,
+              help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
+@click.option("--calibrate", type=click.Path(exists=True, path_type=Path),
+              help="Photos (a folder or CSV manifest) that calibrate --quantize int8; unused otherwise.")
+@click.option("--calibrate-count", type=POSITIVE, default=32, show_default=True,
+              help="How many of them, spread evenly.")
 @friendly
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
-           dtype: str) -> None:
+           dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
     """Build the frozen VGG16 body as an ONNX model."""
     from headstart.export import build_body, load_weights, save
 
+    if quantize == "int8" and (calibrate is None or dtype != "float32"):
+        raise click.UsageError("--quantize int8 needs --calibrate DIR (static quantization, calibrated on real "
+                               "photos; dynamic quantization runs convolutions slower than float32) and "
+                               "--dtype float32")
     w = load_weights(weights, source, seed)
     model = build_body(w, image_size, tuple(x.strip() for x in layers.split(",") if x.strip()), dtype)
+    if quantize == "int8":
+        from headstart.export.quantize import quantize_int8
+
+        from .reader import sample_images
+
+        images, hashes = sample_images(calibrate, calibrate_count, image_size)
+        model = quantize_int8(model, images, hashes)
+        dtype = f"int8 (calibrated on {len(images)} photos of {calibrate})"
     save(model, output)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): VGG16 body, {w.source}, "
                f"{image_size}px, layers {layers}, {dtype}")
@@ -394,15 +413,18 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batches", default="1,16", show_default=True)
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
+@click.option("--calibrate", type=click.Path(exists=True, path_type=Path),
+              help="Photos that calibrate the int8 body (default: random pixels; speed does not depend on them).")
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @friendly
-def bench_body(image_size: int, batches: str, seconds: float, out: Path | None) -> None:
-    """ONNX body on the CPU against torch eager on the same weights (needs torch)."""
+def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, out: Path | None) -> None:
+    """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed."""
     from .bench import bench_body as run
 
-    rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds)
-    _report(rows, ["image_size", "batch", "onnxruntime_img_s", "torch_eager_img_s", "speedup"], out,
-            f"VGG16 body, images/s ({rows[0]['versions']})")
+    rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds, calibrate)
+    columns = ["image_size", "batch", "float32_img_s", "int8_img_s", "int8_speedup"]
+    _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), out,
+            f"VGG16 body, images/s ({rows[0]['versions']}; CPU: {rows[0]['cpu']})")
 
 
 @bench.command("extract")

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -41,3 +42,22 @@ def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_s
                 batch.append(pending.popleft().result())
                 pending.extend(pool.submit(load, x) for x in islice(items, 1))
             yield batch
+
+
+def sample_images(source: str | Path, count: int, size: int, resize: str = "squash"
+                  ) -> tuple[np.ndarray, list[str]]:
+    """Up to `count` usable images spread evenly over a dataset: (uint8 (n, size, size, 3), their sha256)."""
+    from .dataset import scan
+
+    paths = scan(source).paths
+    step = max(1, len(paths) // count)
+    picked = [(p, p) for p in paths[::step]]
+    images, hashes = [], []
+    for batch in read_batches(picked, size, resize, batch_size=16, jobs=2):
+        for _, x, digest in batch:
+            if not isinstance(x, str) and len(images) < count:
+                images.append(x)
+                hashes.append(digest)
+    if not images:
+        raise ValueError(f"{source}: no usable images to calibrate with")
+    return np.stack(images), hashes

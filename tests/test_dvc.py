@@ -81,6 +81,13 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     assert {"export", "extract", "train@digit", "train@parity"} <= ran and "data" not in ran, out
     assert " 0 reused" in out  # a new model: the persisted cache was started afresh
 
+    set_params(project, **{"model.quantize": "int8", "model.calibrate-count": 8})
+    out = dvc(project, "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"export", "extract", "train@digit"} <= ran and " 0 reused" in out, out
+    assert "int8 (calibrated on 8 photos of data/digits)" in out
+    assert json.loads((project / "metrics/digit/metrics.json").read_text())["accuracy"] > 0.8
+
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))
     shown = json.dumps(metrics)
     assert "metrics/digit/metrics.json" in shown and "accuracy" in shown
