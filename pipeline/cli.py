@@ -282,6 +282,51 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
                f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
 
 
+def _floats(text: str | None, option: str) -> list[float]:
+    try:
+        return [float(v) for v in (text or "").split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"{option} {text!r}: expected comma-separated numbers such as 1e-4,1e-3") from None
+
+
+@main.command()
+@CACHE
+@DATASET
+@click.option("--layer", "layers", default=_default(_train_head, "layer"), show_default=True,
+              help="Comma-separated cached layers.")
+@click.option("--head", "kinds", default=",".join(KINDS), show_default=True, help="Comma-separated head kinds.")
+@click.option("--l2", help="Comma-separated L2 penalties (default: each head's own).")
+@click.option("--lr", help="Comma-separated Adam learning rates (softmax, mlp).")
+@click.option("--epochs", help="Comma-separated epoch counts (softmax, mlp).")
+@click.option("--jobs", type=POSITIVE, default=1, show_default=True, help="Trials trained at once.")
+@click.option("--classes-map", default="", help="As for `headstart train`.")
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON.")
+@click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path), help="Save the best head here.")
+@friendly
+def sweep(cache: Path, dataset: str | None, layers: str, kinds: str, l2: str | None, lr: str | None,
+          epochs: str | None, jobs: int, classes_map: str, out: Path | None, save_best: Path | None) -> None:
+    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy."""
+    from headstart.heads.headfile import save_head
+
+    from .bench import table
+    from .sweep import sweep as run
+    from .train import read_classes_map
+
+    grid = {"l2": _floats(l2, "--l2"), "lr": _floats(lr, "--lr"),
+            "epochs": [int(e) for e in _floats(epochs, "--epochs")]}
+    rows, best = run(cache, [x.strip() for x in layers.split(",") if x.strip()],
+                     [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=jobs, dataset=dataset,
+                     classes_map=read_classes_map(classes_map or None))
+    shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
+    click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
+    if out:
+        with atomic_write(out) as tmp:
+            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    if save_best:
+        save_head(best, save_best)
+        click.echo(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}")
+
+
 @main.command()
 @CACHE
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)

@@ -1,0 +1,43 @@
+"""Sweeps on one cache: every combination trained as `headstart train` would, sorted by accuracy."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from conftest import generated_images
+
+from headstart.heads import load_head
+from headstart.pipeline.cache import FeatureCache
+from headstart.pipeline.cli import main
+from headstart.pipeline.extract import extract
+from headstart.pipeline.sweep import trials
+from headstart.pipeline.train import train_head
+
+
+def test_each_head_gets_only_the_parameters_it_takes():
+    plan = trials(["gap"], ["softmax", "logistic"], {"l2": [1e-3, 1e-2], "lr": [1e-3, 1e-2], "epochs": []})
+    assert len([t for t in plan if t[1] == "softmax"]) == 4
+    assert [t[2] for t in plan if t[1] == "logistic"] == [{"l2": 1e-3}, {"l2": 1e-2}]
+
+
+def test_the_sweeps_best_equals_the_same_single_train(tmp_path, random_model):
+    data = tmp_path / "d"
+    generated_images(data, 16, "train", ("a", "b", "c"))
+    generated_images(data, 6, "valid", ("a", "b", "c"), seed=1)
+    cache = tmp_path / "c.zarr"
+    extract(data, random_model, cache, progress=False)
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--layer", "gap,pool5",
+                                       "--head", "softmax,logistic", "--l2", "1e-3,1e-1", "--lr", "1e-3,1e-2",
+                                       "--json", str(tmp_path / "s.json"), "--save-best", str(tmp_path / "b.head")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "s.json").read_text())
+    assert len(rows) == 2 * (4 + 2)
+    accuracy = [r["valid_accuracy"] for r in rows]
+    assert accuracy == sorted(accuracy, reverse=True) and all(r["seconds"] > 0 for r in rows)
+    best = rows[0]
+    single = train_head(cache, best["layer"], best["head"], **best["params"])
+    assert single.meta_["metrics"]["valid_accuracy"] == best["valid_accuracy"]
+    saved = load_head(tmp_path / "b.head")
+    X = FeatureCache(cache).features(best["layer"])
+    np.testing.assert_allclose(saved.predict_proba(X), single.predict_proba(X), atol=1e-6)
+    assert "| layer | head | params | valid_accuracy" in result.output and "best:" in result.output
