@@ -6,8 +6,9 @@ Layout of CACHE/:
   status (R,) int8         1 features computed, 2 undecodable image (reason in attrs `bad`)
   features/<layer> (R, D)  pool5 and conv5_3 flattened (C, H, W), float16 by default
   datasets/<name>/         one per extracted folder or manifest: path, split, label, row per file
-  .lock                    held by the one process that writes
-  .replacing               present only while --replace empties the cache; the next writer finishes it
+Beside it, outside the Zarr hierarchy (so that plain zarr tools see nothing foreign):
+  CACHE.lock               held by the one process that writes
+  CACHE.replacing          present only while --replace empties the cache; the next writer finishes it
 
 Rows are only ever appended, by one locked writer: it writes a batch's rows, flushes them to disk, then moves
 the commit point (`rows`) in one atomic metadata write, flushed too. Readers ignore everything past the
@@ -40,7 +41,12 @@ OK, BAD = 1, 2
 CHUNK_ROWS = 256
 DTYPES = ("float16", "float32")  # storage types of the features
 INDEX_ROWS = CHUNK_ROWS * 16  # rows per chunk of `hash` and `status`
-REPLACING = ".replacing"
+
+
+def beside(path: Path, suffix: str) -> Path:
+    """A file next to the cache folder (`features.zarr.lock`), not inside its Zarr hierarchy."""
+    return path.with_name(path.name + suffix)
+
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -111,7 +117,7 @@ class FeatureCache:
 
     def __init__(self, path: str | Path, dataset: str | None = None) -> None:
         self.path = Path(path)
-        if (self.path / REPLACING).exists():
+        if beside(self.path, ".replacing").exists():
             raise CacheError(f"{self.path} is being replaced (or a replace was interrupted); rerun its extract "
                              "to finish it, then read it")
         if not (self.path / "zarr.json").is_file():
@@ -259,7 +265,7 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
     every dataset must point at committed rows only.
     """
     path = Path(path)
-    if (path / REPLACING).exists():
+    if beside(path, ".replacing").exists():
         return 0, [f"{path} is being replaced (or a replace was interrupted): rerun its extract"]
     if not (path / "zarr.json").is_file():
         raise CacheError(f"{path}: not a feature cache")
@@ -318,7 +324,7 @@ class CacheWriter:
         settings = {"fingerprint": fingerprint, "dtype": dtype,
                     "model": {k: model.get(k) for k in ("weights_source", "weights_sha256", "trained")}}
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".lock", "a+")
+        self._lock = open(beside(self.path, ".lock"), "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -338,21 +344,20 @@ class CacheWriter:
             raise
 
     def _empty(self) -> None:
-        """Remove everything but the lock. The marker goes first and leaves last: interrupted anywhere between,
-        the next writer sees it and finishes the job."""
-        marker = self.path / REPLACING
-        marker.touch()
-        _fsync(self.path)
+        """Remove everything in the folder. The marker goes first and leaves last: interrupted anywhere
+        between, the next writer sees it and finishes the job."""
+        beside(self.path, ".replacing").touch()
+        _fsync(self.path.parent)
         (self.path / "zarr.json").unlink(missing_ok=True)
         for p in self.path.iterdir():
             if p.is_dir():
                 shutil.rmtree(p)
 
     def _open(self, settings: dict) -> None:
-        ours = {".lock", REPLACING, "zarr.json", "hash", "status", "features", "datasets"}
-        if (self.path / REPLACING).exists():
+        ours = {"zarr.json", "hash", "status", "features", "datasets"}
+        if beside(self.path, ".replacing").exists():
             self._empty()  # a replace that was interrupted: finish it before anything else
-        elif not (self.path / "zarr.json").is_file() and any(p.name != ".lock" for p in self.path.iterdir()):
+        elif not (self.path / "zarr.json").is_file() and any(self.path.iterdir()):
             raise CacheError(f"{self.path}: exists, is not empty and is not a feature cache")
         self.root = zarr.open_group(str(self.path), mode="a")
         attrs = _attrs(self.root)
@@ -385,7 +390,7 @@ class CacheWriter:
             self.root.attrs.update({"headstart_cache": FORMAT, **settings, "rows": 0, "bad": {}, "datasets": {},
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": uuid.uuid4().hex})
             self._sync([])
-        (self.path / REPLACING).unlink(missing_ok=True)
+        beside(self.path, ".replacing").unlink(missing_ok=True)
         attrs = _attrs(self.root)
         self.rows = int(attrs["rows"])
         self.bad: dict[str, str] = dict(attrs["bad"])
