@@ -17,7 +17,7 @@ CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 
 
 class TorchVGG16:
-    """`__call__(images uint8 (N, S, S, 3)) -> {"conv5_3", "pool5", "gap"}` as float32 numpy arrays."""
+    """`__call__(images uint8 (N, S, S, 3)) -> {"pool4", "conv5_3", "pool5", "gap"}` as float32 numpy arrays."""
 
     def __init__(self, weights: Weights, threads: int | None = None) -> None:
         import torch
@@ -32,14 +32,15 @@ class TorchVGG16:
     def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors
         F = self.torch.nn.functional
         x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
-        i = 0
+        i, pools = 0, []
         for n_convs in CONVS_PER_BLOCK:
             for _ in range(n_convs):
                 x = F.relu(F.conv2d(x, *self.params[i], padding=1))
                 i += 1
             conv = x
             x = F.max_pool2d(x, 2)
-        return {"conv5_3": conv, "pool5": x, "gap": x.mean(dim=(2, 3))}
+            pools.append(x)
+        return {"pool4": pools[3], "conv5_3": conv, "pool5": x, "gap": x.mean(dim=(2, 3))}
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         with self.torch.inference_mode():

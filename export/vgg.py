@@ -40,8 +40,9 @@ def _stages() -> tuple[Stage, ...]:
 STAGES = _stages()
 CONVS = tuple(s for s in STAGES if s.kind == "conv")
 LAST = STAGES[-1]  # pool5
-# The outputs a body can give: any stage by name, the global average of pool5, and the classifier's fc6/fc7.
-LAYERS = ("conv5_3", "pool5", "gap", "fc6", "fc7")
+# The outputs a body can give: pool4 (the input of block 5, for training that block on cached activations),
+# conv5_3 and pool5, the global average of pool5, and the classifier's fc6/fc7.
+LAYERS = ("pool4", "conv5_3", "pool5", "gap", "fc6", "fc7")
 DEFAULT_LAYERS = ("gap", "pool5")
 
 

@@ -338,18 +338,26 @@ def sweep(cache: Path, dataset: str | None, layers: str, kinds: str, l2: str | N
 @click.option("--confusion", type=click.Path(dir_okay=False, path_type=Path),
               help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a confusion-matrix PNG here.")
+@click.option("--errors", "n_errors", type=click.IntRange(min=0), default=0,
+              help="List the N images the head gets most confidently wrong.")
+@click.option("--errors-plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw them as a contact sheet (PNG) here.")
+@click.option("--errors-csv", type=click.Path(dir_okay=False, path_type=Path), help="Write them as CSV here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @friendly
 def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | None, details: Path | None,
-             confusion: Path | None, plot: Path | None, as_json: bool) -> None:
+             confusion: Path | None, plot: Path | None, n_errors: int, errors_plot: Path | None,
+             errors_csv: Path | None, as_json: bool) -> None:
     """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix."""
     from headstart.heads.headfile import load_head
 
+    from .train import confident_errors, write_errors, write_reports
     from .train import evaluate as score
-    from .train import write_reports
 
-    result, y, pred = score(cache, load_head(head_path), split)
-    write_reports(result, y, pred, metrics, details, confusion, plot)
+    result, y, proba, paths = score(cache, load_head(head_path), split)
+    write_reports(result, y, proba.argmax(1), metrics, details, confusion, plot)
+    errors = confident_errors(y, proba, paths, list(result["per_class"]), n_errors)
+    write_errors(errors, errors_csv, errors_plot, f"{result['task']}: the {len(errors)} most confident errors")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -357,6 +365,8 @@ def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | No
                f"accuracy {result['accuracy']:.4f}, log loss {result['log_loss']:.4f}")
     for c, r in result["per_class"].items():
         click.echo(f"  {c}: precision {r['precision']:.3f} recall {r['recall']:.3f} (n={r['support']})")
+    for e in errors:
+        click.echo(f"  wrong: {e['path']}: {e['actual']} taken for {e['predicted']} (p={e['probability']:.3f})")
 
 
 @main.command()

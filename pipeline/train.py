@@ -122,8 +122,12 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
     return head
 
 
-def evaluate(cache: str | Path, head: DenseHead, split: str | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Score `head` on the rows it was validated on (or on `split`): (metrics, y, predictions) as class indices."""
+def evaluate(cache: str | Path, head: DenseHead, split: str | None = None
+             ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Score `head` on the rows it was validated on (or on `split`).
+
+    Returns (metrics, y (n,) class indices, probabilities (n, n_classes), paths (n,) of the images scored).
+    """
     meta = head.meta_
     sel = meta["selection"]
     fc = FeatureCache(cache, sel["dataset"])
@@ -144,7 +148,51 @@ def evaluate(cache: str | Path, head: DenseHead, split: str | None = None) -> tu
     result.update({"task": meta["task"], "head": type(head).__name__, "layer": layer,
                    "split": split or (sel["valid_split"] if (fc.splits == sel["valid_split"]).any() else
                                       f"held-out {sel['valid_fraction']} of {sel['train_split']}")})
-    return result, y[rows], proba.argmax(1)
+    return result, y[rows], proba, fc.paths[rows]
+
+
+def confident_errors(y: np.ndarray, proba: np.ndarray, paths: np.ndarray, classes: list[str], n: int) -> list[dict]:
+    """The `n` images the head gets most confidently wrong: path, actual, predicted, its probability."""
+    pred = proba.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
+    return [{"path": str(paths[i]), "actual": classes[y[i]], "predicted": classes[pred[i]],
+             "probability": float(proba[i, pred[i]])} for i in wrong]
+
+
+def write_errors(errors: list[dict], csv_path: Path | None, plot_path: Path | None, title: str) -> None:
+    """The confident errors as CSV rows and as a contact sheet: each image with its true and predicted class."""
+    if csv_path:
+        import csv
+
+        with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, ["path", "actual", "predicted", "probability"])
+            w.writeheader()
+            w.writerows(errors)
+    if plot_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from PIL import Image
+
+        cols = min(6, max(1, len(errors)))
+        rows = max(1, -(-len(errors) // cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows + 0.4), dpi=100, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, e in zip(axes.flat, errors, strict=False):
+            try:
+                with Image.open(e["path"]) as img:
+                    ax.imshow(img.convert("RGB"))
+            except OSError:
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+            ax.set_title(f"{e['actual']} -> {e['predicted']}\np={e['probability']:.3f}", fontsize=8)
+        fig.suptitle(title if errors else f"{title}: no errors", fontsize=9)
+        fig.tight_layout()
+        with atomic_write(plot_path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
 
 
 def write_reports(result: dict, y: np.ndarray, pred: np.ndarray, metrics_path: Path | None = None,

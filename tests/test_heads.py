@@ -103,7 +103,7 @@ def test_valid_fraction_when_the_cache_has_no_valid_split(photo_cache, tmp_path)
     assert rows["train"] + rows["valid"] == 800 and 170 <= rows["valid"] <= 230  # a quarter, chosen by hash
     from headstart.pipeline.train import evaluate
 
-    result, y, _ = evaluate(photo_cache, head)
+    result, y, _, _ = evaluate(photo_cache, head)
     assert result["n"] == rows["valid"] and min(np.bincount(y)) >= 70  # both classes held out
     assert result["accuracy"] == pytest.approx(head.meta_["metrics"]["valid_accuracy"])
     other = train_head(photo_cache, "gap", "logistic", valid_split="none", valid_fraction=0.25, seed=4)
@@ -157,3 +157,21 @@ def test_grid_search_and_a_pca_pipeline_over_a_head_on_cached_photos(photo_cache
     assert search.score(fc.features("gap", va), y_valid) >= 0.9
     pipe = make_pipeline(PCA(32, random_state=0), SoftmaxHead(epochs=30, lr=0.01)).fit(X, y)
     assert pipe.predict(fc.features("gap", va)).dtype.kind == "U" and pipe.score(fc.features("gap", va), y_valid) >= 0.9
+
+
+@pytest.mark.slow
+def test_evaluate_shows_the_most_confident_errors(photo_cache, tmp_path):
+    head = save_head(train_head(photo_cache, "gap", "softmax", epochs=5), tmp_path / "h.head")
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(photo_cache), "--head", str(head), "--errors", "4",
+                                       "--errors-plot", str(tmp_path / "e.png"),
+                                       "--errors-csv", str(tmp_path / "e.csv")])
+    assert result.exit_code == 0, result.output
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    assert len(rows) == 4 and all(r["actual"] != r["predicted"] for r in rows)
+    p = [float(r["probability"]) for r in rows]
+    assert p == sorted(p, reverse=True) and p[-1] > 0.5
+    valid = set(FeatureCache(photo_cache).paths[FeatureCache(photo_cache).select("valid")])
+    assert {r["path"] for r in rows} <= valid and result.output.count("  wrong: ") == 4
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"

@@ -109,3 +109,23 @@ def test_the_graph_follows_the_data(tmp_path):
     shapes = [[d.dim_value for d in o.type.tensor_type.shape.dim[1:]] for o in model.graph.output]
     assert shapes == [list(vgg.layer_shape("conv5_3", 64)), list(vgg.layer_shape("gap", 64))]
     assert np.prod(shapes[0]) == 512 * 4 * 4
+
+
+def test_pool4_is_an_output_and_is_cached_like_any_layer(tmp_path):
+    from conftest import generated_images
+
+    from headstart.export import build_body, open_session, save
+    from headstart.export.weights import random_weights
+    from headstart.pipeline.cache import FeatureCache
+    from headstart.pipeline.extract import extract
+
+    model = save(build_body(random_weights(0), 64, ("pool4", "gap")), tmp_path / "m.onnx")
+    generated_images(tmp_path / "d", 2)
+    extract(tmp_path / "d", model, tmp_path / "c.zarr", dtype="float32", progress=False)
+    fc = FeatureCache(tmp_path / "c.zarr")
+    pool4 = fc.features("pool4")
+    assert fc.layers == ["pool4", "gap"] and pool4.shape == (4, 512 * 4 * 4)
+    from conftest import pixels
+
+    want = open_session(model, quiet=True).run(["pool4"], {"images": pixels(fc.paths, 64)})[0]
+    np.testing.assert_allclose(pool4, want.reshape(4, -1), rtol=1e-6)
