@@ -43,11 +43,12 @@ DTYPES = ("float16", "float32")  # storage types of the features
 INDEX_ROWS = CHUNK_ROWS * 16  # rows per chunk of `hash` and `status`
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
 def beside(path: Path, suffix: str) -> Path:
     """A file next to the cache folder (`features.zarr.lock`), not inside its Zarr hierarchy."""
     return path.with_name(path.name + suffix)
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def _codecs() -> tuple:
@@ -63,10 +64,11 @@ def _fsync(path: Path) -> None:
 
 
 def chunk_files(root: Path, name: str, chunk_rows: int, start: int, stop: int, ndim: int) -> list[Path]:
-    """The files of array `name` that hold rows [start, stop) (zarr v3's default chunk keys)."""
-    tail = ("0",) * (ndim - 1)
-    return [root / name / "c" / str(i) / Path(*tail) if tail else root / name / "c" / str(i)
-            for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)] if stop > start else []
+    """The files of array `name` that hold rows [start, stop) (zarr v3's default chunk keys: c/<row chunk>/0)."""
+    if stop <= start:
+        return []
+    tail = "/0" * (ndim - 1)  # one chunk across the columns of a 2-D array
+    return [root / f"{name}/c/{i}{tail}" for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)]
 
 
 def find_duplicates(hashes: list[str | None], splits: list[str], labels: list[int], paths: list[str]) -> dict:
