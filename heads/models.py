@@ -77,10 +77,14 @@ class DenseHead(ClassifierMixin, BaseEstimator):
                 s += b.sum(0)
                 ss += (b * b).sum(0)
             mean = s / len(X)
-            std = np.sqrt(np.maximum(ss / len(X) - mean**2, 0))
-            self.mean_, self.scale_ = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+            self._set_stats(mean, np.sqrt(np.maximum(ss / len(X) - mean**2, 0)))
         else:
-            self.mean_, self.scale_ = np.zeros(d, np.float32), np.ones(d, np.float32)
+            self._set_stats(np.zeros(d), np.ones(d))
+
+    def _set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        if not self.standardize:
+            mean, std = np.zeros_like(mean), np.ones_like(std)
+        self.mean_, self.scale_ = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
     def _sample_weight(self, y_index: np.ndarray) -> np.ndarray:
         return compute_sample_weight(self.class_weight, y_index).astype(np.float32)
@@ -133,9 +137,48 @@ class _AdamHead(DenseHead):
                              f"lr > 0, batch_size >= 1, l2 >= 0; got {self.get_params()}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
+        self._train(lambda rng: _shuffled_batches(X, self.batch_size, rng), X.shape[1], y, valid, log)
+
+    def fit_blocks(self, blocks: Callable, n_features: int, y: np.ndarray, *, X_valid: np.ndarray | None = None,
+                   y_valid: np.ndarray | None = None, log: EpochLog | None = None) -> _AdamHead:
+        """Fit on features too large for memory, read block by block.
+
+        `blocks(rng)` yields (rows, X_rows): positions into y (n,) and their features (len(rows), n_features),
+        every row once per call, in an order it shuffles with `rng` (or as stored when rng is None). Each block
+        is shuffled again into minibatches; the standardization statistics come from one pass over the blocks.
+        """
+        y = np.asarray(y)
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to train a head, got {self.classes_.tolist()}")
+        self.n_features_in_ = n_features
+        valid = None
+        if X_valid is not None and len(X_valid):
+            valid = (validate_data(self, X_valid, reset=False, dtype=FLOATS), self._encode(y_valid, "validation"))
+        self._check_params()
+        s, ss, n = np.zeros(n_features), np.zeros(n_features), 0
+        for _, block in blocks(None):
+            b = block.astype(np.float64)
+            s, ss, n = s + b.sum(0), ss + (b * b).sum(0), n + len(b)
+        self._set_stats(s / n, np.sqrt(np.maximum(ss / n - (s / n) ** 2, 0)))
+        self.history_ = []
+
+        def batches(rng: np.random.Generator):
+            for rows, block in blocks(rng):
+                order = rng.permutation(len(rows))
+                for i in range(0, len(rows), self.batch_size):
+                    pick = np.sort(order[i:i + self.batch_size])
+                    yield rows[pick], block[pick]
+
+        self._train(batches, n_features, y_index, valid, log or (lambda _: None))
+        return self
+
+    def _train(self, batches: Callable, d: int, y: np.ndarray, valid, log: EpochLog) -> None:
+        """Epochs of Adam steps over `batches(rng)`: (rows into y, their raw features) per minibatch."""
         rng = np.random.default_rng(self.random_state)
         k = len(self.classes_)
-        sizes = [X.shape[1], *(int(h) for h in self.hidden), k]
+        sizes = [d, *(int(h) for h in self.hidden), k]
         self.layers_ = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
                          .astype(np.float32), np.zeros(b, np.float32))
                         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
@@ -145,20 +188,16 @@ class _AdamHead(DenseHead):
         scratch = [np.empty_like(p) for p in params]
         sw = self._sample_weight(y)
         onehot = np.eye(k, dtype=np.float32)
-        proba = np.empty((len(X), k), np.float32)  # each row's probabilities when its batch was trained on
+        proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
         inv = 1.0 / self.scale_
         # Reused every step: allocating a pool5 batch anew costs more than computing with it.
-        raw = np.empty((self.batch_size, sizes[0]), X.dtype)
-        batch = np.empty((self.batch_size, sizes[0]), np.float32)
+        batch = np.empty((self.batch_size, d), np.float32)
         step, b1, b2 = 0, 0.9, 0.999
         for epoch in range(1, self.epochs + 1):
             t0 = time.perf_counter()
-            order = rng.permutation(len(X))
-            for i in range(0, len(X), self.batch_size):
-                idx = np.sort(order[i:i + self.batch_size])  # sorted rows gather faster from memory
+            for idx, raw in batches(rng):
                 h = batch[:len(idx)]
-                np.take(X, idx, axis=0, out=raw[:len(idx)])
-                np.copyto(h, raw[:len(idx)], casting="unsafe")  # float16 -> float32
+                np.copyto(h, raw, casting="unsafe")  # float16 -> float32
                 h -= self.mean_
                 h *= inv
                 z = h @ self.layers_[0][0] + self.layers_[0][1]
@@ -201,6 +240,15 @@ class _AdamHead(DenseHead):
             ms = (time.perf_counter() - t0) * 1000
             # Running training loss and accuracy over the epoch, as Keras reports them.
             self._log(log, epoch, ms, loss_and_accuracy(y, proba), valid)
+
+
+def _shuffled_batches(X: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Minibatches of an in-memory X in a fresh random order: (rows, X[rows]), one buffer reused."""
+    order = rng.permutation(len(X))
+    raw = np.empty((batch_size, X.shape[1]), X.dtype)
+    for i in range(0, len(X), batch_size):
+        idx = np.sort(order[i:i + batch_size])  # sorted rows gather faster from memory
+        yield idx, np.take(X, idx, axis=0, out=raw[:len(idx)])
 
 
 class MLPHead(_AdamHead):

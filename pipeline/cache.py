@@ -235,6 +235,24 @@ class FeatureCache:
             raise self._damaged(e) from None
         return out
 
+    def chunk_blocks(self, layer: str, index: np.ndarray, max_rows: int) -> list[np.ndarray]:
+        """Positions into `index`, grouped so that each group reads whole chunks of `layer` and holds at most
+        about `max_rows` entries (never less than one chunk's): the blocks of a streamed read."""
+        rows = self._rows[index]
+        chunk = self.root[f"features/{layer}"].chunks[0]
+        order = np.argsort(rows, kind="stable")
+        ids = rows[order] // chunk
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        groups, current = [], []
+        for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
+            if current and sum(map(len, current)) + (b - a) > max_rows:
+                groups.append(np.concatenate(current))
+                current = []
+            current.append(order[a:b])
+        if current:
+            groups.append(np.concatenate(current))
+        return groups
+
     def iter_features(self, layer: str, index: np.ndarray | None = None, batch: int = 4096,
                       dtype: type = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(entry indices, features) in blocks of `batch` entries, for caches larger than memory."""

@@ -229,6 +229,8 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--valid-fraction", type=FRACTION, default=_default(_train_head, "valid_fraction"), show_default=True,
               help="Held out of the train split where the cache has no valid split: chosen by each image's content "
                    "hash (and --seed), so adding images never moves one between train and valid.")
+@click.option("--memory", help="Memory budget for the training features, such as 4GB or 512MiB (default: half the "
+                                "memory available); softmax and mlp heads stream larger caches in blocks.")
 @click.option("--drop-duplicates", is_flag=True,
               help="Leave out images whose bytes are also in another split, or under another label.")
 @click.option("--classes-map", default="",
@@ -239,8 +241,8 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
           lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
-          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, drop_duplicates: bool,
-          classes_map: str, task: str | None, history: Path | None) -> None:
+          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
+          drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
     import time
 
@@ -270,7 +272,8 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
     t0 = time.perf_counter()
     head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
                       train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
-                      drop_duplicates=drop_duplicates, log=log, say=click.echo, **params)
+                      drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), log=log, say=click.echo,
+                      **params)
     save_head(head, output)
     if history:
         with atomic_write(history) as tmp:
@@ -280,6 +283,22 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
                f"valid accuracy {m.get('valid_accuracy', float('nan')):.4f}, "
                f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
+
+
+def _bytes(text: str | None, option: str) -> int | None:
+    """'4GB', '512MiB', '1e9' -> bytes (units of 1000 or 1024 as written)."""
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    number = text.strip().lower().rstrip("kmgib")
+    unit = text.strip().lower()[len(number):]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        value = 0
+    if value < 1:
+        raise click.UsageError(f"{option} {text!r}: expected a size such as 4GB, 512MiB or 100000000")
+    return value
 
 
 def _floats(text: str | None, option: str) -> list[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from headstart.export.files import atomic_write
 from headstart.export.fingerprint import compatible
 from headstart.heads.metrics import metrics, plot_confusion
-from headstart.heads.models import KINDS, DenseHead, EpochLog
+from headstart.heads.models import KINDS, DenseHead, EpochLog, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache, duplicates_line
 
@@ -80,13 +81,14 @@ def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.nd
 def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
                task: str | None = None, classes_map: dict[str, str | None] | None = None,
                train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
-               drop_duplicates: bool = False, log: EpochLog | None = None, say: Callable[[str], None] | None = None,
-               **params: object) -> DenseHead:
+               drop_duplicates: bool = False, memory: int | None = None, log: EpochLog | None = None,
+               say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
     """Fit a head of `kind` (KINDS) on the cached `layer` features, with the estimator's `params`.
 
     Returns the fitted estimator, labels being the task's class names, with `meta_`: task, layer, the
     features' fingerprint, the row selection, row counts and the last epoch's metrics. `say` receives notes
-    for the user: rows a classes map leaves out, duplicates found.
+    for the user: rows a classes map leaves out, duplicates found. Where the training features exceed `memory`
+    bytes (default: half the memory available), softmax and mlp heads stream them from the cache in blocks.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
@@ -110,9 +112,24 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
         raise ValueError(f"{fc.path}: class(es) {', '.join(map(repr, absent))} have no training rows in split "
                          f"{train_split!r}; add images of them, or leave them out with a classes map")
     names = np.array(classes)
-    X_train = fc.features(layer, train, np.float16 if fc.attrs.get("dtype") == "float16" else np.float32)
+    storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32
     head = KINDS[kind](random_state=seed, **params)
-    head.fit(X_train, names[y[train]], X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
+    width = int(fc.root[f"features/{layer}"].shape[1]) if layer in fc.layers else 0
+    need, memory = len(train) * width * np.dtype(storage).itemsize, memory or available_memory() // 2
+    if need > memory:
+        if not isinstance(head, SoftmaxHead | MLPHead):
+            raise ValueError(f"the {kind} head needs its {need / 2**30:.2f} GiB of features in memory, over the "
+                             f"{memory / 2**30:.2f} GiB budget; raise --memory, or use --head softmax or mlp, "
+                             "which stream from the cache")
+        # Each block is read once as stored and once widened to float64 for the statistics; two are in flight.
+        groups = fc.chunk_blocks(layer, train, max(1, memory // (4 * width * 8)))
+        say(f"{need / 2**30:.2f} GiB of {layer} features exceed the {memory / 2**30:.2f} GiB memory budget: "
+            f"streaming them from the cache in {len(groups)} blocks of up to {max(map(len, groups))} rows")
+        head.fit_blocks(_streamed(fc, layer, train, groups, storage), width, names[y[train]],
+                        X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
+    else:
+        head.fit(fc.features(layer, train, storage), names[y[train]], X_valid=fc.features(layer, valid),
+                 y_valid=names[y[valid]], log=log)
     last = head.history_[-1]
     head.meta_ = {
         "task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint, "selection": selection,
@@ -120,6 +137,33 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
         "metrics": {k: v for k, v in last.items() if k != "epoch"},
     }
     return head
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or 4 GiB where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 4 * 2**30
+
+
+def _streamed(fc: FeatureCache, layer: str, entries: np.ndarray, groups: list[np.ndarray], dtype: type) -> Callable:
+    """`blocks(rng)` for SoftmaxHead/MLPHead.fit_blocks: the chunk-aligned `groups` of `entries`, in a shuffled
+    order, the next one read by a thread while the head trains on this one."""
+    def blocks(rng: np.random.Generator | None):
+        order = range(len(groups)) if rng is None else rng.permutation(len(groups))
+        with ThreadPoolExecutor(1) as reader:
+            pending = None
+            for g in order:
+                ahead = reader.submit(fc.features, layer, entries[groups[g]], dtype)
+                if pending is not None:
+                    yield pending
+                pending = (groups[g], ahead.result())
+            if pending is not None:
+                yield pending
+
+    return blocks
 
 
 def evaluate(cache: str | Path, head: DenseHead, split: str | None = None

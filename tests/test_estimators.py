@@ -141,3 +141,22 @@ def test_a_bug_keeps_its_traceback(two_caches, monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["train", "--cache", str(two_caches / "squash.zarr"),
                                        "-o", str(tmp_path / "h.head")])
     assert isinstance(result.exception, KeyError)  # not turned into a one-line "Error: 'missing'"
+
+
+def test_training_streams_a_cache_larger_than_the_memory_budget(two_caches, random_model, tmp_path):
+    extract(two_caches / "d", random_model, tmp_path / "c.zarr", batch_size=16, progress=False)  # 16-row chunks
+    cache = str(tmp_path / "c.zarr")
+    out = CliRunner().invoke(main, ["train", "--cache", cache, "--layer", "pool5", "--memory", "20kB",
+                                    "--epochs", "30", "--lr", "0.01", "-o", str(tmp_path / "s.head")])
+    assert out.exit_code == 0, out.output
+    assert "exceed the 0.00 GiB memory budget: streaming them from the cache in 2 blocks of up to 16 rows" \
+        in out.output  # never less than a chunk
+    streamed = load_head(tmp_path / "s.head")
+    in_memory = train_head(cache, "pool5", "softmax", epochs=30, lr=0.01)
+    np.testing.assert_allclose(streamed.mean_, in_memory.mean_, rtol=1e-4, atol=1e-4)  # one streaming pass
+    assert streamed.meta_["metrics"]["valid_accuracy"] == in_memory.meta_["metrics"]["valid_accuracy"] == 1.0
+    refused = CliRunner().invoke(main, ["train", "--cache", cache, "--layer", "pool5", "--memory", "20kB",
+                                        "--head", "logistic", "-o", str(tmp_path / "l.head")])
+    assert refused.exit_code == 1 and "raise --memory, or use --head softmax or mlp" in refused.output
+    bad = CliRunner().invoke(main, ["train", "--cache", cache, "--memory", "lots", "-o", str(tmp_path / "x.head")])
+    assert bad.exit_code == 2 and "--memory 'lots'" in bad.output

@@ -175,3 +175,14 @@ def test_evaluate_shows_the_most_confident_errors(photo_cache, tmp_path):
     valid = set(FeatureCache(photo_cache).paths[FeatureCache(photo_cache).select("valid")])
     assert {r["path"] for r in rows} <= valid and result.output.count("  wrong: ") == 4
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["softmax", "mlp"])
+def test_streamed_training_reaches_the_in_memory_accuracy(photo_cache, kind):
+    notes = []
+    streamed = train_head(photo_cache, "pool5", kind, memory=2**20, say=notes.append)
+    assert any("streaming them from the cache" in n for n in notes)
+    in_memory = train_head(photo_cache, "pool5", kind)
+    a, b = (h.meta_["metrics"]["valid_accuracy"] for h in (streamed, in_memory))
+    assert a >= 0.92 and abs(a - b) <= 0.02, (a, b)
