@@ -34,6 +34,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from headstart.export.fingerprint import IncompatibleError, compatible
 
+from . import augment
 from .dataset import display
 
 FORMAT = 2
@@ -160,6 +161,9 @@ class FeatureCache:
             self.paths = np.array(group["path"][:].tolist(), dtype=str)[keep]
             self.splits = split_names[group["split"][:][keep]].astype(str)
             self.labels = group["label"][:][keep].astype(np.int64)
+            # (N, K) rows of each entry's augmented views, -1 where a view is unusable; K = 0 without views
+            self.view_rows = group["view_row"][:][keep] if "view_row" in group else np.zeros((len(self._rows), 0),
+                                                                                               np.int64)
         except (KeyError, FileNotFoundError) as e:
             raise self._damaged(e) from None
         self.skipped: list[dict[str, str]] = list(info["skipped"])
@@ -192,6 +196,11 @@ class FeatureCache:
         return len(self._rows)
 
     @property
+    def entry_rows(self) -> np.ndarray:
+        """(N,) the cache row of each entry's plain view."""
+        return self._rows
+
+    @property
     def hashes(self) -> np.ndarray:
         """(N,) sha256 hex of each entry's image bytes."""
         self._check_chunks("hash", INDEX_ROWS, self._rows)
@@ -215,9 +224,15 @@ class FeatureCache:
 
     def features(self, layer: str, index: np.ndarray | None = None, dtype: type = np.float32) -> np.ndarray:
         """(n, D) features of `layer` for the entries `index` (all when None), in that order."""
+        return self.features_at(layer, self._rows if index is None else self._rows[index], dtype)
+
+    def features_at(self, layer: str, rows: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        """(n, D) features of `layer` in cache rows `rows` (an entry's, or one of its `view_rows`)."""
         if layer not in self.layers:
             raise CacheError(f"{self.path}: no layer {layer!r}; it holds {', '.join(self.layers)}")
-        rows = self._rows if index is None else self._rows[index]
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise CacheError(f"{self.path}: rows outside 0..{self.rows - 1} asked of {layer}")
         self._check_same()
         try:
             arr = self.root[f"features/{layer}"]
@@ -480,8 +495,11 @@ class CacheWriter:
         self.root.attrs.update({"datasets": datasets})
 
     def write_dataset(self, name: str, paths: list[str], splits: list[str], labels: list[int],
-                      classes: list[str], hashes: list[str | None], unreadable: dict[str, str], source: str) -> dict:
-        """Index a dataset's files against the rows; `hashes[i]` None for a file that could not be read."""
+                      classes: list[str], hashes: list[str | None], unreadable: dict[str, str], source: str,
+                      views: list[list[str | None]] | None = None) -> dict:
+        """Index a dataset's files against the rows; `hashes[i]` None for a file that could not be read.
+
+        `views[i]`: the row keys of file i's augmented views (None where it has none)."""
         split_names = sorted(set(splits))
         split_index = {s: i for i, s in enumerate(split_names)}
         rows = np.array([self.index[h] if h is not None else -1 for h in hashes], np.int64)
@@ -498,9 +516,19 @@ class CacheWriter:
             group.create_array(key, shape=values.shape, chunks=(max(1, min(len(values), 65536)),), dtype=dtype)
             if len(values):
                 group[key][:] = values
-        group.attrs.update({"classes": classes, "splits": split_names, "skipped": skipped, "source": source})
+        if "view_row" in group:
+            del group["view_row"]
+        k = len(views[0]) if views else 0
+        if k:
+            view_rows = np.array([[self.index[v] if v is not None and v not in self.bad else -1 for v in keys]
+                                  or [-1] * k for keys in views], np.int64)
+            group.create_array("view_row", shape=view_rows.shape, chunks=(max(1, min(len(paths), 65536)), k),
+                               dtype="int64")
+            group["view_row"][:] = view_rows
+        group.attrs.update({"classes": classes, "splits": split_names, "skipped": skipped, "source": source,
+                            "augment": {"views": k, "policy": augment.POLICY} if k else None})
         summary = {"complete": True, "images": len(paths), "skipped": len(skipped), "source": source,
-                   "classes": len(classes), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "classes": len(classes), "views": k, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "duplicates": find_duplicates(usable, splits, labels, shown)}
         datasets = _attrs(self.root)["datasets"]
         datasets[name] = summary

@@ -161,10 +161,14 @@ def info(path: Path, as_json: bool) -> None:
               help="Replace a dataset of the same --name that was extracted from another folder or manifest.")
 @click.option("--max-file-size", type=POSITIVE, default=MAX_BYTES // 2**20, show_default=True,
               help="MiB; larger files are recorded as skipped, not read.")
+@click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also cache K augmented views of each image (flip, resized crop, colour jitter), each seeded "
+                   "by its content, for `train --augmented`.")
 @DEVICE
 @friendly
 def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
-            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, device: str) -> None:
+            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, augment: int,
+            device: str) -> None:
     """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
@@ -175,7 +179,7 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
     try:
         report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
                      device=device, replace=replace, overwrite_dataset=overwrite_dataset,
-                     max_bytes=max_file_size * 2**20)
+                     max_bytes=max_file_size * 2**20, augment=augment)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
@@ -231,6 +235,8 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
                    "hash (and --seed), so adding images never moves one between train and valid.")
 @click.option("--memory", help="Memory budget for the training features, such as 4GB or 512MiB (default: half the "
                                 "memory available); softmax and mlp heads stream larger caches in blocks.")
+@click.option("--augmented", is_flag=True,
+              help="Each epoch, train on one of each image's cached views (from `extract --augment K`).")
 @click.option("--drop-duplicates", is_flag=True,
               help="Leave out images whose bytes are also in another split, or under another label.")
 @click.option("--classes-map", default="",
@@ -242,7 +248,7 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
           lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
-          drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
+          augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
     import time
 
@@ -272,8 +278,8 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
     t0 = time.perf_counter()
     head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
                       train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
-                      drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), log=log, say=click.echo,
-                      **params)
+                      drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), augmented=augmented,
+                      log=log, say=click.echo, **params)
     save_head(head, output)
     if history:
         with atomic_write(history) as tmp:

@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import augment
+
 RESIZE = ("squash", "center-crop")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, applied as a hard limit
 MAX_BYTES = 256 * 2**20  # per file; generous for photos, and a 3 GB sparse file is not read into memory
@@ -31,11 +33,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
+def decode(data: bytes, size: int, resize: str = "squash", view: dict | None = None) -> np.ndarray:
     """Decode image bytes (JPEG, PNG, WebP, BMP, GIF's first frame, ...) to uint8 RGB (size, size, 3).
 
     EXIF orientation is applied. `squash` resizes to size x size whatever the aspect ratio (as Keras does);
-    `center-crop` scales the short side to `size` and crops the middle.
+    `center-crop` scales the short side to `size` and crops the middle. `view`: an augmented view's spec
+    (pipeline.augment), applied to the full image before the resize.
     """
     if resize not in RESIZE:
         raise ValueError(f"unknown resize policy {resize!r}; use squash or center-crop")
@@ -59,6 +62,8 @@ def decode(data: bytes, size: int, resize: str = "squash") -> np.ndarray:
         raise BadImage("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"truncated or corrupt image ({str(e).strip() or type(e).__name__})") from None
+    if view is not None:
+        img = augment.apply(img, view)
     if resize == "center-crop":
         scale = size / min(img.size)
         w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
@@ -95,8 +100,8 @@ def read_and_decode(path: str, size: int, resize: str = "squash", max_bytes: int
     return decode(read_bytes(path, max_bytes), size, resize)
 
 
-def load_or_reason(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES
-                   ) -> tuple[np.ndarray | str, str | None]:
+def load_or_reason(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES,
+                   view: dict | None = None) -> tuple[np.ndarray | str, str | None]:
     """(pixels, sha256 of the bytes they came from), or (the reason the file is unusable, sha256 or None).
 
     The file is read once: the digest and the pixels describe the same bytes, even if it changes meanwhile.
@@ -107,6 +112,6 @@ def load_or_reason(path: str, size: int, resize: str = "squash", max_bytes: int 
         return str(e), None
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return decode(data, size, resize), digest
+        return decode(data, size, resize, view), digest
     except BadImage as e:
         return str(e), digest

@@ -22,6 +22,7 @@ from headstart.export.graph import read_metadata
 from headstart.export.runtime import open_session
 from headstart.export.vgg import layer_shape
 
+from .augment import view_key, view_spec
 from .cache import CacheWriter
 from .dataset import scan
 from .decode import MAX_BYTES, BadImage, read_bytes
@@ -58,13 +59,16 @@ def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
             device: str = "auto", replace: bool = False, overwrite_dataset: bool = False,
-            max_bytes: int = MAX_BYTES, progress: bool = True) -> Report:
+            max_bytes: int = MAX_BYTES, augment: int = 0, progress: bool = True) -> Report:
     """Extract the activations of every image of `data` into `cache`; only new content is computed.
 
     `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.
     `overwrite_dataset`: a dataset of the same name extracted from another source is replaced, not refused.
+    `augment`: K augmented views of each image besides its plain one (pipeline.augment), each its own row.
     """
     t0 = time.perf_counter()
+    if augment < 0:
+        raise ValueError(f"--augment {augment}: the number of views must be 0 or more")
     if batch_size < 1 or jobs < 1 or max_bytes < 1:
         raise ValueError(f"--batch-size ({batch_size}), --jobs ({jobs}) and --max-file-size ({max_bytes}) "
                          "must be at least 1")
@@ -87,26 +91,34 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                            unit="file", disable=not progress, leave=False))
         hashes = [h for h, _ in hashed]
         unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
-        todo: dict[str, str] = {}  # hash -> first path with that content, in scan order
-        for path, h in zip(ds.paths, hashes, strict=True):
-            if h is not None and h not in writer.index and h not in todo:
-                todo[h] = path
-        known = {h for h in hashes if h is not None and h in writer.index}
+        # key -> (first path with that content, view spec or None, content hash), in scan order
+        todo: dict[str, tuple[str, dict | None, str]] = {}
+        views = [[view_key(h, view_spec(h, k)) for k in range(augment)] if h else [] for h in hashes]
+        for path, h, keys in zip(ds.paths, hashes, views, strict=True):
+            if h is None:
+                continue
+            for key, spec in [(h, None), *((key, view_spec(h, k)) for k, key in enumerate(keys))]:
+                if key not in writer.index and key not in todo:
+                    todo[key] = (path, spec, h)
+        known = {k for h, keys in zip(hashes, views, strict=True) if h for k in (h, *keys) if k in writer.index}
         if todo:
             changed = _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs,
                                max_bytes)
-            for h in changed:
-                unreadable[todo[h]] = CHANGED
-            hashes = [None if h in changed and p == todo[h] else h for p, h in zip(ds.paths, hashes, strict=True)]
+            for key in changed:
+                unreadable[todo[key][0]] = CHANGED
+            lost = {todo[key][0] for key in changed}
+            hashes = [None if p in lost else h for p, h in zip(ds.paths, hashes, strict=True)]
         summary = writer.write_dataset(ds.name, ds.paths, ds.splits, ds.labels, ds.classes, hashes, unreadable,
-                                       source)
+                                       source, [[k if h else None for k in keys] for h, keys in
+                                                zip(hashes, views, strict=True)] if augment else None)
     return Report(ds.name, len(ds), len(known), len(todo), summary["skipped"], time.perf_counter() - t0,
                   summary["duplicates"], writer.sync_seconds)
 
 
-def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, str], size: int, layers: list[str],
-             batch_size: int, resize: str, device: str, progress: bool, jobs: int, max_bytes: int) -> set[str]:
-    """Compute and append the rows of `todo`; returns the hashes whose file changed since it was hashed."""
+def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]], size: int,
+             layers: list[str], batch_size: int, resize: str, device: str, progress: bool, jobs: int,
+             max_bytes: int) -> set[str]:
+    """Compute and append the rows of `todo`; returns the keys whose file changed since it was hashed."""
     session = open_session(model, device, quiet=not progress)
     bar = tqdm(total=len(todo), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
     changed: set[str] = set()
@@ -115,10 +127,11 @@ def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, str], size:
     with ThreadPoolExecutor(1) as write_pool:
         pending = None
         try:
-            for batch in read_batches(todo.items(), size, resize, batch_size, jobs, max_bytes):
+            items = ((key, path, spec) for key, (path, spec, _) in todo.items())
+            for batch in read_batches(items, size, resize, batch_size, jobs, max_bytes):
                 # A file whose bytes no longer have the hash it was listed under gets no row: its pixels
                 # belong to other content, and a row keyed by the old hash would poison later reuse.
-                moved = {h for h, _, digest in batch if digest != h}  # None: gone or unreadable now
+                moved = {h for h, _, digest in batch if digest != todo[h][2]}  # None: gone or unreadable now
                 changed |= moved
                 batch = [(h, x) for h, x, _ in batch if h not in moved]
                 bad = {h: x for h, x in batch if isinstance(x, str)}

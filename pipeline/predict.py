@@ -27,7 +27,7 @@ def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: i
     classes, fingerprint = meta["classes"], meta["fingerprint"]
     paths = scan(images).paths
     session = open_session(model, device, quiet=quiet)
-    batches = read_batches(((p, p) for p in paths), fingerprint["image_size"], fingerprint["resize"],
+    batches = read_batches(((p, p, None) for p in paths), fingerprint["image_size"], fingerprint["resize"],
                            batch_size, jobs)
     for batch in batches:
         good = [x for _, x, _ in batch if not isinstance(x, str)]

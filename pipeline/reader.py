@@ -19,10 +19,10 @@ from .decode import MAX_BYTES, load_or_reason
 K = TypeVar("K")
 
 
-def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_size: int, jobs: int,
+def read_batches(items: Iterable[tuple[K, str, dict | None]], size: int, resize: str, batch_size: int, jobs: int,
                  max_bytes: int = MAX_BYTES) -> Iterator[list[tuple[K, np.ndarray | str, str | None]]]:
     """Batches of `batch_size` (key, uint8 (size, size, 3) pixels or the reason the file is unusable, sha256 of
-    the bytes read or None), in input order.
+    the bytes read or None), in input order. Items are (key, path, augmented view spec or None).
 
     Each file is read once. `jobs` threads decode; at most 2 * batch_size + jobs decoded images are held at
     once, beside the batch the caller is working on.
@@ -31,8 +31,8 @@ def read_batches(items: Iterable[tuple[K, str]], size: int, resize: str, batch_s
         raise ValueError(f"batch size ({batch_size}) and jobs ({jobs}) must be at least 1")
     items = iter(items)
 
-    def load(item: tuple[K, str]) -> tuple[K, np.ndarray | str, str | None]:
-        return item[0], *load_or_reason(item[1], size, resize, max_bytes)
+    def load(item: tuple[K, str, dict | None]) -> tuple[K, np.ndarray | str, str | None]:
+        return item[0], *load_or_reason(item[1], size, resize, max_bytes, item[2])
 
     with ThreadPoolExecutor(jobs) as pool:
         pending = deque(pool.submit(load, x) for x in islice(items, 2 * batch_size + jobs))
@@ -51,7 +51,7 @@ def sample_images(source: str | Path, count: int, size: int, resize: str = "squa
 
     paths = scan(source).paths
     step = max(1, len(paths) // count)
-    picked = [(p, p) for p in paths[::step]]
+    picked = [(p, p, None) for p in paths[::step]]
     images, hashes = [], []
     for batch in read_batches(picked, size, resize, batch_size=16, jobs=2):
         for _, x, digest in batch:

@@ -81,7 +81,8 @@ def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.nd
 def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
                task: str | None = None, classes_map: dict[str, str | None] | None = None,
                train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
-               drop_duplicates: bool = False, memory: int | None = None, log: EpochLog | None = None,
+               drop_duplicates: bool = False, memory: int | None = None, augmented: bool = False,
+               log: EpochLog | None = None,
                say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
     """Fit a head of `kind` (KINDS) on the cached `layer` features, with the estimator's `params`.
 
@@ -89,6 +90,8 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
     features' fingerprint, the row selection, row counts and the last epoch's metrics. `say` receives notes
     for the user: rows a classes map leaves out, duplicates found. Where the training features exceed `memory`
     bytes (default: half the memory available), softmax and mlp heads stream them from the cache in blocks.
+    `augmented`: each epoch trains on one of each image's cached views (plain or augmented), drawn at random;
+    validation always uses the plain view.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
@@ -116,7 +119,15 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
     head = KINDS[kind](random_state=seed, **params)
     width = int(fc.root[f"features/{layer}"].shape[1]) if layer in fc.layers else 0
     need, memory = len(train) * width * np.dtype(storage).itemsize, memory or available_memory() // 2
-    if need > memory:
+    if augmented:
+        if fc.view_rows.shape[1] == 0:
+            raise ValueError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
+        if not isinstance(head, SoftmaxHead | MLPHead):
+            raise ValueError(f"--augmented needs a head trained by epochs (softmax or mlp), not {kind}")
+        say(f"augmented: each epoch draws one of {fc.view_rows.shape[1] + 1} cached views of every training image")
+        head.fit_blocks(_views(fc, layer, train, max(1, memory // (4 * width * 8)), storage), width,
+                        names[y[train]], X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
+    elif need > memory:
         if not isinstance(head, SoftmaxHead | MLPHead):
             raise ValueError(f"the {kind} head needs its {need / 2**30:.2f} GiB of features in memory, over the "
                              f"{memory / 2**30:.2f} GiB budget; raise --memory, or use --head softmax or mlp, "
@@ -162,6 +173,25 @@ def _streamed(fc: FeatureCache, layer: str, entries: np.ndarray, groups: list[np
                 pending = (groups[g], ahead.result())
             if pending is not None:
                 yield pending
+
+    return blocks
+
+
+def _views(fc: FeatureCache, layer: str, entries: np.ndarray, block_rows: int, dtype: type) -> Callable:
+    """`blocks(rng)` for fit_blocks: each entry's plain view when rng is None (the statistics), else a view
+    drawn at random per entry and epoch among its plain and augmented ones."""
+    plain, views = fc.entry_rows[entries], fc.view_rows[entries]
+
+    def blocks(rng: np.random.Generator | None):
+        rows, order = plain, np.arange(len(entries))
+        if rng is not None:
+            pick = rng.integers(0, views.shape[1] + 1, len(entries))  # 0: the plain view
+            drawn = views[np.arange(len(entries)), np.maximum(pick - 1, 0)]
+            rows = np.where((pick > 0) & (drawn >= 0), drawn, plain)
+            order = rng.permutation(len(entries))
+        for i in range(0, len(entries), block_rows):
+            pos = np.sort(order[i:i + block_rows])
+            yield pos, fc.features_at(layer, rows[pos], dtype)
 
     return blocks
 
