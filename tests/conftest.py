@@ -8,7 +8,11 @@ not marked slow and asks for real weights or photos fails, so the split stays tr
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +121,19 @@ def photo_cache(photo_model, tmp_path_factory) -> Path:
     link_photos(photos("valid"), data, "valid")
     extract(data, photo_model, root / "c.zarr", progress=False)
     return root / "c.zarr"
+
+
+def committed_rows(cache: Path) -> int:
+    """The commit point of a cache, read as a plain reader would, without headstart."""
+    return json.loads((cache / "zarr.json").read_text()).get("attributes", {}).get("rows", 0)
+
+
+def kill_9_after(cmd: list[str], cache: Path, rows: int) -> int:
+    """Run `cmd`, SIGKILL it once `cache` has committed at least `rows` rows; returns the commit point then."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((cache / "zarr.json").exists() and committed_rows(cache) >= rows):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return committed_rows(cache)

@@ -1,16 +1,12 @@
 """Augmented views, cached: keys from content and spec, reuse, raising K, resume after kill -9, training."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from conftest import generated_images, kill_9_after
 
 from headstart.export import open_session
 from headstart.pipeline.augment import view_key, view_spec
@@ -51,10 +47,6 @@ def test_views_are_rows_reused_by_content_and_raising_k_computes_only_new_ones(t
     np.testing.assert_array_equal(fc3.view_rows[:, :2], fc.view_rows)
 
 
-def _rows(cache):
-    return json.loads((cache / "zarr.json").read_text()).get("attributes", {}).get("rows", 0)
-
-
 def test_kill_9_while_computing_views_then_resume_equals_an_uninterrupted_run(tmp_path, random_model):
     data = tmp_path / "d"
     generated_images(data, 40)
@@ -62,13 +54,7 @@ def test_kill_9_while_computing_views_then_resume_equals_an_uninterrupted_run(tm
            "--batch-size", "4", "--jobs", "1", "--augment", "2"]
     subprocess.run([*cmd, "--cache", str(tmp_path / "whole.zarr")], check=True, capture_output=True)
     cache = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([*cmd, "--cache", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not ((cache / "zarr.json").exists() and _rows(cache) >= 100):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _rows(cache)
+    killed_at = kill_9_after([*cmd, "--cache", str(cache)], cache, 100)
     assert 100 <= killed_at < 240, "the kill must land while views are computed"
     done = subprocess.run([*cmd, "--cache", str(cache)], check=True, capture_output=True, text=True)
     assert f"{killed_at} reused, {240 - killed_at} computed" in done.stdout

@@ -1,15 +1,12 @@
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images, link_photos
+from conftest import committed_rows, generated_images, kill_9_after, link_photos
 from PIL import Image
 
 from headstart.export import build_body, open_session, save
@@ -192,10 +189,6 @@ def test_scan_layouts(tmp_path):
     assert ds.splits == ["train", "valid", "train", "valid"]
 
 
-def _rows(cache):
-    return json.loads((cache / "zarr.json").read_text()).get("attributes", {}).get("rows", 0)
-
-
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_model):
     data = tmp_path / "d"
     generated_images(data, 120)
@@ -205,13 +198,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random
     subprocess.run([*cmd, "--cache", str(whole)], check=True, capture_output=True)
 
     cache = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([*cmd, "--cache", str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not ((cache / "zarr.json").exists() and _rows(cache) >= 40):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _rows(cache)
+    killed_at = kill_9_after([*cmd, "--cache", str(cache)], cache, 40)
     assert 40 <= killed_at < 240, "the kill must land mid-run"
     with pytest.raises(CacheError, match="incomplete|no complete dataset"):
         FeatureCache(cache)  # readers do not mistake the half-written cache for a full one
@@ -245,7 +232,7 @@ def test_interrupted_run_leaves_no_partial_rows_visible(tmp_path, random_model, 
     result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache),
                                        "--batch-size", "4"])
     assert result.exit_code != 0 and "rerun the same command to resume" in result.output
-    assert _rows(cache) == 8
+    assert committed_rows(cache) == 8
     monkeypatch.setattr(cache_mod.CacheWriter, "append", original)
     report = extract(data, random_model, cache, batch_size=4, progress=False)
     assert (report.reused, report.computed) == (8, 12)
