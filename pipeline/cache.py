@@ -38,7 +38,7 @@ from . import augment
 from .dataset import display
 
 FORMAT = 2
-OK, BAD = 1, 2
+OK, BAD, VOID = 1, 2, 3  # features computed, undecodable, nothing (its file changed while being read)
 CHUNK_ROWS = 256
 DTYPES = ("float16", "float32")  # storage types of the features
 INDEX_ROWS = CHUNK_ROWS * 16  # rows per chunk of `hash` and `status`
@@ -101,6 +101,30 @@ def duplicates_line(d: dict) -> str:
     return (f"duplicates: {d['cross_split']} images in more than one split ({d['cross_split_files']} files), "
             f"{d['conflicting_labels']} under conflicting labels ({d['conflicting_files']} files); e.g. "
             + "; ".join(d["examples"][:2]) + "; `headstart train --drop-duplicates` leaves them out")
+
+
+def write_features(root: zarr.Group, path: Path, dims: dict[str, int], dtype: str, start: int, ok: np.ndarray,
+                   features: dict[str, np.ndarray] | None) -> list[Path]:
+    """Write rows [start, start + len(ok)) of every layer (zeros where not ok); returns the chunk files written.
+
+    Any process may call it for rows of chunks no other process writes; the commit stays with the writer.
+    """
+    n, files = len(ok), []
+    blocks = {}
+    for layer, d in dims.items():
+        block = np.zeros((n, d), dtype)
+        if features is not None and ok.any():
+            x = features[layer].reshape(int(ok.sum()), d)
+            if dtype == "float16" and np.abs(x).max() > FLOAT16_MAX:
+                raise CacheError(f"features of layer {layer} reach {np.abs(x).max():.4g}, beyond float16's "
+                                 f"range ({FLOAT16_MAX:g}); extract with --dtype float32")
+            block[ok] = x
+        blocks[layer] = block
+    for layer, block in blocks.items():
+        arr = root[f"features/{layer}"]
+        arr[start:start + n] = block
+        files += chunk_files(path, f"features/{layer}", arr.chunks[0], start, start + n, 2)
+    return files
 
 
 class CacheError(ValueError):
@@ -323,7 +347,7 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
             except Exception as e:  # checksum or decompression failure inside zarr
                 problems.append(f"{where}: chunk damaged ({type(e).__name__}: {str(e)[:120]})")
                 continue
-            if name == "status" and not np.isin(block, (OK, BAD)).all():
+            if name == "status" and not np.isin(block, (OK, BAD, VOID)).all():
                 problems.append(f"{where}: unknown status values")
     for name, info in attrs.get("datasets", {}).items():
         if info.get("complete"):
@@ -429,48 +453,49 @@ class CacheWriter:
         attrs = _attrs(self.root)
         self.rows = int(attrs["rows"])
         self.bad: dict[str, str] = dict(attrs["bad"])
-        hashes = self.root["hash"][: self.rows]
-        self.index = {bytes(h).hex(): i for i, h in enumerate(hashes)}
+        hashes, status = self.root["hash"][: self.rows], self.root["status"][: self.rows]
+        self.index = {bytes(h).hex(): i for i, (h, st) in enumerate(zip(hashes, status, strict=True)) if st != VOID}
 
     def append(self, hashes: list[str], features: dict[str, np.ndarray] | None, bad: dict[str, str]) -> None:
         """Write rows for `hashes` (features for those not in `bad`, in order), then commit them."""
-        n = len(hashes)
-        if n == 0:
+        if not hashes:
             return
-        start, stop = self.rows, self.rows + n
+        self.reserve(len(hashes))
+        ok = np.array([h not in bad for h in hashes])
+        files = write_features(self.root, self.path, self.dims, self.dtype, self.rows, ok, features)
+        self.commit(self.rows, hashes, ok, bad, files)
+
+    def reserve(self, n: int) -> None:
+        """Room for `n` rows past the commit point; only this process resizes (zarr loses concurrent resizes)."""
         capacity = self.root["status"].shape[0]
-        if stop > capacity:
-            grow = max(stop, capacity * 2, CHUNK_ROWS)
+        if self.rows + n > capacity:
+            grow = max(self.rows + n, capacity * 2, CHUNK_ROWS)
             for name in ["hash", "status", *(f"features/{x}" for x in self.dims)]:
                 arr = self.root[name]
                 arr.resize((grow, *arr.shape[1:]))
-        ok = np.array([h not in bad for h in hashes])
-        blocks = {}
-        for layer, d in self.dims.items():
-            block = np.zeros((n, d), self.dtype)
-            if features is not None and ok.any():
-                x = features[layer].reshape(int(ok.sum()), d)
-                if self.dtype == "float16" and np.abs(x).max() > FLOAT16_MAX:
-                    raise CacheError(f"features of layer {layer} reach {np.abs(x).max():.4g}, beyond float16's "
-                                     f"range ({FLOAT16_MAX:g}); extract with --dtype float32")
-                block[ok] = x
-            blocks[layer] = block
-        for layer, block in blocks.items():
-            self.root[f"features/{layer}"][start:stop] = block
-        self.root["hash"][start:stop] = np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes),
+
+    def commit(self, start: int, keys: list[str | None], ok: np.ndarray, bad: dict[str, str],
+               written: list[Path] = ()) -> None:
+        """Write the hash and status of rows [start, start + len(keys)), whose features are written (their chunk
+        files `written`, or already flushed), then move the commit point past them. A None key is a void row:
+        its file changed while being read, and it holds nothing."""
+        if start != self.rows:
+            raise CacheError(f"{self.path}: rows from {start} cannot commit before rows from {self.rows}")
+        n, stop = len(keys), start + len(keys)
+        self.root["hash"][start:stop] = np.frombuffer(b"".join(bytes.fromhex(k) if k else bytes(32) for k in keys),
                                                       np.uint8).reshape(n, 32)
-        self.root["status"][start:stop] = np.where(ok, OK, BAD).astype(np.int8)
+        self.root["status"][start:stop] = np.where([k is None for k in keys], VOID, np.where(ok, OK, BAD)
+                                                   ).astype(np.int8)
         # Chunks reach the disk before the commit that points at them does.
-        self._sync([*chunk_files(self.path, "hash", INDEX_ROWS, start, stop, 2),
-                    *chunk_files(self.path, "status", INDEX_ROWS, start, stop, 1),
-                    *(f for x in self.dims for f in chunk_files(self.path, f"features/{x}", self.chunk_rows,
-                                                                start, stop, 2))])
+        self._sync([*written, *chunk_files(self.path, "hash", INDEX_ROWS, start, stop, 2),
+                    *chunk_files(self.path, "status", INDEX_ROWS, start, stop, 1)])
         self.bad.update(bad)
         # The commit point: one atomic write of the group's metadata makes these rows visible.
         self.root.attrs.update({"rows": stop, "bad": self.bad, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self._sync([])
-        for i, h in enumerate(hashes):
-            self.index[h] = start + i
+        for i, k in enumerate(keys):
+            if k is not None:
+                self.index[k] = start + i
         self.rows = stop
 
     def _sync(self, files: list[Path]) -> None:
