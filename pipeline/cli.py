@@ -161,14 +161,17 @@ def info(path: Path, as_json: bool) -> None:
               help="Replace a dataset of the same --name that was extracted from another folder or manifest.")
 @click.option("--max-file-size", type=POSITIVE, default=MAX_BYTES // 2**20, show_default=True,
               help="MiB; larger files are recorded as skipped, not read.")
+@click.option("--dask", "dask_address",
+              help="Run the body on a Dask cluster: local:N (a LocalCluster of N worker processes) or the address "
+                   "of a scheduler (tcp://HOST:PORT).")
 @click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also cache K augmented views of each image (flip, resized crop, colour jitter), each seeded "
                    "by its content, for `train --augmented`.")
 @DEVICE
 @friendly
 def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
-            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, augment: int,
-            device: str) -> None:
+            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, dask_address: str | None,
+            augment: int, device: str) -> None:
     """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
@@ -176,13 +179,24 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
     """
     from .cache import duplicates_line
 
+    client = None
+    if dask_address:
+        from .distributed import client_for
+
+        client = client_for(dask_address)
     try:
         report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
-                     device=device, replace=replace, overwrite_dataset=overwrite_dataset,
-                     max_bytes=max_file_size * 2**20, augment=augment)
+                          device=device, replace=replace, overwrite_dataset=overwrite_dataset,
+                          max_bytes=max_file_size * 2**20, augment=augment, client=client)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
+    finally:
+        if client is not None:
+            cluster = client.cluster
+            client.close()
+            if cluster is not None and dask_address.startswith("local:"):
+                cluster.close()
     click.echo(report.line())
     if report.skipped:
         click.echo(f"{report.skipped} files skipped; `headstart info {cache}` lists them with the reason")

@@ -59,12 +59,13 @@ def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
             device: str = "auto", replace: bool = False, overwrite_dataset: bool = False,
-            max_bytes: int = MAX_BYTES, augment: int = 0, progress: bool = True) -> Report:
+            max_bytes: int = MAX_BYTES, augment: int = 0, client=None, progress: bool = True) -> Report:  # noqa: ANN001
     """Extract the activations of every image of `data` into `cache`; only new content is computed.
 
     `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.
     `overwrite_dataset`: a dataset of the same name extracted from another source is replaced, not refused.
     `augment`: K augmented views of each image besides its plain one (pipeline.augment), each its own row.
+    `client`: a dask.distributed Client; the body then runs on its workers (pipeline.distributed).
     """
     t0 = time.perf_counter()
     if augment < 0:
@@ -101,7 +102,11 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                 if key not in writer.index and key not in todo:
                     todo[key] = (path, spec, h)
         known = {k for h, keys in zip(hashes, views, strict=True) if h for k in (h, *keys) if k in writer.index}
-        if todo:
+        if todo and client is not None:
+            from .distributed import compute
+
+            changed = compute(client, writer, model, todo, size, resize, batch_size, device, progress, max_bytes)
+        elif todo:
             changed = _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs,
                                max_bytes)
             for key in changed:

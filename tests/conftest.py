@@ -128,12 +128,17 @@ def committed_rows(cache: Path) -> int:
     return json.loads((cache / "zarr.json").read_text()).get("attributes", {}).get("rows", 0)
 
 
-def kill_9_after(cmd: list[str], cache: Path, rows: int) -> int:
-    """Run `cmd`, SIGKILL it once `cache` has committed at least `rows` rows; returns the commit point then."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_9_after(cmd: list[str], cache: Path, rows: int, group: bool = False) -> int:
+    """Run `cmd`, SIGKILL it once `cache` has committed at least `rows` rows; returns the commit point then.
+
+    `group`: kill the whole process group (a client with its LocalCluster's workers)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=group)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not ((cache / "zarr.json").exists() and committed_rows(cache) >= rows):
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return committed_rows(cache)

@@ -1,0 +1,110 @@
+"""Extraction on a Dask cluster: the same reader -> mapper -> writer, spread over workers by chunk-aligned block.
+
+The client keeps everything that must happen in one place: it scans, hashes and decides what is new (extract),
+resizes the arrays, writes hash and status, and moves the commit point over finished blocks in row order. A
+worker decodes its block's files, runs the body (one onnxruntime session per worker process, kept), and writes
+the block's feature rows, which fill chunks no other worker touches (zarr is safe only for that), then flushes
+them. A worker killed mid-block has its block recomputed elsewhere; a killed client leaves a cache that the
+same command resumes, like a single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from .cache import CacheWriter, _fsync, write_features
+from .reader import read_batches
+
+_SESSIONS: dict = {}  # per worker process: model path -> session
+
+
+def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported lazily
+    """`local:N` starts a LocalCluster of N worker processes; anything else is a scheduler address."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--dask needs the dask extra: pip install 'headstart[dask]'") from None
+    if address.startswith("local:"):
+        try:
+            n = int(address.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--dask {address!r}: expected local:N with N >= 1 workers, or tcp://HOST:PORT")
+        return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"))
+    return Client(address)
+
+
+def blocks(start: int, n: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """[start, start + n) cut at the chunk boundaries of the features: each block fills chunks of its own."""
+    cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, start + n, chunk_rows), start + n]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, start: int, items: list[tuple],
+                  size: int, resize: str, batch_size: int, max_bytes: int, device: str) -> dict:
+    """On a worker: features of `items` (key, path, view spec, content hash) into rows start..; returns what the
+    client commits: keys (None for a file that changed since it was hashed), which rows are usable, reasons."""
+    from distributed import get_worker
+
+    from headstart.export.runtime import open_session
+
+    if model not in _SESSIONS:  # as many threads as the worker was given: workers share the machine's cores
+        _SESSIONS[model] = open_session(model, device, threads=get_worker().state.nthreads, quiet=True)
+    session, layers = _SESSIONS[model], list(dims)
+    content = {key: c for key, _, _, c in items}
+    keys, ok, bad, feats = [], [], {}, {x: [] for x in layers}
+    for batch in read_batches([(k, p, v) for k, p, v, _ in items], size, resize, batch_size, 1, max_bytes):
+        good = []
+        for key, x, digest in batch:
+            moved = digest != content[key]  # read again here: the file changed since the client hashed it
+            keys.append(None if moved else key)
+            ok.append(not moved and not isinstance(x, str))
+            if ok[-1]:
+                good.append(x)
+            elif not moved:
+                bad[key] = x
+        if good:
+            for layer, out in zip(layers, session.run(layers, {"images": np.stack(good)}), strict=True):
+                feats[layer].append(out)
+    ok = np.array(ok)
+    features = {x: np.concatenate(v) for x, v in feats.items()} if ok.any() else None
+    files = write_features(zarr.open_group(cache, mode="r+"), Path(cache), dims, dtype, start, ok, features)
+    for f in files:
+        _fsync(f)
+    return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
+
+
+def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],  # noqa: ANN001
+            size: int, resize: str, batch_size: int, device: str, progress: bool, max_bytes: int) -> set[str]:
+    """extract's _compute on a cluster: returns the keys whose file changed since it was hashed."""
+    keys = list(todo)
+    start = writer.rows
+    writer.reserve(len(keys))
+    chunk_rows = writer.root[f"features/{next(iter(writer.dims))}"].chunks[0]
+    args = (str(Path(model).resolve()), str(writer.path.resolve()), writer.dims, writer.dtype)
+    futures = [client.submit(compute_block, *args, a,
+                             [(k, *todo[k]) for k in keys[a - start:b - start]], size, resize, batch_size,
+                             max_bytes, device, pure=False, retries=3)
+               for a, b in blocks(start, len(keys), chunk_rows)]
+    from distributed import as_completed
+
+    if progress and client.dashboard_link:
+        print(f"dask dashboard: {client.dashboard_link}")
+    done, changed = {}, set()
+    with tqdm(total=len(keys), desc="extracting", unit="img", disable=not progress) as bar:
+        for future in as_completed(futures):
+            result = future.result()
+            done[result["start"]] = result
+            bar.update(len(result["keys"]))
+            # Commits go in row order: readers see a prefix of finished blocks, never a hole.
+            while writer.rows in done:
+                r = done.pop(writer.rows)
+                changed |= {k for k, kept in zip(keys[r["start"] - start:], r["keys"], strict=False) if kept is None}
+                writer.commit(r["start"], r["keys"], r["ok"], r["bad"])
+    return changed

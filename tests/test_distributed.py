@@ -1,0 +1,85 @@
+"""Extraction on a Dask LocalCluster of 2 worker processes: the same arrays as one process, through faults."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import committed_rows, generated_images, kill_9_after
+
+from headstart.pipeline.cache import FeatureCache
+from headstart.pipeline.distributed import blocks
+from headstart.pipeline.extract import extract
+
+distributed = pytest.importorskip("distributed", reason="the dask extra: pip install 'headstart[dask]'")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
+            Client(c) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, random_model):
+    root = tmp_path_factory.mktemp("dask")
+    generated_images(root / "d", 60, "train")
+    generated_images(root / "d", 20, "valid", seed=1)
+    extract(root / "d", random_model, root / "single.zarr", batch_size=16, progress=False)
+    return root
+
+
+def same(a, b):
+    a, b = FeatureCache(a), FeatureCache(b)
+    assert list(a.paths) == list(b.paths) and list(a.hashes) == list(b.hashes) and len(a) == 160
+    for layer in ("gap", "pool5"):
+        np.testing.assert_array_equal(a.features(layer), b.features(layer))
+
+
+def test_blocks_fill_chunks_of_their_own():
+    assert blocks(0, 40, 16) == [(0, 16), (16, 32), (32, 40)]
+    assert blocks(10, 30, 16) == [(10, 16), (16, 32), (32, 40)]
+
+
+def test_a_cluster_extracts_what_one_process_does(photos, random_model, cluster, tmp_path):
+    report = extract(photos / "d", random_model, tmp_path / "c.zarr", batch_size=16, client=cluster, progress=False)
+    assert (report.computed, report.reused) == (160, 0)
+    same(photos / "single.zarr", tmp_path / "c.zarr")
+    pids = {p for p in cluster.run(os.getpid).values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # the body ran in worker processes
+
+
+def test_a_worker_killed_mid_run_has_its_block_recomputed(photos, random_model, cluster, tmp_path):
+    cache = tmp_path / "c.zarr"
+    victim = next(iter(cluster.run(os.getpid).values()))
+    killer = threading.Thread(target=lambda: (_wait_rows(cache, 16), os.kill(victim, signal.SIGKILL)))
+    killer.start()
+    extract(photos / "d", random_model, cache, batch_size=16, client=cluster, progress=False)
+    killer.join()
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)
+    same(photos / "single.zarr", cache)
+
+
+def _wait_rows(cache, rows):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ((cache / "zarr.json").exists() and committed_rows(cache) >= rows):
+        time.sleep(0.005)
+
+
+def test_a_killed_client_is_resumed_by_the_same_command(photos, random_model, tmp_path):
+    cache = tmp_path / "c.zarr"
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(photos / "d"), "--model",
+           str(random_model), "--cache", str(cache), "--batch-size", "16", "--dask", "local:2"]
+    killed_at = kill_9_after(cmd, cache, 16, group=True)
+    assert 16 <= killed_at < 160, "the kill must land mid-run"
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert f"{killed_at} reused, {160 - killed_at} computed" in done.stdout
+    same(photos / "single.zarr", cache)
