@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -178,25 +179,16 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
     with columns path,label[,split].
     """
     from .cache import duplicates_line
+    from .distributed import dask_client
 
-    client = None
-    if dask_address:
-        from .distributed import client_for
-
-        client = client_for(dask_address)
     try:
-        report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize, dtype=dtype,
-                          device=device, replace=replace, overwrite_dataset=overwrite_dataset,
-                          max_bytes=max_file_size * 2**20, augment=augment, client=client)
+        with dask_client(dask_address) if dask_address else nullcontext() as client:
+            report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize,
+                              dtype=dtype, device=device, replace=replace, overwrite_dataset=overwrite_dataset,
+                              max_bytes=max_file_size * 2**20, augment=augment, client=client)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
-    finally:
-        if client is not None:
-            cluster = client.cluster
-            client.close()
-            if cluster is not None and dask_address.startswith("local:"):
-                cluster.close()
     click.echo(report.line())
     if report.skipped:
         click.echo(f"{report.skipped} files skipped; `headstart info {cache}` lists them with the reason")
@@ -436,10 +428,11 @@ def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> Non
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
 @click.option("--jobs", type=POSITIVE, default=2, show_default=True)
 @click.option("--clip", help="LO,HI: clip probabilities, as log-loss submissions (Kaggle's dogs-vs-cats) want.")
+@click.option("--dask", "dask_address", help="Predict on a Dask cluster: local:N or tcp://HOST:PORT.")
 @DEVICE
 @friendly
 def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
-            device: str) -> None:
+            dask_address: str | None, device: str) -> None:
     """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
     from headstart.heads.bundle import classifier_metadata
 
@@ -456,7 +449,13 @@ def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int,
             raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
         bounds = (lo, hi)
     classes = classifier_metadata(model)["classes"]
-    n, bad, shared = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
+    if dask_address:
+        from .distributed import dask_client, predict_on
+
+        with dask_client(dask_address) as client:
+            n, bad, shared = write_csv(predict_on(client, images, model, batch_size, device, bounds), output, classes)
+    else:
+        n, bad, shared = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
     for row in bad:
         click.echo(f"skipped {row['path']}: {row['error']}", err=True)
     for key, paths in list(shared.items())[:5]:

@@ -11,6 +11,8 @@ same command resumes, like a single-process run.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,24 @@ import zarr
 from tqdm import tqdm
 
 from .cache import CacheWriter, _fsync, write_features
+from .dataset import scan
+from .predict import classifier_metadata, predict_paths
 from .reader import read_batches
 
 _SESSIONS: dict = {}  # per worker process: model path -> session
+
+
+@contextmanager
+def dask_client(address: str) -> Iterator:
+    """A Client for `address` (see client_for), closed afterwards, with the LocalCluster it started."""
+    client = client_for(address)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster if address.startswith("local:") else None
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported lazily
@@ -50,13 +67,7 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
                   size: int, resize: str, batch_size: int, max_bytes: int, device: str) -> dict:
     """On a worker: features of `items` (key, path, view spec, content hash) into rows start..; returns what the
     client commits: keys (None for a file that changed since it was hashed), which rows are usable, reasons."""
-    from distributed import get_worker
-
-    from headstart.export.runtime import open_session
-
-    if model not in _SESSIONS:  # as many threads as the worker was given: workers share the machine's cores
-        _SESSIONS[model] = open_session(model, device, threads=get_worker().state.nthreads, quiet=True)
-    session, layers = _SESSIONS[model], list(dims)
+    session, layers = _session(model, device), list(dims)
     content = {key: c for key, _, _, c in items}
     keys, ok, bad, feats = [], [], {}, {x: [] for x in layers}
     for batch in read_batches([(k, p, v) for k, p, v, _ in items], size, resize, batch_size, 1, max_bytes):
@@ -78,6 +89,33 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
     for f in files:
         _fsync(f)
     return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
+
+
+def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
+    """The worker process's session of `model`, opened once and kept."""
+    from distributed import get_worker
+
+    from headstart.export.runtime import open_session
+
+    if model not in _SESSIONS:  # as many threads as the worker was given: workers share the machine's cores
+        _SESSIONS[model] = open_session(model, device, threads=get_worker().state.nthreads, quiet=True)
+    return _SESSIONS[model]
+
+
+def predict_on(client, images: str | Path, model: str | Path, batch_size: int = 32, device: str = "auto",  # noqa: ANN001
+               clip: tuple[float, float] | None = None, block: int = 512):
+    """predict's rows, in scan order, computed on the cluster's workers `block` files at a time."""
+    classifier_metadata(model)  # a clear error here rather than on every worker
+    paths, model = scan(images).paths, str(Path(model).resolve())
+    futures = [client.submit(_predict_block, model, paths[i:i + block], batch_size, device, clip, pure=False,
+                             retries=3) for i in range(0, len(paths), block)]
+    for future in futures:
+        yield from future.result()
+
+
+def _predict_block(model: str, paths: list[str], batch_size: int, device: str,
+                   clip: tuple[float, float] | None) -> list[dict]:
+    return list(predict_paths(paths, _session(model, device), classifier_metadata(model), batch_size, 1, clip))
 
 
 def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],  # noqa: ANN001

@@ -24,9 +24,14 @@ def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: i
     Images are decoded as the classifier's fingerprint says (its image size and resize policy).
     """
     meta = classifier_metadata(model)
-    classes, fingerprint = meta["classes"], meta["fingerprint"]
     paths = scan(images).paths
-    session = open_session(model, device, quiet=quiet)
+    yield from predict_paths(paths, open_session(model, device, quiet=quiet), meta, batch_size, jobs, clip)
+
+
+def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,  # noqa: ANN001
+                  clip: tuple[float, float] | None) -> Iterator[dict]:
+    """predict's rows for `paths`, with an open session of the classifier whose metadata is `meta`."""
+    classes, fingerprint = meta["classes"], meta["fingerprint"]
     batches = read_batches(((p, p, None) for p in paths), fingerprint["image_size"], fingerprint["resize"],
                            batch_size, jobs)
     for batch in batches:

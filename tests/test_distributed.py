@@ -83,3 +83,23 @@ def test_a_killed_client_is_resumed_by_the_same_command(photos, random_model, tm
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert f"{killed_at} reused, {160 - killed_at} computed" in done.stdout
     same(photos / "single.zarr", cache)
+
+
+def test_predict_on_a_cluster_writes_the_same_rows(photos, random_model, cluster, tmp_path):
+    from headstart.export import save
+    from headstart.heads import save_head
+    from headstart.heads.bundle import bundle_files
+    from headstart.pipeline.distributed import predict_on
+    from headstart.pipeline.predict import predict
+    from headstart.pipeline.train import train_head
+
+    head = save_head(train_head(photos / "single.zarr", "gap", "logistic"), tmp_path / "h.head")
+    model = save(bundle_files(random_model, head), tmp_path / "m.onnx")
+    (photos / "d" / "train" / "a" / "broken.jpg").write_bytes(b"")
+    try:
+        here = list(predict(photos / "d", model, quiet=True))
+        there = list(predict_on(cluster, photos / "d", model, block=50))
+    finally:
+        (photos / "d" / "train" / "a" / "broken.jpg").unlink()
+    assert len(there) == 161 and [r["path"] for r in there] == [r["path"] for r in here]
+    assert there == here and sum(bool(r["error"]) for r in there) == 1
