@@ -312,6 +312,7 @@ class FeatureCache:
                          for n, d in datasets.items()],
             "dataset": self.dataset, "classes": ", ".join(self.classes),
             "splits": ", ".join(f"{s}={n}" for s, n in zip(*np.unique(self.splits, return_counts=True), strict=True)),
+            "augmented_views": self.view_rows.shape[1],
             "duplicates": duplicates_line(self.summary.get("duplicates", {})) or "none",
             "skipped": [f"{s['path']}: {s['reason']}" for s in self.skipped],
         }
