@@ -93,3 +93,13 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     assert "metrics/digit/metrics.json" in shown and "accuracy" in shown
     dvc(project, "plots", "show", "-o", "plots")
     assert (project / "plots" / "index.html").exists()
+
+    # An experiment: a parameter changed from the command line, recorded beside the commit it started from.
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True, capture_output=True)
+    out = dvc(project, "exp", "run", "-S", "tasks.parity.l2=0.02")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@parity", "evaluate@parity"}, out
+    shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json")))
+    assert '"l2": 0.02' in shown and '"accuracy"' in shown
