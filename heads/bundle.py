@@ -17,6 +17,7 @@ from headstart.export.graph import make_model, read_metadata
 
 from .headfile import load_head
 from .models import DenseHead
+from .tuned import TunedHead, dense_nodes
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -52,7 +53,7 @@ def _prune(graph: onnx.GraphProto, keep: list[str]) -> None:
     graph.initializer.extend(inits)
 
 
-def bundle(model_path: str | Path, head: DenseHead, dtype: str | None = None) -> onnx.ModelProto:
+def bundle(model_path: str | Path, head: DenseHead | TunedHead, dtype: str | None = None) -> onnx.ModelProto:
     """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax.
 
     `head.meta_` says which layer it reads and carries the fingerprint of the features it was trained on.
@@ -74,22 +75,14 @@ def bundle(model_path: str | Path, head: DenseHead, dtype: str | None = None) ->
         raise ValueError(f"{model_path} is a float16 body; export a float32 one for a float32 bundle")
     g = model.graph
     _prune(g, [layer])
-    inits = [numpy_helper.from_array(head.mean_.astype(np.float32), "head.mean"),
-             numpy_helper.from_array(head.scale_.astype(np.float32), "head.scale")]
-    nodes = [helper.make_node("Flatten", [layer], ["head.flat"]),
-             helper.make_node("Cast", ["head.flat"], ["head.x"], to=TensorProto.FLOAT),
-             helper.make_node("Sub", ["head.x", "head.mean"], ["head.centered"]),
-             helper.make_node("Div", ["head.centered", "head.scale"], ["head.h0"])]
-    h = "head.h0"
-    for i, (W, b) in enumerate(head.layers_):
-        inits += [numpy_helper.from_array(W.astype(np.float32), f"head.W{i}"),
-                  numpy_helper.from_array(b.astype(np.float32), f"head.b{i}")]
-        nodes.append(helper.make_node("Gemm", [h, f"head.W{i}", f"head.b{i}"], [f"head.z{i}"]))
-        h = f"head.z{i}"
-        if i < len(head.layers_) - 1:
-            nodes.append(helper.make_node("Relu", [h], [f"head.a{i}"]))
-            h = f"head.a{i}"
-    nodes += [helper.make_node("Softmax", [h], ["probabilities"], axis=1),
+    if isinstance(head, TunedHead):  # block 5 of its own, on the body's pool4
+        nodes = [helper.make_node("Cast", [layer], ["head.x"], to=TensorProto.FLOAT)]
+        more, inits, h = head.onnx_nodes("head.x")
+    else:
+        nodes = [helper.make_node("Flatten", [layer], ["head.flat"]),
+                 helper.make_node("Cast", ["head.flat"], ["head.x"], to=TensorProto.FLOAT)]
+        more, inits, h = dense_nodes("head.x", head.mean_, head.scale_, head.layers_)
+    nodes += [*more, helper.make_node("Softmax", [h], ["probabilities"], axis=1),
               helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
     classes = [str(c) for c in head.classes_]
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),

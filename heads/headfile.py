@@ -16,6 +16,7 @@ import numpy as np
 from headstart.export.files import atomic_write
 
 from .models import KINDS, DenseHead
+from .tuned import POOLINGS, TunedHead
 
 FORMAT = "headstart-head/2"
 
@@ -24,12 +25,16 @@ class HeadFileError(ValueError):
     """A head file that cannot be used."""
 
 
-def save_head(head: DenseHead, path: str | Path) -> Path:
+def save_head(head: DenseHead | TunedHead, path: str | Path) -> Path:
     """Write a fitted head, atomically."""
-    kind = next(k for k, cls in KINDS.items() if type(head) is cls)
+    kind = "tuned" if isinstance(head, TunedHead) else next(k for k, cls in KINDS.items() if type(head) is cls)
     meta = {"format": FORMAT, "kind": kind, "params": head.get_params(), "classes": head.classes_.tolist(),
             "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {})}
     arrays = {"mean": head.mean_, "scale": head.scale_}
+    if isinstance(head, TunedHead):
+        meta["side"] = head.side
+        for i, (W, b) in enumerate(head.convs_, start=1):
+            arrays[f"conv5_{i}.w"], arrays[f"conv5_{i}.b"] = W, b
     for i, (W, b) in enumerate(head.layers_):
         arrays[f"W{i}"], arrays[f"b{i}"] = W, b
     with atomic_write(path) as partial, open(partial, "wb") as f:
@@ -59,14 +64,14 @@ def load_head(path: str | Path) -> DenseHead:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise bad(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
     kind, params, classes = meta.get("kind"), meta.get("params"), meta.get("classes")
-    if kind not in KINDS:
+    if kind not in KINDS and kind != "tuned":
         raise bad(f"unknown head kind {kind!r}")
     if not isinstance(params, dict) or not isinstance(meta.get("info", {}), dict):
         raise bad("params and info must be mappings")
     if "hidden" in params:
         params["hidden"] = tuple(params["hidden"])
     try:
-        head = KINDS[kind](**params)
+        head = TunedHead(**params) if kind == "tuned" else KINDS[kind](**params)
     except TypeError as e:
         raise bad(f"parameters {sorted(params)} do not fit a {kind} head ({e})") from None
     if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
@@ -76,8 +81,19 @@ def load_head(path: str | Path) -> DenseHead:
     if not isinstance(d, int) or d < 1:
         raise bad(f"n_features {d!r} is not a positive integer")
     n_layers = len(getattr(head, "hidden", ())) + 1
-    expected = {"mean": (d,), "scale": (d,)}
-    sizes = [d, *(int(h) for h in getattr(head, "hidden", ())), len(classes)]
+    expected, width = {}, d
+    if kind == "tuned":
+        side = meta.get("side")
+        if (not isinstance(side, int) or side < 2 or d != 512 * side * side or head.pooling not in POOLINGS
+                or head.unfreeze not in (1, 2, 3)):
+            raise bad(f"a tuned head needs side >= 2 with n_features 512 * side^2, pooling in {POOLINGS} and "
+                      f"unfreeze 1-3; got side {side!r}, n_features {d}, {head.get_params()}")
+        head.side = side
+        width = 512 if head.pooling == "gap" else 512 * (side // 2) ** 2
+        for i in (1, 2, 3):
+            expected[f"conv5_{i}.w"], expected[f"conv5_{i}.b"] = (512, 512, 3, 3), (512,)
+    expected |= {"mean": (width,), "scale": (width,)}
+    sizes = [width, *(int(h) for h in getattr(head, "hidden", ())), len(classes)]
     for i in range(n_layers):
         expected[f"W{i}"], expected[f"b{i}"] = (sizes[i], sizes[i + 1]), (sizes[i + 1],)
     if set(arrays) != set(expected):
@@ -89,7 +105,11 @@ def load_head(path: str | Path) -> DenseHead:
     if (arrays["scale"] <= 0).any():
         raise bad("scale has values <= 0")
     head.classes_ = np.array(classes)
-    head.n_features_in_ = d
+    if kind == "tuned":
+        head.convs_ = [(arrays[f"conv5_{i}.w"].astype(np.float32), arrays[f"conv5_{i}.b"].astype(np.float32))
+                       for i in (1, 2, 3)]
+    else:
+        head.n_features_in_ = d
     head.mean_, head.scale_ = arrays["mean"].astype(np.float32), arrays["scale"].astype(np.float32)
     head.layers_ = [(arrays[f"W{i}"].astype(np.float32), arrays[f"b{i}"].astype(np.float32))
                     for i in range(n_layers)]

@@ -21,6 +21,7 @@ from headstart.export.runtime import DEVICES, DeviceError
 from headstart.export.vgg import DEFAULT_LAYERS, FC_SIZE, LAYERS
 from headstart.export.weights import SOURCES, WeightsError
 from headstart.heads.models import KINDS
+from headstart.heads.tuned import POOLINGS
 
 from .cache import DTYPES as STORAGE_DTYPES
 from .decode import MAX_BYTES, RESIZE
@@ -275,17 +276,11 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
         raise click.UsageError(f"--head {kind} takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
     params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
-    def log(rec: dict) -> None:
-        valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}"
-                 if "valid_loss" in rec else "")
-        click.echo(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
-                   f"{valid}  {rec['ms']:.0f} ms")
-
     t0 = time.perf_counter()
     head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
                       train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
                       drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), augmented=augmented,
-                      log=log, say=click.echo, **params)
+                      log=_epoch_line, say=click.echo, **params)
     save_head(head, output)
     if history:
         with atomic_write(history) as tmp:
@@ -295,6 +290,60 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
                f"valid accuracy {m.get('valid_accuracy', float('nan')):.4f}, "
                f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
+
+
+@main.command()
+@CACHE
+@DATASET
+@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
+              help="The float32 body whose block-5 weights start the tuning (the one that made the cache).")
+@click.option("--from", "layer", type=click.Choice(["pool4"]), default="pool4", show_default=True,
+              help="The cached layer to start from.")
+@click.option("--unfreeze", type=click.IntRange(1, 3), default=1, show_default=True,
+              help="How many of block 5's last convolutions to train.")
+@click.option("--pooling", type=click.Choice(POOLINGS), default=POOLINGS[0], show_default=True,
+              help="After pool5: its global average, or all of it flattened.")
+@click.option("--head", "kind", type=click.Choice(["softmax", "mlp"]), default="softmax", show_default=True)
+@click.option("--hidden", default="256", show_default=True, help="mlp: comma-separated hidden layer sizes.")
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head.")
+@click.option("--conv-lr", type=float, default=1e-4, show_default=True,
+              help="Adam learning rate of the convolutions, lower: they start from ImageNet.")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--l2", type=float, default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--augmented", is_flag=True, help="Each epoch, one of each image's cached views.")
+@click.option("--classes-map", default="", help="As for `headstart train`.")
+@click.option("--task", help="Name of the task (default: the dataset's name).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
+@friendly
+def tune(cache: Path, dataset: str | None, model: Path, layer: str, unfreeze: int, pooling: str, kind: str,
+         hidden: str, epochs: int, lr: float, conv_lr: float, batch_size: int, l2: float, seed: int,
+         augmented: bool, classes_map: str, task: str | None, output: Path, history: Path | None) -> None:
+    """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra)."""
+    from headstart.heads.headfile import save_head
+
+    from .train import read_classes_map
+    from .tune import tune_head
+
+    sizes = tuple(int(h) for h in hidden.split(",") if h.strip()) if kind == "mlp" else ()
+    head = tune_head(cache, model, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
+                     conv_lr=conv_lr, batch_size=batch_size, l2=l2, seed=seed, augmented=augmented, dataset=dataset,
+                     task=task, classes_map=read_classes_map(classes_map or None), log=_epoch_line, say=click.echo)
+    save_head(head, output)
+    if history:
+        with atomic_write(history) as tmp:
+            tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
+    m = head.meta_["metrics"]
+    click.echo(f"{head.meta_['task']}: conv5 (last {unfreeze}) + {kind} head on {layer}: valid accuracy "
+               f"{m.get('valid_accuracy', float('nan')):.4f} -> {output}")
+
+
+def _epoch_line(rec: dict) -> None:
+    valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}" if "valid_loss" in rec else "")
+    click.echo(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
+               f"{valid}  {rec['ms']:.0f} ms")
 
 
 def _bytes(text: str | None, option: str) -> int | None:

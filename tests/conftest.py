@@ -37,6 +37,11 @@ def _hermetic_unless_slow(request):
     yield
 
 
+def allow_real_photos() -> None:
+    """For fixtures of slow tests: they are set up before the per-test gate below knows the test is slow."""
+    _slow["now"] = True
+
+
 def photos(split: str = "train", per_class: int | None = None) -> list[Path]:
     """Sorted real cat and dog photos of a split, `per_class` of each (integration tests only)."""
     if not _slow["now"]:
@@ -115,7 +120,7 @@ def photo_cache(photo_model, tmp_path_factory) -> Path:
     """Real features at 96 px of 400 training photos per class and the 200 valid photos."""
     from headstart.pipeline.extract import extract
 
-    _slow["now"] = True  # built on the first slow test's request
+    allow_real_photos()  # built on the first slow test's request
     root = tmp_path_factory.mktemp("catsdogs96")
     data = link_photos(photos("train", 400), root / "catsdogs", "train")
     link_photos(photos("valid"), data, "valid")
