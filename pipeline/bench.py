@@ -139,6 +139,9 @@ def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap",
     cached    the head trained on features the body produced once (headstart);
     frozen    the Keras way: every image decoded and pushed through the frozen body again, then the head;
     full      fine-tuning the whole network, estimated as forward + backward (about twice the forward).
+
+    With torch installed, also block 5 fine-tuned: last 1 or 3 convolutions trained on cached pool4
+    (headstart tune), beside the Keras way of fine-tuning block 5 (blocks 1-4 forward, then block 5 trained).
     """
     from headstart.export import build_body, layer_shape, load_weights
     from headstart.export.runtime import open_session
@@ -184,9 +187,62 @@ def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap",
     rows.append({"epoch": "one-off extraction (forward once)", "images": n_images, "seconds": forward,
                  "img_s": n_images / forward, "gflop_per_image": body, "speedup_of_cached": float("nan"),
                  f"s_per_epoch_at_{extrapolate}": forward / n_images * extrapolate})
+    rows += _tune_rows(n_images, image_size, batch_size, classes, pixels, head_epoch, extrapolate)
     for r in rows:
         r.update(image_size=image_size, layer=layer, device=session.get_providers()[0])
     return rows
+
+
+def _tune_rows(n_images: int, image_size: int, batch_size: int, classes: int, pixels, head_epoch: float,  # noqa: ANN001
+               extrapolate: int) -> list[dict]:
+    """Epochs of block-5 fine-tuning, from cached pool4 and the Keras way; none without torch."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    from headstart.export import build_body, load_weights
+    from headstart.export.runtime import open_session
+    from headstart.export.vgg import body_gflop, layer_shape
+    from headstart.heads.tuned import TunedHead
+
+    from .tune import to_torch
+
+    weights = load_weights()
+    to_pool4 = open_session(build_body(weights, image_size, ("pool4",)).SerializeToString(), "auto", quiet=True)
+    t0 = time.perf_counter()
+    pool4 = np.concatenate([to_pool4.run(["pool4"], {"images": pixels(i)})[0] for i in range(0, n_images, batch_size)])
+    blocks_1_4 = time.perf_counter() - t0
+    side = layer_shape("pool4", image_size)[1]
+    conv_gflop = 2 * 9 * 512 * 512 * side * side / 1e9
+    y = torch.from_numpy(np.arange(n_images) % classes)
+    rows = []
+    for unfreeze in (1, 3):
+        head = TunedHead(unfreeze)
+        head.classes_, head.side = np.arange(classes), side
+        head.convs_ = weights.convs[-3:]
+        head.mean_, head.scale_ = np.zeros(512, np.float32), np.ones(512, np.float32)
+        head.layers_ = [(np.zeros((512, classes), np.float32), np.zeros(classes, np.float32))]
+        net = to_torch(head)
+        for conv in net.convs[:3 - unfreeze]:
+            conv.requires_grad_(False)
+        optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        x = torch.from_numpy(pool4)
+        t0 = time.perf_counter()
+        for i in range(0, n_images, batch_size):
+            loss = torch.nn.functional.cross_entropy(net(x[i:i + batch_size]), y[i:i + batch_size])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        seconds = time.perf_counter() - t0
+        gflop = conv_gflop * (3 + 2 * unfreeze)  # every conv forward, the trained ones backward too
+        rows.append((f"block 5, last {unfreeze} conv{'s' if unfreeze > 1 else ''} on cached pool4 (headstart)",
+                     seconds, gflop))
+    keras_gflop = body_gflop(image_size) - 3 * conv_gflop + rows[-1][2]  # blocks 1-4 forward, then block 5
+    rows.append(("block 5 fine-tuned, Keras way (blocks 1-4 + block 5 every epoch)", blocks_1_4 + rows[-1][1],
+                 keras_gflop))
+    return [{"epoch": name, "images": n_images, "seconds": sec, "img_s": n_images / sec, "gflop_per_image": g,
+             "speedup_of_cached": sec / head_epoch, f"s_per_epoch_at_{extrapolate}": sec / n_images * extrapolate}
+            for name, sec, g in rows]
 
 
 def plot_epochs(rows: list[dict], path: str | Path) -> None:
@@ -197,10 +253,11 @@ def plot_epochs(rows: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     key = next(k for k in rows[0] if k.startswith("s_per_epoch_at_"))
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)), dpi=100)
     names = [r["epoch"] for r in rows]
     values = [r[key] for r in rows]
-    bars = ax.barh(names[::-1], values[::-1], color=["#888", "#c44", "#d84", "#2a6"][: len(rows)])
+    palette = ["#888", "#c44", "#d84", "#2a6", "#68c", "#46a", "#a4a"]
+    bars = ax.barh(names[::-1], values[::-1], color=palette[: len(rows)][::-1])
     ax.set_xscale("log")
     ax.set_xlabel(f"seconds per epoch of {key.rsplit('_', 1)[1]} images (log scale)")
     for bar, v in zip(bars, values[::-1], strict=True):

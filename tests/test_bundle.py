@@ -104,7 +104,9 @@ def test_bench_epochs_measures_three_ways(tmp_path):
                                        "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
-    cached, frozen, full, once = rows
+    cached, frozen, full, once, tune1, tune3, keras5 = rows
+    assert "last 1 conv on cached pool4" in tune1["epoch"] and "Keras way" in keras5["epoch"]
+    assert keras5["seconds"] > tune3["seconds"] > 0 and keras5["gflop_per_image"] > tune3["gflop_per_image"]
     assert frozen["seconds"] > cached["seconds"] and full["seconds"] > frozen["seconds"]
     assert frozen["gflop_per_image"] == pytest.approx(30.7 * (32 / 224) ** 2, rel=0.01)
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
