@@ -263,7 +263,7 @@ def plot_epochs(rows: list[dict], path: str | Path) -> None:
     for bar, v in zip(bars, values[::-1], strict=True):
         ax.text(v, bar.get_y() + bar.get_height() / 2, f" {v:,.2f} s", va="center", fontsize=8)
     r = rows[0]
-    ax.set_title(f"VGG16 {r['image_size']} px, head on {r['layer']}, {r['device']}: {machine()}", fontsize=8)
+    ax.set_title(f"VGG16 {r['image_size']} px, head on {r['layer']}, {r['device']}\n{machine()}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
