@@ -136,8 +136,14 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
                     for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     net = to_torch(head).to(device)
 
-    def pool4(rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(fc.features_at(LAYER, rows).reshape(-1, 512, side, side)).to(device)
+    storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32
+
+    def load(rows: np.ndarray) -> np.ndarray:
+        """pool4 of `rows`, read in one pass (each chunk once), kept as stored: (n, 512, s, s)."""
+        return fc.features_at(LAYER, rows, storage).reshape(-1, 512, side, side)
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x.astype(np.float32)).to(device)
 
     def pooled(x: torch.Tensor) -> torch.Tensor:  # the head's input, before standardization
         for conv in net.convs:
@@ -146,8 +152,9 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
         return x.mean(dim=(2, 3)) if pooling == "gap" else x.flatten(1)
 
     # Standardize the head's input as it is at the start, from the ImageNet (or control) convolutions.
+    X_plain, X_valid = load(fc.entry_rows[train]), load(fc.entry_rows[valid])
     with torch.no_grad():
-        z = torch.cat([pooled(pool4(fc.entry_rows[train[i:i + 256]])) for i in range(0, len(train), 256)])
+        z = torch.cat([pooled(tensor(X_plain[i:i + 256])) for i in range(0, len(train), 256)])
         net.mean.copy_(z.mean(0))
         net.scale.copy_(torch.where(z.std(0) > 1e-6, z.std(0), torch.ones_like(z.std(0))))
     for conv in net.convs[:3 - unfreeze]:
@@ -163,16 +170,16 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         net.train()
-        rows = fc.entry_rows[train]
-        if augmented:
+        X = X_plain
+        if augmented:  # this epoch's view of every image, read in one pass
             pick = rng.integers(0, views.shape[1] + 1, len(train))
             drawn = views[np.arange(len(train)), np.maximum(pick - 1, 0)]
-            rows = np.where((pick > 0) & (drawn >= 0), drawn, rows)
+            X = load(np.where((pick > 0) & (drawn >= 0), drawn, fc.entry_rows[train]))
         order = rng.permutation(len(train))
         proba = np.empty((len(train), len(classes)), np.float32)
         for i in range(0, len(train), batch_size):
             idx = np.sort(order[i:i + batch_size])
-            logits = net(pool4(rows[idx]))
+            logits = net(tensor(X[idx]))
             loss = torch.nn.functional.cross_entropy(logits, y_train[idx])
             loss = loss + 0.5 * l2 * sum((d.weight ** 2).sum() for d in net.dense)
             optimizer.zero_grad()
@@ -181,7 +188,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
             proba[idx] = torch.softmax(logits.detach(), 1).cpu().numpy()
         net.eval()
         with torch.no_grad():
-            p_valid = np.concatenate([torch.softmax(net(pool4(fc.entry_rows[valid[i:i + 256]])), 1).cpu().numpy()
+            p_valid = np.concatenate([torch.softmax(net(tensor(X_valid[i:i + 256])), 1).cpu().numpy()
                                       for i in range(0, len(valid), 256)]) if len(valid) else None
         rec = {"epoch": epoch, "ms": round((time.perf_counter() - t0) * 1000, 2)}
         rec["train_loss"], rec["train_accuracy"] = loss_and_accuracy(y[train], proba)
