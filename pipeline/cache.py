@@ -224,6 +224,13 @@ class FeatureCache:
         """(N,) the cache row of each entry's plain view."""
         return self._rows
 
+    def draw_views(self, index: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One cache row per entry of `index`: its plain view or one of its augmented views, drawn evenly."""
+        views = self.view_rows[index]
+        pick = rng.integers(0, views.shape[1] + 1, len(index))  # 0: the plain view
+        drawn = views[np.arange(len(index)), np.maximum(pick - 1, 0)] if views.shape[1] else self._rows[index]
+        return np.where((pick > 0) & (drawn >= 0), drawn, self._rows[index])
+
     @property
     def hashes(self) -> np.ndarray:
         """(N,) sha256 hex of each entry's image bytes."""

@@ -180,15 +180,10 @@ def _streamed(fc: FeatureCache, layer: str, entries: np.ndarray, groups: list[np
 def _views(fc: FeatureCache, layer: str, entries: np.ndarray, block_rows: int, dtype: type) -> Callable:
     """`blocks(rng)` for fit_blocks: each entry's plain view when rng is None (the statistics), else a view
     drawn at random per entry and epoch among its plain and augmented ones."""
-    plain, views = fc.entry_rows[entries], fc.view_rows[entries]
-
     def blocks(rng: np.random.Generator | None):
-        rows, order = plain, np.arange(len(entries))
+        rows, order = fc.entry_rows[entries], np.arange(len(entries))
         if rng is not None:
-            pick = rng.integers(0, views.shape[1] + 1, len(entries))  # 0: the plain view
-            drawn = views[np.arange(len(entries)), np.maximum(pick - 1, 0)]
-            rows = np.where((pick > 0) & (drawn >= 0), drawn, plain)
-            order = rng.permutation(len(entries))
+            rows, order = fc.draw_views(entries, rng), rng.permutation(len(entries))
         for i in range(0, len(entries), block_rows):
             pos = np.sort(order[i:i + block_rows])
             yield pos, fc.features_at(layer, rows[pos], dtype)

@@ -162,8 +162,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
     optimizer = torch.optim.Adam([{"params": [p for c in net.convs[3 - unfreeze:] for p in c.parameters()],
                                    "lr": conv_lr}, {"params": net.dense.parameters(), "lr": lr}])
     y_train, y_valid = torch.from_numpy(y[train]).to(device), y[valid]
-    views = fc.view_rows[train] if augmented else np.zeros((len(train), 0), np.int64)
-    if augmented and views.shape[1] == 0:
+    if augmented and fc.view_rows.shape[1] == 0:
         raise ValueError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
     say(f"tuning conv5_{4 - unfreeze}..conv5_3 on cached {LAYER} ({len(train)} train rows, {device})")
     head.history_ = []
@@ -172,9 +171,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
         net.train()
         X = X_plain
         if augmented:  # this epoch's view of every image, read in one pass
-            pick = rng.integers(0, views.shape[1] + 1, len(train))
-            drawn = views[np.arange(len(train)), np.maximum(pick - 1, 0)]
-            X = load(np.where((pick > 0) & (drawn >= 0), drawn, fc.entry_rows[train]))
+            X = load(fc.draw_views(train, rng))
         order = rng.permutation(len(train))
         proba = np.empty((len(train), len(classes)), np.float32)
         for i in range(0, len(train), batch_size):
