@@ -7,8 +7,10 @@ Layout of CACHE/:
   features/<layer> (R, D)  pool5 and conv5_3 flattened (C, H, W), float16 by default
   datasets/<name>/         one per extracted folder or manifest: path, split, label, row per file
 Beside it, outside the Zarr hierarchy (so that plain zarr tools see nothing foreign):
-  CACHE.lock               held by the one process that writes
+  CACHE.lock               held by the one process that writes (a flock, or a lease object in an object store)
   CACHE.replacing          present only while --replace empties the cache; the next writer finishes it
+
+CACHE is a local folder or an fsspec URL (s3://bucket/features.zarr, memory://, file://): see pipeline.storage.
 
 Rows are only ever appended, by one locked writer: it writes a batch's rows, flushes them to disk, then moves
 the commit point (`rows`) in one atomic metadata write, flushed too. Readers ignore everything past the
@@ -19,10 +21,8 @@ chunk is an error when read, never zeros, and `verify()` checks every committed 
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
+import posixpath
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +36,7 @@ from headstart.export.fingerprint import IncompatibleError, compatible
 
 from . import augment
 from .dataset import display
+from .storage import BusyError, Folder
 
 FORMAT = 2
 OK, BAD, VOID = 1, 2, 3  # features computed, undecodable, nothing (its file changed while being read)
@@ -47,29 +48,25 @@ INDEX_ROWS = CHUNK_ROWS * 16  # rows per chunk of `hash` and `status`
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def beside(path: Path, suffix: str) -> Path:
-    """A file next to the cache folder (`features.zarr.lock`), not inside its Zarr hierarchy."""
-    return path.with_name(path.name + suffix)
-
-
 def _codecs() -> tuple:
     return ZstdCodec(), Crc32cCodec()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def chunk_files(root: Path, name: str, chunk_rows: int, start: int, stop: int, ndim: int) -> list[Path]:
-    """The files of array `name` that hold rows [start, stop) (zarr v3's default chunk keys: c/<row chunk>/0)."""
+def chunk_files(name: str, chunk_rows: int, start: int, stop: int, ndim: int) -> list[str]:
+    """The files of array `name` that hold rows [start, stop) (zarr v3's default chunk keys: c/<row chunk>/0),
+    relative to the cache."""
     if stop <= start:
         return []
     tail = "/0" * (ndim - 1)  # one chunk across the columns of a 2-D array
-    return [root / f"{name}/c/{i}{tail}" for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)]
+    return [f"{name}/c/{i}{tail}" for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)]
+
+
+def missing(folder: Folder, files: list[str]) -> list[str]:
+    """Which of `files` (of one array) are absent: one listing of the array, not a request per chunk."""
+    if not folder.remote:
+        return [f for f in files if not folder.is_file(f)]
+    present = folder.names(posixpath.commonpath(files).rsplit("/c", 1)[0] + "/c") if files else set()
+    return [f for f in files if f not in present]
 
 
 def find_duplicates(hashes: list[str | None], splits: list[str], labels: list[int], paths: list[str]) -> dict:
@@ -103,8 +100,8 @@ def duplicates_line(d: dict) -> str:
             + "; ".join(d["examples"][:2]) + "; `headstart train --drop-duplicates` leaves them out")
 
 
-def write_features(root: zarr.Group, path: Path, dims: dict[str, int], dtype: str, start: int, ok: np.ndarray,
-                   features: dict[str, np.ndarray] | None) -> list[Path]:
+def write_features(root: zarr.Group, dims: dict[str, int], dtype: str, start: int, ok: np.ndarray,
+                   features: dict[str, np.ndarray] | None) -> list[str]:
     """Write rows [start, start + len(ok)) of every layer (zeros where not ok); returns the chunk files written.
 
     Any process may call it for rows of chunks no other process writes; the commit stays with the writer.
@@ -123,7 +120,7 @@ def write_features(root: zarr.Group, path: Path, dims: dict[str, int], dtype: st
     for layer, block in blocks.items():
         arr = root[f"features/{layer}"]
         arr[start:start + n] = block
-        files += chunk_files(path, f"features/{layer}", arr.chunks[0], start, start + n, 2)
+        files += chunk_files(f"features/{layer}", arr.chunks[0], start, start + n, 2)
     return files
 
 
@@ -143,14 +140,16 @@ class FeatureCache:
     """
 
     def __init__(self, path: str | Path, dataset: str | None = None) -> None:
-        self.path = Path(path)
-        if beside(self.path, ".replacing").exists():
+        self.folder = Folder(path)
+        self.path = self.folder.text
+        self._present: set[str] = set()  # chunks seen: committed chunks do not go away
+        if self.folder.flag(".replacing"):
             raise CacheError(f"{self.path} is being replaced (or a replace was interrupted); rerun its extract "
                              "to finish it, then read it")
-        if not (self.path / "zarr.json").is_file():
+        if not self.folder.is_file("zarr.json"):
             raise CacheError(f"{self.path}: not a feature cache; create it with `headstart extract DATA --cache "
                              f"{self.path}`")
-        self.root = zarr.open_group(str(self.path), mode="r")
+        self.root = zarr.open_group(self.folder.zarr_path, mode="r")
         self.attrs = _attrs(self.root)
         if self.attrs.get("headstart_cache") != FORMAT:
             raise CacheError(f"{self.path}: not a headstart feature cache (format {FORMAT})")
@@ -196,7 +195,7 @@ class FeatureCache:
     def _check_same(self) -> None:
         """A cache replaced since it was opened reuses row numbers for other features: refuse to mix them."""
         try:
-            now = json.loads((self.path / "zarr.json").read_text())["attributes"].get("generation")
+            now = json.loads(self.folder.read_text("zarr.json"))["attributes"].get("generation")
         except (OSError, ValueError, KeyError):
             now = None
         if now != self.attrs.get("generation"):
@@ -209,12 +208,14 @@ class FeatureCache:
     def _check_chunks(self, name: str, chunk_rows: int, rows: np.ndarray) -> None:
         """Zarr reads a missing chunk as its fill value: zeros that would pass for features. Refuse instead."""
         ndim = 1 if name == "status" else 2
-        for i in np.unique(rows // chunk_rows):
-            f = chunk_files(self.path, name, chunk_rows, int(i) * chunk_rows, int(i) * chunk_rows + 1, ndim)[0]
-            if not f.is_file():
-                raise CacheError(f"{self.path}: chunk {f.relative_to(self.path)} (rows {i * chunk_rows}-"
-                                 f"{(i + 1) * chunk_rows - 1}) is missing; run `headstart verify {self.path}`, "
-                                 "then extract again into a new cache")
+        files = {chunk_files(name, chunk_rows, int(i) * chunk_rows, int(i) * chunk_rows + 1, ndim)[0]: int(i)
+                 for i in np.unique(rows // chunk_rows)}
+        absent = missing(self.folder, [f for f in files if f not in self._present])
+        if absent:
+            i = files[absent[0]]
+            raise CacheError(f"{self.path}: chunk {absent[0]} (rows {i * chunk_rows}-{(i + 1) * chunk_rows - 1}) "
+                             f"is missing; run `headstart verify {self.path}`, then extract again into a new cache")
+        self._present |= files.keys()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -331,12 +332,12 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
     Every chunk under the commit point must exist, pass its checksum and decompress; statuses must be known;
     every dataset must point at committed rows only.
     """
-    path = Path(path)
-    if beside(path, ".replacing").exists():
+    folder = Folder(path)
+    if folder.flag(".replacing"):
         return 0, [f"{path} is being replaced (or a replace was interrupted): rerun its extract"]
-    if not (path / "zarr.json").is_file():
+    if not folder.is_file("zarr.json"):
         raise CacheError(f"{path}: not a feature cache")
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(folder.zarr_path, mode="r")
     attrs = _attrs(root)
     if attrs.get("headstart_cache") != FORMAT:
         raise CacheError(f"{path}: not a headstart feature cache (format {FORMAT})")
@@ -344,10 +345,11 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
     for name in ["hash", "status", *(f"features/{x}" for x in attrs["fingerprint"]["layers"])]:
         arr = root[name]
         step = arr.chunks[0]
+        absent = set(missing(folder, chunk_files(name, step, 0, rows, arr.ndim)))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             where = f"{name} rows {start}-{stop - 1}"
-            if not chunk_files(path, name, step, start, start + 1, arr.ndim)[0].is_file():
+            if chunk_files(name, step, start, start + 1, arr.ndim)[0] in absent:
                 problems.append(f"{where}: chunk missing")
                 continue
             try:
@@ -367,7 +369,7 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
 
 def describe(path: str | Path) -> dict:
     """What `headstart info CACHE` prints, for its first complete dataset (FeatureCache's error where none is)."""
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(Folder(path).zarr_path, mode="r")
     names = [n for n, d in _attrs(root).get("datasets", {}).items() if d.get("complete")]
     return FeatureCache(path, names[0] if names else None).describe()
 
@@ -381,7 +383,8 @@ class CacheWriter:
         `dims`: features per image of each layer; `dtype`: their storage type."""
         if dtype not in DTYPES:
             raise ValueError(f"storage dtype {dtype!r}: use {' or '.join(DTYPES)}")
-        self.path = Path(path)
+        self.folder = Folder(path)
+        self.path = self.folder.text
         # Rows per feature chunk, fixed when the cache is created: batch-sized chunks are written whole.
         self.chunk_rows = max(16, min(chunk_rows, 4096))
         self.replace = replace
@@ -390,20 +393,12 @@ class CacheWriter:
         self.sync_seconds = 0.0  # time spent flushing to disk, for the README's measured cost
         settings = {"fingerprint": fingerprint, "dtype": dtype,
                     "model": {k: model.get(k) for k in ("weights_source", "weights_sha256", "trained")}}
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(beside(self.path, ".lock"), "a+")
+        self.folder.make()
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise CacheError(f"{self.path} is being written by {holder}; wait for it to finish, "
+            self._lock = self.folder.lock()
+        except BusyError as e:
+            raise CacheError(f"{self.path} is being written by {e}; wait for it to finish, "
                              "or extract into another cache") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        self._lock.flush()
         try:
             self._open(settings)
         except BaseException:
@@ -413,20 +408,18 @@ class CacheWriter:
     def _empty(self) -> None:
         """Remove everything in the folder. The marker goes first and leaves last: interrupted anywhere
         between, the next writer sees it and finishes the job."""
-        beside(self.path, ".replacing").touch()
-        _fsync(self.path.parent)
-        (self.path / "zarr.json").unlink(missing_ok=True)
-        for p in self.path.iterdir():
-            if p.is_dir():
-                shutil.rmtree(p)
+        self.folder.set_flag(".replacing", True)
+        self.folder.remove("zarr.json")
+        for name in self.folder.entries():
+            self.folder.remove(name)
 
     def _open(self, settings: dict) -> None:
         ours = {"zarr.json", "hash", "status", "features", "datasets"}
-        if beside(self.path, ".replacing").exists():
+        if self.folder.flag(".replacing"):
             self._empty()  # a replace that was interrupted: finish it before anything else
-        elif not (self.path / "zarr.json").is_file() and any(self.path.iterdir()):
+        elif not self.folder.is_file("zarr.json") and self.folder.entries():
             raise CacheError(f"{self.path}: exists, is not empty and is not a feature cache")
-        self.root = zarr.open_group(str(self.path), mode="a")
+        self.root = zarr.open_group(self.folder.zarr_path, mode="a")
         attrs = _attrs(self.root)
         if "headstart_cache" in attrs:
             if attrs["headstart_cache"] != FORMAT:
@@ -442,7 +435,7 @@ class CacheWriter:
                     raise CacheError(str(e)) from None
                 self._empty()
                 return self._open(settings)
-        elif attrs or any(p.name not in ours for p in self.path.iterdir()):
+        elif attrs or any(name not in ours for name in self.folder.entries()):
             raise CacheError(f"{self.path}: a Zarr store that is not a headstart feature cache")
         else:
             # New, or a creation that was killed before its marker was written: (re)make the arrays, then
@@ -457,8 +450,9 @@ class CacheWriter:
             self.root.attrs.update({"headstart_cache": FORMAT, **settings, "rows": 0, "bad": {}, "datasets": {},
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "generation": uuid.uuid4().hex})
             self._sync([])
-        beside(self.path, ".replacing").unlink(missing_ok=True)
+        self.folder.set_flag(".replacing", False)
         attrs = _attrs(self.root)
+        self.generation = attrs["generation"]
         self.rows = int(attrs["rows"])
         self.bad: dict[str, str] = dict(attrs["bad"])
         hashes, status = self.root["hash"][: self.rows], self.root["status"][: self.rows]
@@ -470,7 +464,7 @@ class CacheWriter:
             return
         self.reserve(len(hashes))
         ok = np.array([h not in bad for h in hashes])
-        files = write_features(self.root, self.path, self.dims, self.dtype, self.rows, ok, features)
+        files = write_features(self.root, self.dims, self.dtype, self.rows, ok, features)
         self.commit(self.rows, hashes, ok, bad, files)
 
     def reserve(self, n: int) -> None:
@@ -483,20 +477,21 @@ class CacheWriter:
                 arr.resize((grow, *arr.shape[1:]))
 
     def commit(self, start: int, keys: list[str | None], ok: np.ndarray, bad: dict[str, str],
-               written: list[Path] = ()) -> None:
+               written: list[str] = ()) -> None:
         """Write the hash and status of rows [start, start + len(keys)), whose features are written (their chunk
         files `written`, or already flushed), then move the commit point past them. A None key is a void row:
         its file changed while being read, and it holds nothing."""
         if start != self.rows:
             raise CacheError(f"{self.path}: rows from {start} cannot commit before rows from {self.rows}")
+        self._check_still_ours()
         n, stop = len(keys), start + len(keys)
         self.root["hash"][start:stop] = np.frombuffer(b"".join(bytes.fromhex(k) if k else bytes(32) for k in keys),
                                                       np.uint8).reshape(n, 32)
         self.root["status"][start:stop] = np.where([k is None for k in keys], VOID, np.where(ok, OK, BAD)
                                                    ).astype(np.int8)
         # Chunks reach the disk before the commit that points at them does.
-        self._sync([*written, *chunk_files(self.path, "hash", INDEX_ROWS, start, stop, 2),
-                    *chunk_files(self.path, "status", INDEX_ROWS, start, stop, 1)])
+        self._sync([*written, *chunk_files("hash", INDEX_ROWS, start, stop, 2),
+                    *chunk_files("status", INDEX_ROWS, start, stop, 1)])
         self.bad.update(bad)
         # The commit point: one atomic write of the group's metadata makes these rows visible.
         self.root.attrs.update({"rows": stop, "bad": self.bad, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -506,15 +501,24 @@ class CacheWriter:
                 self.index[k] = start + i
         self.rows = stop
 
-    def _sync(self, files: list[Path]) -> None:
-        """fsync `files`, their folders, the arrays' metadata and the group's: what a commit stands on."""
+    def _check_still_ours(self) -> None:
+        """Before a commit: this writer still holds the lock, and nobody else moved the commit point meanwhile."""
+        try:
+            self._lock.check()
+            attrs = json.loads(self.folder.read_text("zarr.json"))["attributes"]
+        except BusyError as e:
+            raise CacheError(str(e)) from None
+        except (OSError, ValueError, KeyError):
+            attrs = {}
+        if attrs.get("generation") != self.generation or attrs.get("rows") != self.rows:
+            raise CacheError(f"{self.path} was changed by another writer while this one held it; nothing more is "
+                             "committed: rerun to resume")
+
+    def _sync(self, files: list[str]) -> None:
+        """Make `files`, the arrays' metadata and the group's durable: what a commit stands on."""
         t0 = time.perf_counter()
-        folders = {f.parent for f in files} | {f.parent.parent for f in files}
-        metadata = [self.path / name / "zarr.json" for name in ["hash", "status", *(f"features/{x}" for x in
-                                                                                     self.dims)]]
-        for f in [*files, *metadata, self.path / "zarr.json", *folders, self.path]:
-            if f.exists():
-                _fsync(f)
+        metadata = [f"{name}/zarr.json" for name in ["hash", "status", *(f"features/{x}" for x in self.dims)]]
+        self.folder.sync([*files, *metadata, "zarr.json"])
         self.sync_seconds += time.perf_counter() - t0
 
     def begin_dataset(self, name: str, source: str = "", overwrite: bool = False) -> None:
@@ -569,9 +573,7 @@ class CacheWriter:
         return summary
 
     def close(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self

@@ -41,6 +41,17 @@ def _defaults(text: str, param: str) -> str:
     return f"{text} [{', '.join(values)}]."
 
 
+class Where(click.ParamType):
+    """A local path or an fsspec URL (s3://bucket/key, memory://, file://), kept as text: a Path would fold
+    the '//' of a URL."""
+
+    name = "path|url"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+        return str(value)
+
+
+WHERE = Where()
 POSITIVE = click.IntRange(min=1)
 FRACTION = click.FloatRange(0, 1, max_open=True)
 DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
@@ -118,12 +129,16 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=WHERE)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @friendly
-def info(path: Path, as_json: bool) -> None:
+def info(path: str, as_json: bool) -> None:
     """Show a model's provenance, or a feature cache's contents and skipped files."""
-    if path.is_dir():
+    from .storage import is_url
+
+    if not is_url(path) and not Path(path).exists():
+        raise Failure(f"{path}: no such model or feature cache")
+    if is_url(path) or Path(path).is_dir():
         from .cache import describe
 
         data = describe(path)
@@ -146,11 +161,11 @@ def info(path: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("data", type=click.Path(path_type=Path))
+@click.argument("data", type=WHERE)
 @click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
               help="The body written by `headstart export`.")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
-              show_default=True, help="The Zarr feature cache to create or add to.")
+@click.option("--cache", type=WHERE, default="cache/features.zarr", show_default=True,
+              help="The Zarr feature cache to create or add to: a folder, or a URL such as s3://bucket/f.zarr.")
 @click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
 @click.option("--batch-size", type=POSITIVE, default=_default(_extract, "batch_size"), show_default=True)
 @click.option("--jobs", type=POSITIVE, default=_default(_extract, "jobs"), show_default=True,
@@ -171,13 +186,13 @@ def info(path: Path, as_json: bool) -> None:
                    "by its content, for `train --augmented`.")
 @DEVICE
 @friendly
-def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: int, jobs: int, resize: str,
+def extract(data: str, model: Path, cache: str, name: str | None, batch_size: int, jobs: int, resize: str,
             dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, dask_address: str | None,
             augment: int, device: str) -> None:
     """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
-    with columns path,label[,split].
+    with columns path,label[,split]; a local path or a URL (s3://bucket/photos, with the s3 extra).
     """
     from .cache import duplicates_line
     from .distributed import dask_client
@@ -198,9 +213,9 @@ def extract(data: Path, model: Path, cache: Path, name: str | None, batch_size: 
 
 
 @main.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("cache", type=WHERE)
 @friendly
-def verify(cache: Path) -> None:
+def verify(cache: str) -> None:
     """Check every committed row of a feature cache (chunks present, checksums, statuses), like git fsck."""
     from .cache import verify as check
 
@@ -213,8 +228,8 @@ def verify(cache: Path) -> None:
     click.echo(f"{cache}: {rows} committed rows verified, no problems")
 
 
-CACHE = click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=Path("cache/features.zarr"),
-                     show_default=True, help="The feature cache written by `headstart extract`.")
+CACHE = click.option("--cache", type=WHERE, default="cache/features.zarr", show_default=True,
+                     help="The feature cache written by `headstart extract` (a folder or a URL).")
 DATASET = click.option("--dataset", help="Dataset inside the cache, where it holds several.")
 
 
@@ -251,7 +266,7 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--task", help="Name of the task (default: the dataset's name).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
 @friendly
-def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
+def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
           lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
@@ -318,7 +333,7 @@ def train(cache: Path, dataset: str | None, layer: str, kind: str, output: Path,
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
 @friendly
-def tune(cache: Path, dataset: str | None, model: Path, layer: str, unfreeze: int, pooling: str, kind: str,
+def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int, pooling: str, kind: str,
          hidden: str, epochs: int, lr: float, conv_lr: float, batch_size: int, l2: float, seed: int,
          augmented: bool, classes_map: str, task: str | None, output: Path, history: Path | None) -> None:
     """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra)."""
@@ -383,7 +398,7 @@ def _floats(text: str | None, option: str) -> list[float]:
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON.")
 @click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path), help="Save the best head here.")
 @friendly
-def sweep(cache: Path, dataset: str | None, layers: str, kinds: str, l2: str | None, lr: str | None,
+def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: str | None, lr: str | None,
           epochs: str | None, jobs: int, classes_map: str, out: Path | None, save_best: Path | None) -> None:
     """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy."""
     from headstart.heads.headfile import save_head
@@ -425,7 +440,7 @@ def sweep(cache: Path, dataset: str | None, layers: str, kinds: str, l2: str | N
 @click.option("--errors-csv", type=click.Path(dir_okay=False, path_type=Path), help="Write them as CSV here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @friendly
-def evaluate(cache: Path, head_path: Path, split: str | None, metrics: Path | None, details: Path | None,
+def evaluate(cache: str, head_path: Path, split: str | None, metrics: Path | None, details: Path | None,
              confusion: Path | None, plot: Path | None, n_errors: int, errors_plot: Path | None,
              errors_csv: Path | None, as_json: bool) -> None:
     """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix."""
@@ -470,7 +485,7 @@ def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> Non
 
 
 @main.command()
-@click.argument("images", type=click.Path(path_type=Path))
+@click.argument("images", type=WHERE)
 @click.option("--model", type=click.Path(path_type=Path), required=True, help="A classifier from `headstart bundle`.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
               show_default=True)
@@ -480,7 +495,7 @@ def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> Non
 @click.option("--dask", "dask_address", help="Predict on a Dask cluster: local:N or tcp://HOST:PORT.")
 @DEVICE
 @friendly
-def predict(images: Path, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
+def predict(images: str, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
             dask_address: str | None, device: str) -> None:
     """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
     from headstart.heads.bundle import classifier_metadata

@@ -1,12 +1,20 @@
-"""Finding the images of a dataset: folder layouts and CSV manifests -> a list of (path, split, label)."""
+"""Finding the images of a dataset: folder layouts and CSV manifests -> a list of (path, split, label).
+
+DATA is a local folder or manifest, or an fsspec URL of one (s3://bucket/photos/); a manifest's paths are
+relative to it, absolute, or URLs. Paths are kept as text: local paths, or URLs for what lies in a store.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .storage import filesystem, is_url
 
 LAYOUTS = ("DATA/<split>/<class>/*.jpg", "DATA/<class>/*.jpg", "DATA/*.jpg (unlabelled)",
            "a CSV manifest with columns path,label[,split]")
@@ -54,7 +62,7 @@ class Dataset:
         index = {c: i for i, c in enumerate(self.classes)}
         return [index[c] if c is not None else -1 for c in self.label_names]
 
-    def add(self, path: Path, split: str, label: str | None) -> None:
+    def add(self, path: str | Path, split: str, label: str | None) -> None:
         self.paths.append(str(path))
         self.splits.append(split_name(split))
         self.label_names.append(label)
@@ -72,21 +80,58 @@ class Dataset:
         return f"{self.name}: {self.layout}; " + "; ".join(parts)
 
 
-def _visible(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+class _Entry:
+    """A file or folder of a local tree or of a URL's, with what the scan asks of it."""
+
+    def __init__(self, path: str | Path, is_dir: bool | None = None, fs=None) -> None:  # noqa: ANN001
+        self.fs = fs
+        self.path = path if fs is not None else Path(path)
+        self.name = posixpath.basename(str(path).rstrip("/")) if fs is not None else self.path.name
+        self._is_dir = is_dir
+
+    def is_dir(self) -> bool:
+        return self._is_dir if self._is_dir is not None else self.path.is_dir()
+
+    def children(self) -> list[_Entry]:
+        if self.fs is None:
+            found = [_Entry(p) for p in self.path.iterdir()]
+        else:
+            found = [_Entry(self.fs.unstrip_protocol(d["name"]), d["type"] == "directory", self.fs)
+                     for d in self.fs.ls(str(self.path), detail=True)]
+        return sorted((e for e in found if not e.name.startswith(".")), key=lambda e: e.name)
+
+    def relative_to(self, top: _Entry) -> str:
+        return str(self.path)[len(str(top.path)):].lstrip("/")
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
-def _files(folder: Path) -> list[Path]:
-    return [p for p in _visible(folder) if not p.is_dir()]
+def _files(folder: _Entry) -> list[_Entry]:
+    return [p for p in folder.children() if not p.is_dir()]
 
 
-def _dirs(folder: Path) -> list[Path]:
-    return [p for p in _visible(folder) if p.is_dir()]
+def _dirs(folder: _Entry) -> list[_Entry]:
+    return [p for p in folder.children() if p.is_dir()]
 
 
-def scan_csv(path: Path) -> Dataset:
-    ds = Dataset(path.stem, "CSV manifest")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of a name
+def _join(parent: str, path: str) -> str:
+    """A manifest's path: URLs and absolute paths as they are, others relative to the manifest's folder."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return posixpath.join(parent, path) if is_url(parent) else str(Path(parent) / path)
+
+
+def scan_csv(path: str | Path) -> Dataset:
+    text = str(path)
+    ds = Dataset(posixpath.splitext(posixpath.basename(text))[0], "CSV manifest")
+    if is_url(text):
+        fs, inner = filesystem(text)
+        content, parent = fs.cat_file(inner), text.rsplit("/", 1)[0]
+    else:
+        content, parent = Path(text).read_bytes(), str(Path(text).parent)
+    # -sig: a byte-order mark is not part of a name
+    with io.StringIO(content.decode("utf-8-sig"), newline="") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         unknown = [h for h in header if h not in COLUMNS]
@@ -102,30 +147,28 @@ def scan_csv(path: Path) -> Dataset:
             row = dict(zip(header, (v.strip() for v in values), strict=True))
             if not row["path"]:
                 raise ValueError(f"{path}, line {n}: empty path")
-            image = Path(row["path"])
-            ds.add(image if image.is_absolute() else path.parent / image, row.get("split") or "train",
-                   row.get("label") or None)
+            ds.add(_join(parent, row["path"]), row.get("split") or "train", row.get("label") or None)
     return ds
 
 
-def _scan_folder(source: Path) -> Dataset:
-    ds = Dataset(source.resolve().name)
+def _scan_folder(source: _Entry) -> Dataset:
+    ds = Dataset(source.name if source.fs is not None else source.path.resolve().name)
     subdirs = _dirs(source)
     if any(d.name.strip().lower() in SPLITS for d in subdirs):
         ds.layout = "DATA/<split>/<class>/*"
         for split in subdirs:
             for f in _files(split):
-                ds.add(f, split.name, None)  # images right in a split folder (test1/) are unlabelled
+                ds.add(f.path, split.name, None)  # images right in a split folder (test1/) are unlabelled
             for cls in _dirs(split):
                 _no_folders_in(cls, source)
                 for f in _files(cls):
-                    ds.add(f, split.name, cls.name)
+                    ds.add(f.path, split.name, cls.name)
     elif subdirs:
         ds.layout = "DATA/<class>/*, one split: train"
         for cls in subdirs:
             _no_folders_in(cls, source)
             for f in _files(cls):
-                ds.add(f, "train", cls.name)
+                ds.add(f.path, "train", cls.name)
         stray = _files(source)
         if stray:
             raise ValueError(f"{source}: files {', '.join(display(p.name) for p in stray[:3])} lie beside the class "
@@ -134,11 +177,11 @@ def _scan_folder(source: Path) -> Dataset:
     else:
         ds.layout = "DATA/* unlabelled, split test"
         for f in _files(source):
-            ds.add(f, "test", None)
+            ds.add(f.path, "test", None)
     return ds
 
 
-def _no_folders_in(cls: Path, source: Path) -> None:
+def _no_folders_in(cls: _Entry, source: _Entry) -> None:
     inner = _dirs(cls)
     if inner:
         raise ValueError(f"{source}: cannot tell the layout: {cls.relative_to(source)}/ is read as a class folder "
@@ -154,11 +197,17 @@ def scan(source: str | Path, name: str | None = None) -> Dataset:
     DATA/* with no subfolders (unlabelled, split `test`), or a CSV manifest (paths relative to it; split
     `train` where the column is absent). A folder inside a class folder is an error: the layout is ambiguous.
     """
-    source = Path(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
+    if is_url(source):
+        fs, inner = filesystem(str(source))
+        kind = fs.info(inner)["type"] if fs.exists(inner) else None
+        top = _Entry(str(source).rstrip("/"), kind == "directory", fs)
+    else:
+        top = _Entry(source)
+        kind = "directory" if top.path.is_dir() else "file" if top.path.is_file() else None
+    if kind == "file" and str(source).lower().endswith(".csv"):
         ds = scan_csv(source)
-    elif source.is_dir():
-        ds = _scan_folder(source)
+    elif kind == "directory":
+        ds = _scan_folder(top)
     else:
         raise ValueError(f"{source}: no such folder or .csv manifest; expected one of: {'; '.join(LAYOUTS)}")
     if not len(ds):

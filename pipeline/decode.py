@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import augment
+from .storage import filesystem, is_url
 
 RESIZE = ("squash", "center-crop")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold, applied as a hard limit
@@ -79,7 +80,10 @@ def read_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
     """A regular file's bytes, at most `max_bytes` of them; anything else is a BadImage saying why.
 
     Devices, FIFOs and sockets are refused before they are opened (reading /dev/zero never ends).
+    `path` may be an fsspec URL (s3://bucket/a.jpg).
     """
+    if is_url(path):
+        return _read_url(path, max_bytes)
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -90,6 +94,22 @@ def read_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise BadImage(f"unreadable ({e.strerror or type(e).__name__})") from None
+    if len(data) > max_bytes:
+        raise BadImage(f"grew over the {max_bytes}-byte limit per file while being read")
+    return data
+
+
+def _read_url(url: str, max_bytes: int) -> bytes:
+    try:
+        fs, inner = filesystem(url)
+        info = fs.info(inner)
+        if info.get("type") != "file":
+            raise BadImage("not a file")
+        if (info.get("size") or 0) > max_bytes:
+            raise BadImage(f"{info['size']} bytes, over the {max_bytes}-byte limit per file (--max-file-size)")
+        data = fs.cat_file(inner, start=0, end=max_bytes + 1)
+    except (OSError, ValueError) as e:
+        raise BadImage(f"unreadable ({type(e).__name__}: {e})") from None
     if len(data) > max_bytes:
         raise BadImage(f"grew over the {max_bytes}-byte limit per file while being read")
     return data

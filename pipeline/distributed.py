@@ -19,10 +19,11 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from .cache import CacheWriter, _fsync, write_features
+from .cache import CacheWriter, write_features
 from .dataset import scan
 from .predict import classifier_metadata, predict_paths
 from .reader import read_batches
+from .storage import Folder
 
 _SESSIONS: dict = {}  # per worker process: model path -> session
 
@@ -85,9 +86,8 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
                 feats[layer].append(out)
     ok = np.array(ok)
     features = {x: np.concatenate(v) for x, v in feats.items()} if ok.any() else None
-    files = write_features(zarr.open_group(cache, mode="r+"), Path(cache), dims, dtype, start, ok, features)
-    for f in files:
-        _fsync(f)
+    folder = Folder(cache)
+    folder.sync(write_features(zarr.open_group(folder.zarr_path, mode="r+"), dims, dtype, start, ok, features))
     return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
 
 
@@ -125,7 +125,7 @@ def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tupl
     start = writer.rows
     writer.reserve(len(keys))
     chunk_rows = writer.root[f"features/{next(iter(writer.dims))}"].chunks[0]
-    args = (str(Path(model).resolve()), str(writer.path.resolve()), writer.dims, writer.dtype)
+    args = (str(Path(model).resolve()), writer.folder.absolute(), writer.dims, writer.dtype)
     futures = [client.submit(compute_block, *args, a,
                              [(k, *todo[k]) for k in keys[a - start:b - start]], size, resize, batch_size,
                              max_bytes, device, pure=False, retries=3)

@@ -27,6 +27,7 @@ from .cache import CacheWriter
 from .dataset import scan
 from .decode import MAX_BYTES, BadImage, read_bytes
 from .reader import read_batches
+from .storage import is_url
 
 CHANGED = "changed while being extracted; rerun the extract to pick up its new content"
 
@@ -83,7 +84,7 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
     dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
-    source = str(Path(data).resolve())
+    source = str(data) if is_url(data) else str(Path(data).resolve())
     writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
                          chunk_rows=batch_size)
     with writer, ThreadPoolExecutor(jobs) as pool:

@@ -323,10 +323,10 @@ def test_a_damaged_or_missing_chunk_is_found_and_never_read_as_zeros(tmp_path, r
 
 # 17 -----------------------------------------------------------------------------------------------------------
 def test_chunks_reach_the_disk_before_the_commit_that_points_at_them(tmp_path, random_model, monkeypatch):
-    import headstart.pipeline.cache as cache_module
+    import headstart.pipeline.storage as storage
 
-    synced, real = [], cache_module._fsync
-    monkeypatch.setattr(cache_module, "_fsync", lambda p: (synced.append(Path(p)), real(p)))
+    synced, real = [], storage._fsync
+    monkeypatch.setattr(storage, "_fsync", lambda p: (synced.append(Path(p)), real(p)))
     cache = tmp_path / "c.zarr"
     extract(folder(tmp_path, train=20, valid=0), random_model, cache, batch_size=16, progress=False)
     chunks = sorted(cache.glob("features/*/c/*/0")) + sorted(cache.glob("hash/c/*/0"))
@@ -342,7 +342,7 @@ def test_an_interrupted_replace_is_finished_by_the_next_run(tmp_path, random_mod
     cache = tmp_path / "c.zarr"
     extract(data, random_model, cache, progress=False)
     other = save(build_body(random_weights(1), 32), tmp_path / "other.onnx")
-    import headstart.pipeline.cache as cache_module
+    import headstart.pipeline.storage as storage
 
     calls = {"n": 0}
     real = shutil.rmtree
@@ -353,10 +353,10 @@ def test_an_interrupted_replace_is_finished_by_the_next_run(tmp_path, random_mod
             raise KeyboardInterrupt
         return real(path, *a, **k)
 
-    monkeypatch.setattr(cache_module.shutil, "rmtree", dies_midway)
+    monkeypatch.setattr(storage.shutil, "rmtree", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         extract(data, other, cache, replace=True, progress=False)
-    monkeypatch.setattr(cache_module.shutil, "rmtree", real)
+    monkeypatch.setattr(storage.shutil, "rmtree", real)
     with pytest.raises(CacheError, match="is being replaced"):
         FeatureCache(cache)
     assert "is being replaced" in run("train", "--cache", cache, "-o", tmp_path / "h.head")

@@ -1,0 +1,142 @@
+"""Caches and images in an object store: a real S3 API (moto's server on 127.0.0.1) through s3fs, and memory://."""
+
+import json
+import subprocess
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import generated_images, kill_9_after
+
+from headstart.export.fingerprint import features_fingerprint
+from headstart.export.graph import read_metadata
+from headstart.pipeline import storage
+from headstart.pipeline.cache import CacheError, CacheWriter, FeatureCache
+from headstart.pipeline.cli import main
+from headstart.pipeline.extract import extract
+
+pytest.importorskip("s3fs", reason="the s3 extra: pip install 'headstart[s3]'")
+
+
+def cli(*args, ok: bool = True) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert (result.exit_code == 0) == ok, result.output
+    return result.output
+
+
+def writer(cache, model) -> CacheWriter:
+    meta = read_metadata(model)
+    return CacheWriter(cache, features_fingerprint(meta, "squash"), meta, {"gap": 4})
+
+
+def same(a, b, n):
+    a, b = FeatureCache(a), FeatureCache(b)
+    assert list(a.hashes) == list(b.hashes) and list(a.labels) == list(b.labels) and len(a) == n
+    for layer in ("gap", "pool5"):
+        np.testing.assert_array_equal(a.features(layer), b.features(layer))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    generated_images(root / "d", 12, "train")
+    generated_images(root / "d", 4, "valid", seed=1)
+    return root / "d"
+
+
+def test_images_and_cache_on_s3_give_the_local_features_and_train(s3, data, random_model, tmp_path):
+    bucket = s3()
+    fsspec.filesystem("s3").put(str(data), f"{bucket}/photos", recursive=True)
+    cache = f"{bucket}/features.zarr"
+    out = cli("extract", f"{bucket}/photos", "--model", random_model, "--cache", cache, "--batch-size", 8)
+    assert "32 files, 0 reused, 32 computed" in out
+    extract(data, random_model, tmp_path / "local.zarr", batch_size=8, progress=False)
+    same(cache, tmp_path / "local.zarr", 32)
+    assert FeatureCache(cache).paths[0].startswith(f"{bucket}/photos/train/a/")
+    assert "32 committed rows verified, no problems" in cli("verify", cache)
+    assert "32 files, 32 reused, 0 computed" in cli("extract", f"{bucket}/photos", "--model", random_model,
+                                                     "--cache", cache)
+    # The lock lives beside the store, not in it: plain zarr tools see only their own objects there.
+    fs = fsspec.filesystem("s3")
+    inside = [k for k in fs.find(f"{bucket}/features.zarr") if not k.endswith("zarr.json") and "/c/" not in k]
+    assert inside == [] and fs.ls(f"{bucket}/features.zarr.lock")
+    cli("train", "--cache", cache, "--head", "logistic", "-o", tmp_path / "h.head")
+    assert "accuracy" in cli("evaluate", "--cache", cache, "--head", tmp_path / "h.head")
+    assert "rows: 32" in cli("info", cache)
+
+
+def test_a_manifest_in_the_store_names_its_images_relative_to_itself(s3, data, random_model, tmp_path):
+    bucket = s3()
+    fs = fsspec.filesystem("s3")
+    fs.put(str(data), f"{bucket}/photos", recursive=True)
+    images = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
+    lines = [f"photos/{p},{p.split('/')[1]}" for p in images[:5]] + [f"{bucket}/photos/{images[5]},b"]
+    fs.pipe_file(f"{bucket}/m.csv", ("path,label\n" + "\n".join(lines)).encode())
+    report = extract(f"{bucket}/m.csv", random_model, f"memory://m-{time.time_ns()}.zarr", progress=False)
+    assert (report.files, report.computed, report.skipped) == (6, 6, 0)
+
+
+def test_a_second_writer_is_refused_with_the_holder_named_until_the_lease_is_free(s3, random_model):
+    cache = f"{s3()}/c.zarr"
+    first = writer(cache, random_model)
+    with pytest.raises(CacheError, match=r"is being written by pid \d+ on .* since .*lease"):
+        writer(cache, random_model)
+    first.close()
+    writer(cache, random_model).close()  # released: the next one takes it
+
+
+def lease(fs, where: str, number: int, **holder) -> None:
+    fs.pipe_file(f"{where}/{number:010d}", json.dumps({"host": "elsewhere", "pid": 7, "since": "then", **holder}
+                                                      ).encode())
+
+
+def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(s3, random_model):
+    cache = f"{s3()}/c.zarr"
+    fs = fsspec.filesystem("s3")
+    lease(fs, f"{cache}.lock", 3, expires=time.time() + 600)
+    with pytest.raises(CacheError, match="pid 7 on elsewhere since then"):
+        writer(cache, random_model)
+    lease(fs, f"{cache}.lock", 4, expires=time.time() - 1)  # its holder stopped renewing: it died
+    taker = writer(cache, random_model)
+    assert taker._lock.number == 5
+    taker.close()
+    assert [n.rsplit("/", 1)[1] for n in fs.ls(f"{cache}.lock")] == ["0000000005"]
+
+
+def test_a_writer_that_lost_its_lease_commits_nothing_more(random_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "LEASE_SECONDS", 0.4)
+    cache = f"memory://lost-{time.time_ns()}.zarr"
+    fs = fsspec.filesystem("memory")
+    w = writer(cache, random_model)
+    w.append(["aa" * 32], {"gap": np.ones((1, 4), np.float32)}, {})
+    time.sleep(0.3)  # renewed meanwhile: still the holder
+    w.append(["bb" * 32], {"gap": np.ones((1, 4), np.float32)}, {})
+    # A newcomer that took the lease over (as after a long network partition) fences the old holder out.
+    lease(fs, f"{cache}.lock", w._lock.number + 1, expires=time.time() + 600)
+    with pytest.raises(CacheError, match="lost the write lease .* another writer took the lease over"):
+        w.append(["cc" * 32], {"gap": np.ones((1, 4), np.float32)}, {})
+    w._lock._stop.set()
+    assert json.loads(fs.cat_file(f"{cache.removeprefix('memory://')}/zarr.json"))["attributes"]["rows"] == 2
+
+
+def test_a_killed_extract_into_s3_is_resumed_by_the_same_command(s3, random_model, tmp_path):
+    bucket = s3()
+    data = tmp_path / "d"
+    generated_images(data, 60)
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--model", str(random_model),
+           "--batch-size", "4", "--jobs", "1"]
+    cache = f"{bucket}/killed.zarr"
+    killed_at = kill_9_after([*cmd, "--cache", cache], cache, 24)
+    assert 24 <= killed_at < 120, "the kill must land mid-run"
+    with pytest.raises(CacheError, match="incomplete|no complete dataset"):
+        FeatureCache(cache)
+    # The killed writer's lease is still there; it ran on this machine and its process is gone, so the
+    # rerun takes over at once instead of waiting for the lease to lapse.
+    done = subprocess.run([*cmd, "--cache", cache], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{killed_at} reused, {120 - killed_at} computed" in done.stdout
+    extract(data, random_model, tmp_path / "whole.zarr", batch_size=4, progress=False)
+    same(cache, tmp_path / "whole.zarr", 120)
