@@ -65,6 +65,15 @@ def test_images_and_cache_on_s3_give_the_local_features_and_train(s3, data, rand
     assert inside == [] and fs.ls(f"{bucket}/features.zarr.lock")
     cli("train", "--cache", cache, "--head", "logistic", "-o", tmp_path / "h.head")
     assert "accuracy" in cli("evaluate", "--cache", cache, "--head", tmp_path / "h.head")
+    # Streamed from the bucket block by block, as from a disk: the same head.
+    streamed = cli("train", "--cache", cache, "--layer", "pool5", "--head", "softmax", "--memory", "2KB", "-o",
+                   tmp_path / "s.head")
+    assert "streaming them from the cache in" in streamed
+    cli("train", "--cache", tmp_path / "local.zarr", "--layer", "pool5", "--head", "softmax", "--memory", "2KB",
+        "-o", tmp_path / "l.head")
+    a, b = (np.load(tmp_path / f, allow_pickle=False) for f in ("s.head", "l.head"))
+    weights = [k for k in a.files if k != "meta"]  # meta records times and the cache's name
+    assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in weights)
     assert "rows: 32" in cli("info", cache)
 
 
@@ -75,8 +84,11 @@ def test_a_manifest_in_the_store_names_its_images_relative_to_itself(s3, data, r
     images = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
     lines = [f"photos/{p},{p.split('/')[1]}" for p in images[:5]] + [f"{bucket}/photos/{images[5]},b"]
     fs.pipe_file(f"{bucket}/m.csv", ("path,label\n" + "\n".join(lines)).encode())
-    report = extract(f"{bucket}/m.csv", random_model, f"memory://m-{time.time_ns()}.zarr", progress=False)
+    memory = f"memory://m-{time.time_ns()}.zarr"
+    report = extract(f"{bucket}/m.csv", random_model, memory, progress=False)
     assert (report.files, report.computed, report.skipped) == (6, 6, 0)
+    extract(f"{bucket}/m.csv", random_model, f"file://{tmp_path}/f.zarr", progress=False)  # file:// is a folder
+    same(memory, tmp_path / "f.zarr", 6)
 
 
 def test_a_second_writer_is_refused_with_the_holder_named_until_the_lease_is_free(s3, random_model):
