@@ -87,7 +87,8 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     source = str(data) if is_url(data) else str(Path(data).resolve())
     writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
                          chunk_rows=batch_size)
-    with writer, ThreadPoolExecutor(jobs) as pool:
+    # Reading from an object store waits on the network, not the CPU: hash with more requests in flight.
+    with writer, ThreadPoolExecutor(max(jobs, 16) if is_url(data) else jobs) as pool:
         writer.begin_dataset(ds.name, source, overwrite_dataset)
         hashed = list(tqdm(pool.map(lambda p: sha256_of(p, max_bytes), ds.paths), total=len(ds), desc="hashing",
                            unit="file", disable=not progress, leave=False))

@@ -16,6 +16,7 @@ from headstart.export.graph import read_metadata
 from headstart.pipeline import storage
 from headstart.pipeline.cache import CacheError, CacheWriter, FeatureCache
 from headstart.pipeline.cli import main
+from headstart.pipeline.decode import BadImage, read_bytes
 from headstart.pipeline.extract import extract
 
 pytest.importorskip("s3fs", reason="the s3 extra: pip install 'headstart[s3]'")
@@ -84,6 +85,12 @@ def test_a_manifest_in_the_store_names_its_images_relative_to_itself(s3, data, r
     images = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
     lines = [f"photos/{p},{p.split('/')[1]}" for p in images[:5]] + [f"{bucket}/photos/{images[5]},b"]
     fs.pipe_file(f"{bucket}/m.csv", ("path,label\n" + "\n".join(lines)).encode())
+    url = f"{bucket}/photos/{images[0]}"
+    assert read_bytes(url) == (data / images[0]).read_bytes()
+    with pytest.raises(BadImage, match="over the 100-byte limit per file"):
+        read_bytes(url, max_bytes=100)  # one ranged GET of 101 bytes, however large the object
+    with pytest.raises(BadImage, match="unreadable .*FileNotFoundError"):
+        read_bytes(f"{bucket}/photos/none.jpg")
     memory = f"memory://m-{time.time_ns()}.zarr"
     report = extract(f"{bucket}/m.csv", random_model, memory, progress=False)
     assert (report.files, report.computed, report.skipped) == (6, 6, 0)
