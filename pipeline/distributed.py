@@ -58,6 +58,13 @@ def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported laz
     return Client(address)
 
 
+def gpu_resources(client) -> dict | None:  # noqa: ANN001
+    """{'GPU': 1} where workers declare GPUs (`dask worker --resources GPU=1`, one per process, each with its own
+    CUDA_VISIBLE_DEVICES, as dask-cuda starts them): a block then runs only where a GPU is free."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
 def blocks(start: int, n: int, chunk_rows: int) -> list[tuple[int, int]]:
     """[start, start + n) cut at the chunk boundaries of the features: each block fills chunks of its own."""
     cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, start + n, chunk_rows), start + n]
@@ -126,9 +133,10 @@ def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tupl
     writer.reserve(len(keys))
     chunk_rows = writer.root[f"features/{next(iter(writer.dims))}"].chunks[0]
     args = (str(Path(model).resolve()), writer.folder.absolute(), writer.dims, writer.dtype)
+    resources = gpu_resources(client)
     futures = [client.submit(compute_block, *args, a,
                              [(k, *todo[k]) for k in keys[a - start:b - start]], size, resize, batch_size,
-                             max_bytes, device, pure=False, retries=3)
+                             max_bytes, device, pure=False, retries=3, resources=resources)
                for a, b in blocks(start, len(keys), chunk_rows)]
     from distributed import as_completed
 

@@ -71,6 +71,19 @@ def test_a_cluster_reads_images_from_and_writes_features_to_s3(photos, random_mo
         extract(photos / "d", random_model, "memory://c.zarr", client=cluster, progress=False)
 
 
+def test_workers_that_declare_gpus_get_one_block_per_gpu(photos, random_model, cluster, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from headstart.pipeline.distributed import gpu_resources
+
+    assert gpu_resources(cluster) is None
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      resources={"GPU": 1}) as c, Client(c) as client:
+        assert gpu_resources(client) == {"GPU": 1}
+        extract(photos / "d", random_model, tmp_path / "c.zarr", batch_size=16, client=client, progress=False)
+    same(photos / "single.zarr", tmp_path / "c.zarr")
+
+
 def test_a_worker_killed_mid_run_has_its_block_recomputed(photos, random_model, cluster, tmp_path):
     cache = tmp_path / "c.zarr"
     victim = next(iter(cluster.run(os.getpid).values()))
