@@ -48,6 +48,31 @@ def test_float16_features_stay_float16_and_match_float32():
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=2e-2)
 
 
+@pytest.mark.parametrize("hidden", [(), (3,), (300,)])
+def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden):
+    """float16 minibatches are gathered and widened by onnxruntime, float32 ones by numpy: widening is exact,
+    so the two must train the same weights, bit for bit, with the standardization folded into the first layer
+    (() and (3,): narrower than the batch) or applied to the batch ((300,))."""
+    X, y = blobs(n=500, d=40)
+    X16 = (X * 3).astype(np.float16)
+    a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
+    b = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16.astype(np.float32), y)
+    for (Wa, ba), (Wb, bb) in zip(a.layers_, b.layers_, strict=True):
+        np.testing.assert_array_equal(Wa, Wb)
+        np.testing.assert_array_equal(ba, bb)
+
+
+def test_folding_the_standardization_into_the_weights_trains_the_standardized_model():
+    """Folded (softmax: the layer is narrower than the batch) == standardizing the features beforehand."""
+    X, y = blobs(n=500, d=40)
+    X = X * np.linspace(0.1, 50, 40, dtype=np.float32) + 7
+    folded = SoftmaxHead(epochs=3).fit(X, y)
+    Z = (X - folded.mean_) / folded.scale_
+    plain = SoftmaxHead(epochs=3, standardize=False).fit(Z, y)
+    np.testing.assert_allclose(folded.layers_[0][0], plain.layers_[0][0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(folded.predict_proba(X), plain.predict_proba(Z), atol=1e-4)
+
+
 @pytest.mark.parametrize("cls", list(KINDS.values()))
 def test_head_file_loads_back_into_the_same_estimator(cls, tmp_path):
     X, y = blobs()
