@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from .metrics import loss_and_accuracy
 
@@ -188,6 +190,7 @@ class _AdamHead(DenseHead):
         # its page faults every time.
         wgrads = [np.empty_like(W) for W, _ in self.layers_]
         sw = self._sample_weight(y)
+        weighted = self.class_weight is not None
         onehot = np.eye(k, dtype=np.float32)
         proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
         inv, mean = 1.0 / self.scale_, self.mean_
@@ -200,48 +203,51 @@ class _AdamHead(DenseHead):
                                  np.empty((sizes[1], d), np.float32))
         widen = Widen(d)
         batch = np.empty((self.batch_size, d), np.float32)  # reused: allocating a pool5 batch costs more than using it
-        for epoch in range(1, self.epochs + 1):
-            t0 = time.perf_counter()
-            for idx, source, rows in batches(rng):
-                h = widen(source, rows, batch[:len(idx)])
-                W0, b0 = self.layers_[0]
-                if fold:  # ((h - mean) * inv) @ W0 + b0, without touching h
-                    z = h @ np.multiply(W0, inv_col, out=w_eff) + (b0 - shift.T @ W0)
-                else:
-                    h -= mean
-                    h *= inv
-                    z = h @ W0 + b0
-                acts, masks = [h], []
-                for W, b in self.layers_[1:]:
-                    h = np.maximum(z, 0)
-                    if self.dropout:
-                        mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / (1 - self.dropout)
-                        h = h * mask
-                        masks.append(mask)
-                    acts.append(h)
-                    z = h @ W + b
-                p = softmax(z)
-                proba[idx] = p
-                yb = y[idx]
-                g = (p - onehot[yb]) * (sw[idx] / sw[idx].sum())[:, None]  # d(weighted mean CE)/d(logits)
-                grads = []
-                for j in range(len(self.layers_) - 1, -1, -1):
-                    W, b = self.layers_[j]
-                    if j == 0 and fold:  # the gradient of the folded layer, from the raw features
-                        gs = g.sum(0)
-                        np.multiply(np.matmul(g.T, acts[0], out=g_t).T, inv_col, out=grad0)
-                        grad0 -= shift * gs
-                        grads = [grad0, gs] + grads
-                        break
-                    grads = [np.matmul(acts[j].T, g, out=wgrads[j]), g.sum(0)] + grads
-                    if j:
-                        g = (g @ W.T) * (acts[j] > 0)
+        # Products with a layer narrower than the batch are over before BLAS threads wake: one thread is steadier.
+        with threadpool_limits(1, user_api="blas") if fold else nullcontext():
+            for epoch in range(1, self.epochs + 1):
+                t0 = time.perf_counter()
+                for idx, source, rows in batches(rng):
+                    h = widen(source, rows, batch[:len(idx)])
+                    W0, b0 = self.layers_[0]
+                    if fold:  # ((h - mean) * inv) @ W0 + b0, without touching h
+                        z = h @ np.multiply(W0, inv_col, out=w_eff) + (b0 - shift.T @ W0)
+                    else:
+                        h -= mean
+                        h *= inv
+                        z = h @ W0 + b0
+                    acts, masks = [h], []
+                    for W, b in self.layers_[1:]:
+                        h = np.maximum(z, 0)
                         if self.dropout:
-                            g *= masks[j - 1]
-                adam.step(grads, self.lr)
-            ms = (time.perf_counter() - t0) * 1000
-            # Running training loss and accuracy over the epoch, as Keras reports them.
-            self._log(log, epoch, ms, loss_and_accuracy(y, proba), valid)
+                            mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / (1 - self.dropout)
+                            h = h * mask
+                            masks.append(mask)
+                        acts.append(h)
+                        z = h @ W + b
+                    p = softmax(z)
+                    proba[idx] = p
+                    yb = y[idx]
+                    g = p - onehot[yb]  # d(weighted mean CE)/d(logits)
+                    g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else 1.0 / len(idx)
+                    grads = []
+                    for j in range(len(self.layers_) - 1, -1, -1):
+                        W, b = self.layers_[j]
+                        if j == 0 and fold:  # the gradient of the folded layer, from the raw features
+                            gs = g.sum(0)
+                            np.multiply(np.matmul(g.T, acts[0], out=g_t).T, inv_col, out=grad0)
+                            grad0 -= shift * gs
+                            grads = [grad0, gs] + grads
+                            break
+                        grads = [np.matmul(acts[j].T, g, out=wgrads[j]), g.sum(0)] + grads
+                        if j:
+                            g = (g @ W.T) * (acts[j] > 0)
+                            if self.dropout:
+                                g *= masks[j - 1]
+                    adam.step(grads, self.lr)
+                ms = (time.perf_counter() - t0) * 1000
+                # Running training loss and accuracy over the epoch, as Keras reports them.
+                self._log(log, epoch, ms, loss_and_accuracy(y, proba), valid)
 
 
 class Adam:
@@ -277,7 +283,8 @@ class Adam:
         ordered = [grads[i] for i in self.order]
         if k:
             np.concatenate([g.reshape(-1) for g in ordered[:k]], out=self.flat_g)
-            self._update(self.flat_p, self.flat_g, *self.state[0], lr, self.decay_small)
+            self._update(self.flat_p, self.flat_g, *self.state[0], lr,
+                         self.decay_small if self.decay_small.any() else 0.0)
             at = 0
             for p in self.small:
                 p.reshape(-1)[:] = self.flat_p[at:at + p.size]
@@ -291,7 +298,7 @@ class Adam:
     def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
                 decay: float | np.ndarray) -> None:
         tmp, tmp2 = self.tmp[:len(p)], self.tmp2[:len(p)]
-        if np.any(decay):
+        if decay is not None and (not isinstance(decay, float) or decay):
             g = np.add(g, np.multiply(p, decay, out=tmp2), out=tmp2)
         m *= self.b1
         m += np.multiply(g, 1 - self.b1, out=tmp)
