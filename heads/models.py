@@ -25,6 +25,11 @@ EpochLog = Callable[[dict], None]
 FLOATS = [np.float32, np.float64, np.float16]
 
 
+def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
+    """Rows of a temporary (rows, d) block within `budget` bytes: 4,096 gap rows, 334 float64 pool5 rows."""
+    return max(1, min(4096, budget // (d * itemsize)))
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -74,8 +79,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         if self.standardize:
             # In float64 blocks: float16 features summed in float16 overflow and lose precision.
             s, ss = np.zeros(d), np.zeros(d)
-            for i in range(0, len(X), 4096):
-                b = X[i:i + 4096].astype(np.float64)
+            rows = _rows_per_block(d, 8)
+            for i in range(0, len(X), rows):
+                b = X[i:i + rows].astype(np.float64)
                 s += b.sum(0)
                 ss += (b * b).sum(0)
             mean = s / len(X)
@@ -91,8 +97,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def _sample_weight(self, y_index: np.ndarray) -> np.ndarray:
         return compute_sample_weight(self.class_weight, y_index).astype(np.float32)
 
-    def _logits(self, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    def _logits(self, X: np.ndarray) -> np.ndarray:
         out = np.empty((len(X), len(self.classes_)), np.float32)
+        batch = _rows_per_block(X.shape[1], 4)
         for i in range(0, len(X), batch):
             h = (X[i:i + batch].astype(np.float32) - self.mean_) / self.scale_
             for j, (W, b) in enumerate(self.layers_):
