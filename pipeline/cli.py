@@ -297,9 +297,7 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
                       drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), augmented=augmented,
                       log=_epoch_line, say=click.echo, **params)
     save_head(head, output)
-    if history:
-        with atomic_write(history) as tmp:
-            tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
+    _write_history(head, history)
     m, rows = head.meta_["metrics"], head.meta_["rows"]
     click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.n_features_in_} features, "
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
@@ -328,6 +326,7 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
 @click.option("--l2", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--augmented", is_flag=True, help="Each epoch, one of each image's cached views.")
+@click.option("--drop-duplicates", is_flag=True, help="As for `headstart train`.")
 @click.option("--classes-map", default="", help="As for `headstart train`.")
 @click.option("--task", help="Name of the task (default: the dataset's name).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
@@ -335,7 +334,8 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
 @friendly
 def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int, pooling: str, kind: str,
          hidden: str, epochs: int, lr: float, conv_lr: float, batch_size: int, l2: float, seed: int,
-         augmented: bool, classes_map: str, task: str | None, output: Path, history: Path | None) -> None:
+         augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, output: Path,
+         history: Path | None) -> None:
     """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra)."""
     from headstart.heads.headfile import save_head
 
@@ -344,15 +344,20 @@ def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int
 
     sizes = tuple(int(h) for h in hidden.split(",") if h.strip()) if kind == "mlp" else ()
     head = tune_head(cache, model, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
-                     conv_lr=conv_lr, batch_size=batch_size, l2=l2, seed=seed, augmented=augmented, dataset=dataset,
+                     conv_lr=conv_lr, batch_size=batch_size, l2=l2, seed=seed, augmented=augmented,
+                     drop_duplicates=drop_duplicates, dataset=dataset,
                      task=task, classes_map=read_classes_map(classes_map or None), log=_epoch_line, say=click.echo)
     save_head(head, output)
-    if history:
-        with atomic_write(history) as tmp:
-            tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
+    _write_history(head, history)
     m = head.meta_["metrics"]
     click.echo(f"{head.meta_['task']}: conv5 (last {unfreeze}) + {kind} head on {layer}: valid accuracy "
                f"{m.get('valid_accuracy', float('nan')):.4f} -> {output}")
+
+
+def _write_history(head, path: Path | None) -> None:  # noqa: ANN001 - any fitted head
+    if path:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
 
 
 def _epoch_line(rec: dict) -> None:

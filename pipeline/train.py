@@ -78,6 +78,33 @@ def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.nd
     return train, valid
 
 
+def task_rows(fc: FeatureCache, *, classes_map: dict[str, str | None] | None = None, train_split: str = "train",
+              valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0, drop_duplicates: bool = False,
+              say: Callable[[str], None] = lambda _: None
+              ) -> tuple[list[str], np.ndarray, dict, np.ndarray, np.ndarray]:
+    """What `train` and `tune` both train on: (task classes, (N,) task labels (-1 outside the task), the
+    selection recorded in the head file, train entries, valid entries). Notes for the user go to `say`; a task
+    class without training rows is an error."""
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"--valid-fraction {valid_fraction}: need 0 <= fraction < 1")
+    classes, y = task_labels(fc.classes, fc.labels, classes_map)
+    left_out = {c: int(((fc.labels == i) & (y < 0)).sum()) for i, c in enumerate(fc.classes)}
+    if any(left_out.values()):
+        say("classes map leaves out " + ", ".join(f"{c} ({n} rows)" for c, n in left_out.items() if n))
+    selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
+                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map,
+                 "drop_duplicates": drop_duplicates}
+    note = duplicates_line(fc.summary.get("duplicates", {}))
+    if note:
+        say(note if not drop_duplicates else note.split("; `headstart")[0] + "; left out (--drop-duplicates)")
+    train, valid = select_rows(fc, y, selection)
+    absent = [c for i, c in enumerate(classes) if not (y[train] == i).any()]
+    if absent:
+        raise ValueError(f"{fc.path}: class(es) {', '.join(map(repr, absent))} have no training rows in split "
+                         f"{train_split!r}; add images of them, or leave them out with a classes map")
+    return classes, y, selection, train, valid
+
+
 def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
                task: str | None = None, classes_map: dict[str, str | None] | None = None,
                train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
@@ -95,25 +122,11 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
-    if not 0 <= valid_fraction < 1:
-        raise ValueError(f"--valid-fraction {valid_fraction}: need 0 <= fraction < 1")
     say = say or (lambda _: None)
     fc = FeatureCache(cache, dataset)
-    classes, y = task_labels(fc.classes, fc.labels, classes_map)
-    left_out = {c: int(((fc.labels == i) & (y < 0)).sum()) for i, c in enumerate(fc.classes)}
-    if any(left_out.values()):
-        say("classes map leaves out " + ", ".join(f"{c} ({n} rows)" for c, n in left_out.items() if n))
-    selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
-                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map,
-                 "drop_duplicates": drop_duplicates}
-    note = duplicates_line(fc.summary.get("duplicates", {}))
-    if note:
-        say(note if not drop_duplicates else note.split("; `headstart")[0] + "; left out (--drop-duplicates)")
-    train, valid = select_rows(fc, y, selection)
-    absent = [c for i, c in enumerate(classes) if not (y[train] == i).any()]
-    if absent:
-        raise ValueError(f"{fc.path}: class(es) {', '.join(map(repr, absent))} have no training rows in split "
-                         f"{train_split!r}; add images of them, or leave them out with a classes map")
+    classes, y, selection, train, valid = task_rows(
+        fc, classes_map=classes_map, train_split=train_split, valid_split=valid_split,
+        valid_fraction=valid_fraction, seed=seed, drop_duplicates=drop_duplicates, say=say)
     names = np.array(classes)
     storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32
     head = KINDS[kind](random_state=seed, **params)

@@ -22,7 +22,7 @@ from headstart.heads.models import EpochLog
 from headstart.heads.tuned import POOLINGS, TunedHead
 
 from .cache import FeatureCache
-from .train import select_rows, task_labels
+from .train import task_rows
 
 LAYER = "pool4"
 
@@ -94,7 +94,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
               batch_size: int = 32, l2: float = 1e-4, seed: int = 0, augmented: bool = False,
               random_init: bool = False, dataset: str | None = None, task: str | None = None,
               classes_map: dict | None = None, train_split: str = "train", valid_split: str = "valid",
-              valid_fraction: float = 0.2, log: EpochLog | None = None,
+              valid_fraction: float = 0.2, drop_duplicates: bool = False, log: EpochLog | None = None,
               say: Callable[[str], None] | None = None) -> TunedHead:
     """Train the last `unfreeze` convolutions of block 5 (from the ImageNet weights of `model`, or random ones
     with `random_init`, a control), pool5, `pooling` and a dense head on the cached pool4 of `cache`.
@@ -114,10 +114,9 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
     # The body gives the weights, not features: its output layers may differ from the cache's.
     compatible(fc.fingerprint, body_fingerprint(read_metadata(model)) | {k: fc.fingerprint[k] for k in
                                                                          ("resize", "layers")}, str(model))
-    classes, y = task_labels(fc.classes, fc.labels, classes_map)
-    selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
-                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map}
-    train, valid = select_rows(fc, y, selection)
+    classes, y, selection, train, valid = task_rows(
+        fc, classes_map=classes_map, train_split=train_split, valid_split=valid_split,
+        valid_fraction=valid_fraction, seed=seed, drop_duplicates=drop_duplicates, say=say)
     side = int(round((fc.root[f"features/{LAYER}"].shape[1] / 512) ** 0.5))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)

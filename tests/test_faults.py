@@ -191,6 +191,10 @@ def test_class_problems_are_named(tmp_path, random_model):
     run("extract", data, "--model", random_model, "--cache", cache, ok=True)
     out = run("train", "--cache", cache, "-o", tmp_path / "h.head")
     assert "class(es) 'c' have no training rows in split 'train'" in out
+    body = save(build_body(random_weights(0), 32, ("pool4", "gap")), tmp_path / "p4.onnx")  # tune selects alike
+    run("extract", data, "--model", body, "--cache", tmp_path / "p4.zarr", ok=True)
+    out = run("tune", "--cache", tmp_path / "p4.zarr", "--model", body, "-o", tmp_path / "t.head")
+    assert "class(es) 'c' have no training rows in split 'train'" in out and not (tmp_path / "t.head").exists()
     (tmp_path / "map.yaml").write_text("a: x\nb: y\nc: null\n")
     out = run("train", "--cache", cache, "--classes-map", tmp_path / "map.yaml", "-o", tmp_path / "h.head", ok=True)
     assert "classes map leaves out c (1 rows)" in out
