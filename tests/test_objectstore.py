@@ -76,6 +76,10 @@ def test_images_and_cache_on_s3_give_the_local_features_and_train(s3, data, rand
     weights = [k for k in a.files if k != "meta"]  # meta records times and the cache's name
     assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in weights)
     assert "rows: 32" in cli("info", cache)
+    cli("bundle", "--model", random_model, "--head", tmp_path / "h.head", "-o", tmp_path / "c.onnx")
+    out = cli("predict", f"{bucket}/photos", "--model", tmp_path / "c.onnx", "-o", tmp_path / "p.csv")
+    assert "32 predicted, 0 skipped" in out
+    assert (tmp_path / "p.csv").read_text().count(f"{bucket}/photos/") == 32
 
 
 def test_a_manifest_in_the_store_names_its_images_relative_to_itself(s3, data, random_model, tmp_path):
