@@ -61,12 +61,15 @@ def chunk_files(name: str, chunk_rows: int, start: int, stop: int, ndim: int) ->
     return [f"{name}/c/{i}{tail}" for i in range(start // chunk_rows, (stop - 1) // chunk_rows + 1)]
 
 
-def missing(folder: Folder, files: list[str]) -> list[str]:
-    """Which of `files` (of one array) are absent: one listing of the array, not a request per chunk."""
+def missing(folder: Folder, files: list[str], seen: set[str] | None = None) -> list[str]:
+    """Which of `files` (of one array) are absent: one listing of the array in an object store, not a request
+    per chunk. `seen` collects the chunks found present, for the next call to skip."""
+    seen = set() if seen is None else seen
     if not folder.remote:
-        return [f for f in files if not folder.is_file(f)]
-    present = folder.names(posixpath.commonpath(files).rsplit("/c", 1)[0] + "/c") if files else set()
-    return [f for f in files if f not in present]
+        seen.update(f for f in files if folder.is_file(f))
+    elif files:
+        seen.update(folder.names(posixpath.commonpath(files).rsplit("/c", 1)[0] + "/c"))
+    return [f for f in files if f not in seen]
 
 
 def find_duplicates(hashes: list[str | None], splits: list[str], labels: list[int], paths: list[str]) -> dict:
@@ -210,12 +213,11 @@ class FeatureCache:
         ndim = 1 if name == "status" else 2
         files = {chunk_files(name, chunk_rows, int(i) * chunk_rows, int(i) * chunk_rows + 1, ndim)[0]: int(i)
                  for i in np.unique(rows // chunk_rows)}
-        absent = missing(self.folder, [f for f in files if f not in self._present])
+        absent = missing(self.folder, [f for f in files if f not in self._present], self._present)
         if absent:
             i = files[absent[0]]
             raise CacheError(f"{self.path}: chunk {absent[0]} (rows {i * chunk_rows}-{(i + 1) * chunk_rows - 1}) "
                              f"is missing; run `headstart verify {self.path}`, then extract again into a new cache")
-        self._present |= files.keys()
 
     def __len__(self) -> int:
         return len(self._rows)
