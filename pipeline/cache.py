@@ -401,6 +401,9 @@ class CacheWriter:
         except BusyError as e:
             raise CacheError(f"{self.path} is being written by {e}; wait for it to finish, "
                              "or extract into another cache") from None
+        except OSError as e:  # in an object store: no such bucket, no right to write
+            raise CacheError(f"{self.path}: cannot take the writer's lock ({e}); check that the location exists "
+                             "and can be written") from None
         try:
             self._open(settings)
         except BaseException:

@@ -71,6 +71,12 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except EXPECTED as e:
             raise Failure(str(e).strip() or type(e).__name__) from None
+        except Exception as e:
+            from .storage import store_error
+
+            if store_error(e) is None:
+                raise
+            raise Failure(store_error(e)) from None
 
     return run
 

@@ -37,10 +37,19 @@ def filesystem(url: str):  # noqa: ANN201 - an fsspec filesystem
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
         protocol = url.split("://", 1)[0]
-        extra = " pip install 'headstart[s3]'" if protocol in ("s3", "s3a") else ""
-        raise ValueError(f"{url}: {protocol}:// needs a package that is not installed ({e});{extra}") from None
+        extra = "; pip install 'headstart[s3]'" if protocol in ("s3", "s3a") else ""
+        raise ValueError(f"{url}: {protocol}:// needs a package that is not installed ({e}){extra}") from None
     except ValueError as e:
         raise ValueError(f"{url}: not a usable location ({e})") from None
+
+
+def store_error(e: BaseException) -> str | None:
+    """One line for an object store client's own exception (credentials, endpoint), which is neither an
+    OSError nor a ValueError; None for anything else."""
+    if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+        return None
+    return (f"object store: {type(e).__name__}: {e}; check its credentials and endpoint (for S3: the AWS_* "
+            "variables or ~/.aws)")
 
 
 def _fsync(path: Path) -> None:

@@ -163,3 +163,21 @@ def test_a_killed_extract_into_s3_is_resumed_by_the_same_command(s3, random_mode
     assert f"{killed_at} reused, {120 - killed_at} computed" in done.stdout
     extract(data, random_model, tmp_path / "whole.zarr", batch_size=4, progress=False)
     same(cache, tmp_path / "whole.zarr", 120)
+
+
+def test_store_mistakes_are_one_line_errors(s3, data, random_model, monkeypatch):
+    out = cli("extract", data, "--model", random_model, "--cache", "s3://no-such-bucket/c.zarr", ok=False)
+    assert "Error: s3://no-such-bucket/c.zarr: cannot take the writer's lock (The specified bucket does not exist)" \
+        in out and "Traceback" not in out
+    out = cli("extract", "nope://photos", "--model", random_model, "--cache", "memory://c.zarr", ok=False)
+    assert "Error: nope://photos: not a usable location" in out
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    fsspec.filesystem("s3").clear_instance_cache()
+    try:
+        out = cli("info", "s3://any-bucket/c.zarr", ok=False)
+    finally:
+        monkeypatch.undo()
+        fsspec.filesystem("s3").clear_instance_cache()
+    assert "Error: object store: NoCredentialsError" in out and "AWS_* variables" in out
