@@ -1,7 +1,8 @@
 """Extraction on a Dask cluster: the same reader -> mapper -> writer, spread over workers by chunk-aligned block.
 
-The client keeps everything that must happen in one place: it scans, hashes and decides what is new (extract),
-resizes the arrays, writes hash and status, and moves the commit point over finished blocks in row order. A
+The client keeps everything that must happen in one place: it scans, decides what is new from the hashes its
+workers compute, resizes the arrays, writes hash and status, and moves the commit point over finished blocks
+in row order. A
 worker decodes its block's files, runs the body (one onnxruntime session per worker process, kept), and writes
 the block's feature rows, which fill chunks no other worker touches (zarr is safe only for that), then flushes
 them. A worker killed mid-block has its block recomputed elsewhere; a killed client leaves a cache that the
@@ -69,6 +70,31 @@ def blocks(start: int, n: int, chunk_rows: int) -> list[tuple[int, int]]:
     """[start, start + n) cut at the chunk boundaries of the features: each block fills chunks of its own."""
     cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, start + n, chunk_rows), start + n]
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int = 256  # noqa: ANN001
+            ) -> list[tuple[str | None, str | None]]:
+    """extract's hashing pass on the workers, `block` files a task: (sha256 or None, reason or None) per path."""
+    from distributed import as_completed
+
+    futures = {client.submit(_hash_block, paths[i:i + block], max_bytes, pure=False, retries=3): i
+               for i in range(0, len(paths), block)}
+    out: list = [None] * len(paths)
+    with tqdm(total=len(paths), desc="hashing", unit="file", disable=not progress, leave=False) as bar:
+        for future in as_completed(futures):
+            i, found = futures[future], future.result()
+            out[i:i + len(found)] = found
+            bar.update(len(found))
+    return out
+
+
+def _hash_block(paths: list[str], max_bytes: int) -> list[tuple[str | None, str | None]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .extract import sha256_of
+
+    with ThreadPoolExecutor(8) as pool:  # reading waits on storage more than on the CPU
+        return list(pool.map(lambda p: sha256_of(p, max_bytes), paths))
 
 
 def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, start: int, items: list[tuple],

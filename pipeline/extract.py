@@ -90,8 +90,13 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     # Reading from an object store waits on the network, not the CPU: hash with more requests in flight.
     with writer, ThreadPoolExecutor(max(jobs, 16) if is_url(data) else jobs) as pool:
         writer.begin_dataset(ds.name, source, overwrite_dataset)
-        hashed = list(tqdm(pool.map(lambda p: sha256_of(p, max_bytes), ds.paths), total=len(ds), desc="hashing",
-                           unit="file", disable=not progress, leave=False))
+        if client is not None:  # the workers read the files anyway: let them hash too, nearer the data
+            from .distributed import hash_on
+
+            hashed = hash_on(client, ds.paths, max_bytes, progress)
+        else:
+            hashed = list(tqdm(pool.map(lambda p: sha256_of(p, max_bytes), ds.paths), total=len(ds),
+                               desc="hashing", unit="file", disable=not progress, leave=False))
         hashes = [h for h, _ in hashed]
         unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
         # key -> (first path with that content, view spec or None, content hash), in scan order
