@@ -181,3 +181,15 @@ def test_store_mistakes_are_one_line_errors(s3, data, random_model, monkeypatch)
         monkeypatch.undo()
         fsspec.filesystem("s3").clear_instance_cache()
     assert "Error: object store: NoCredentialsError" in out and "AWS_* variables" in out
+
+
+def test_a_missing_chunk_in_a_store_is_found_by_listing_not_read_as_zeros(data, random_model):
+    cache = f"memory://gone-{time.time_ns()}.zarr"
+    extract(data, random_model, cache, batch_size=8, progress=False)
+    assert "32 committed rows verified, no problems" in cli("verify", cache)
+    fsspec.filesystem("memory").rm(f"{cache.removeprefix('memory://')}/features/gap/c/1/0")
+    out = cli("verify", cache, ok=False)
+    assert "features/gap rows 16-31: chunk missing" in out and "1 problems in 32 committed rows" in out
+    with pytest.raises(CacheError, match=r"chunk features/gap/c/1/0 \(rows 16-31\) is missing"):
+        FeatureCache(cache).features("gap")
+    assert FeatureCache(cache).features("pool5").shape == (32, 512)  # the other layer is whole
