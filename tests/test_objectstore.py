@@ -193,3 +193,18 @@ def test_a_missing_chunk_in_a_store_is_found_by_listing_not_read_as_zeros(data, 
     with pytest.raises(CacheError, match=r"chunk features/gap/c/1/0 \(rows 16-31\) is missing"):
         FeatureCache(cache).features("gap")
     assert FeatureCache(cache).features("pool5").shape == (32, 512)  # the other layer is whole
+
+
+def test_replace_empties_a_cache_in_a_store(data, random_model, tmp_path):
+    from headstart.export import build_body, save
+    from headstart.export.weights import random_weights
+
+    other = save(build_body(random_weights(1), 32), tmp_path / "other.onnx")
+    cache = f"memory://replaced-{time.time_ns()}.zarr"
+    extract(data, random_model, cache, progress=False)
+    with pytest.raises(CacheError, match="features of another body"):
+        extract(data, other, cache, progress=False)
+    extract(data, other, cache, replace=True, progress=False)
+    extract(data, other, tmp_path / "fresh.zarr", progress=False)
+    same(cache, tmp_path / "fresh.zarr", 32)
+    assert not fsspec.filesystem("memory").exists(f"{cache.removeprefix('memory://')}.replacing")
