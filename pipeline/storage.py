@@ -280,8 +280,8 @@ class Lease:
             holder = self._read(numbers[-1])
             if holder and not holder.get("released") and holder.get("expires", 0) > time.time() \
                     and not _dead(holder):
-                raise BusyError(f"{_holder_text(holder)} (its lease on {self.shown} lapses "
-                                f"{holder['expires'] - time.time():.0f} s after its last renewal)")
+                raise BusyError(f"{_holder_text(holder)} (its lease on {self.shown} lapses in "
+                                f"{holder['expires'] - time.time():.0f} s unless renewed)")
         try:
             self.fs.pipe_file(self._name(nxt), self._body(), mode="create")
         except FileExistsError:
