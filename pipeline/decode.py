@@ -111,6 +111,14 @@ def _read_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
+def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | None]:
+    """(hex digest, None), or (None, reason) for a file that cannot be read."""
+    try:
+        return hashlib.sha256(read_bytes(path, max_bytes)).hexdigest(), None
+    except BadImage as e:
+        return None, str(e)
+
+
 def read_and_decode(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES) -> np.ndarray:
     """Decode a file; an unreadable file is a BadImage too."""
     return decode(read_bytes(path, max_bytes), size, resize)

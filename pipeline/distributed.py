@@ -91,7 +91,7 @@ def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int
 def _hash_block(paths: list[str], max_bytes: int) -> list[tuple[str | None, str | None]]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .extract import sha256_of
+    from .decode import sha256_of
 
     with ThreadPoolExecutor(8) as pool:  # reading waits on storage more than on the CPU
         return list(pool.map(lambda p: sha256_of(p, max_bytes), paths))

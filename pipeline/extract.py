@@ -7,7 +7,6 @@ writer: CacheWriter appends rows and commits after every batch, so a killed run 
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from headstart.export.vgg import layer_shape
 from .augment import view_key, view_spec
 from .cache import CacheWriter
 from .dataset import scan
-from .decode import MAX_BYTES, BadImage, read_bytes
+from .decode import MAX_BYTES, sha256_of
 from .reader import read_batches
 from .storage import is_url
 
@@ -47,14 +46,6 @@ class Report:
         rate = f" ({self.computed / self.seconds:.1f} images/s)" if self.computed else ""
         return (f"{self.dataset}: {self.files} files, {self.reused} reused, {self.computed} computed{rate}, "
                 f"{self.skipped} skipped")
-
-
-def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | None]:
-    """(hex digest, None), or (None, reason) for a file that cannot be read."""
-    try:
-        return hashlib.sha256(read_bytes(path, max_bytes)).hexdigest(), None
-    except BadImage as e:
-        return None, str(e)
 
 
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
