@@ -69,6 +69,10 @@ class Folder:
         if self.remote:
             self.fs, self.root = filesystem(self.text)
             self.root = self.root.rstrip("/")
+            # The lock and the marker go beside the cache; beside a bucket is another bucket's name.
+            if self.fs.root_marker == "" and "/" not in self.root:
+                raise ValueError(f"{self.text}: name a folder inside the bucket, such as "
+                                 f"{self.text.rstrip('/')}/features.zarr")
         else:
             self.local = local_path(where)
 

@@ -169,6 +169,8 @@ def test_store_mistakes_are_one_line_errors(s3, data, random_model, monkeypatch)
     out = cli("extract", data, "--model", random_model, "--cache", "s3://no-such-bucket/c.zarr", ok=False)
     assert "Error: s3://no-such-bucket/c.zarr: cannot take the writer's lock (The specified bucket does not exist)" \
         in out and "Traceback" not in out
+    out = cli("extract", data, "--model", random_model, "--cache", "s3://some-bucket/", ok=False)
+    assert "Error: s3://some-bucket/: name a folder inside the bucket, such as s3://some-bucket/features.zarr" in out
     out = cli("extract", "nope://photos", "--model", random_model, "--cache", "memory://c.zarr", ok=False)
     assert "Error: nope://photos: not a usable location" in out
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
