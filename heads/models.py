@@ -8,7 +8,7 @@ over `classes_`. They know nothing of where features come from: X is any (n_samp
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 
 import numpy as np
@@ -28,6 +28,27 @@ FLOATS = [np.float32, np.float64, np.float16]
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
     """Rows of a temporary (rows, d) block within `budget` bytes: 4,096 gap rows, 334 float64 pool5 rows."""
     return max(1, min(4096, budget // (d * itemsize)))
+
+
+def _mean_std(blocks: Iterable[np.ndarray], d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (float64, (d,)) of row blocks, in one pass.
+
+    Sub-blocks of at most 64 MB are widened to float32 (float16 sums overflow), centred on their own mean before
+    squaring and merged in float64 (Chan et al.), so a spread small beside the mean is not lost to cancellation.
+    """
+    n, mean, m2 = 0, np.zeros(d), np.zeros(d)
+    rows, widen = _rows_per_block(d, 4), Widen(d)
+    buf = np.empty((rows, d), np.float32)
+    for block in blocks:
+        for i in range(0, len(block), rows):
+            k = min(rows, len(block) - i)
+            b = widen(block, np.arange(i, i + k), buf[:k])
+            block_mean = b.mean(0, dtype=np.float64)
+            b -= block_mean.astype(np.float32)
+            delta, n = block_mean - mean, n + k
+            mean += delta * (k / n)
+            m2 += np.einsum("ij,ij->j", b, b) + delta**2 * (k * (n - k) / n)
+    return mean, np.sqrt(m2 / n)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -77,15 +98,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def _stats(self, X: np.ndarray) -> None:
         d = X.shape[1]
         if self.standardize:
-            # In float64 blocks: float16 features summed in float16 overflow and lose precision.
-            s, ss = np.zeros(d), np.zeros(d)
-            rows = _rows_per_block(d, 8)
-            for i in range(0, len(X), rows):
-                b = X[i:i + rows].astype(np.float64)
-                s += b.sum(0)
-                ss += (b * b).sum(0)
-            mean = s / len(X)
-            self._set_stats(mean, np.sqrt(np.maximum(ss / len(X) - mean**2, 0)))
+            self._set_stats(*_mean_std((X[i:i + 4096] for i in range(0, len(X), 4096)), d))
         else:
             self._set_stats(np.zeros(d), np.ones(d))
 
@@ -166,11 +179,7 @@ class _AdamHead(DenseHead):
         if X_valid is not None and len(X_valid):
             valid = (validate_data(self, X_valid, reset=False, dtype=FLOATS), self._encode(y_valid, "validation"))
         self._check_params()
-        s, ss, n = np.zeros(n_features), np.zeros(n_features), 0
-        for _, block in blocks(None):
-            b = block.astype(np.float64)
-            s, ss, n = s + b.sum(0), ss + (b * b).sum(0), n + len(b)
-        self._set_stats(s / n, np.sqrt(np.maximum(ss / n - (s / n) ** 2, 0)))
+        self._set_stats(*_mean_std((block for _, block in blocks(None)), n_features))
         self.history_ = []
 
         def batches(rng: np.random.Generator):

@@ -185,3 +185,20 @@ def test_training_streams_a_cache_larger_than_the_memory_budget(two_caches, rand
     assert refused.exit_code == 1 and "raise --memory, or use --head softmax or mlp" in refused.output
     bad = CliRunner().invoke(main, ["train", "--cache", cache, "--memory", "lots", "-o", str(tmp_path / "x.head")])
     assert bad.exit_code == 2 and "--memory 'lots'" in bad.output
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_standardization_statistics_are_exact_in_one_pass_even_far_from_zero(dtype):
+    """Merged per-block moments: a spread of 0.01 around 1,000 (float32) survives; float16 does not overflow."""
+    rng = np.random.default_rng(0)
+    spread, centre = (1.0, 200.0) if dtype == np.float16 else (0.01, 1000.0)
+    X = (rng.standard_normal((9000, 30)) * spread + centre).astype(dtype)
+    y = np.arange(9000) % 2
+    head = SoftmaxHead(epochs=1).fit(X, y)
+    exact = X.astype(np.float64)
+    np.testing.assert_allclose(head.mean_, exact.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(head.scale_, exact.std(0), rtol=1e-4)
+    streamed = SoftmaxHead(epochs=1).fit_blocks(lambda rng: ((np.arange(i, i + 1000), X[i:i + 1000])
+                                                            for i in range(0, 9000, 1000)), 30, y)
+    np.testing.assert_allclose(streamed.mean_, head.mean_, rtol=1e-6)
+    np.testing.assert_allclose(streamed.scale_, head.scale_, rtol=1e-5)
