@@ -7,6 +7,8 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -117,6 +119,12 @@ def sha256_of(path: str, max_bytes: int = MAX_BYTES) -> tuple[str | None, str | 
         return hashlib.sha256(read_bytes(path, max_bytes)).hexdigest(), None
     except BadImage as e:
         return None, str(e)
+
+
+def hash_files(paths: list[str], max_bytes: int, threads: int) -> Iterator[tuple[str | None, str | None]]:
+    """sha256_of each path, in order, `threads` files read at once."""
+    with ThreadPoolExecutor(threads) as pool:
+        yield from pool.map(lambda p: sha256_of(p, max_bytes), paths)
 
 
 def read_and_decode(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES) -> np.ndarray:

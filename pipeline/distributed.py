@@ -89,12 +89,9 @@ def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int
 
 
 def _hash_block(paths: list[str], max_bytes: int) -> list[tuple[str | None, str | None]]:
-    from concurrent.futures import ThreadPoolExecutor
+    from .decode import hash_files
 
-    from .decode import sha256_of
-
-    with ThreadPoolExecutor(8) as pool:  # reading waits on storage more than on the CPU
-        return list(pool.map(lambda p: sha256_of(p, max_bytes), paths))
+    return list(hash_files(paths, max_bytes, 8))  # reading waits on storage more than on the CPU
 
 
 def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, start: int, items: list[tuple],

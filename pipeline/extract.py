@@ -24,7 +24,7 @@ from headstart.export.vgg import layer_shape
 from .augment import view_key, view_spec
 from .cache import CacheWriter
 from .dataset import scan
-from .decode import MAX_BYTES, sha256_of
+from .decode import MAX_BYTES, hash_files
 from .reader import read_batches
 from .storage import is_url
 
@@ -78,16 +78,15 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     source = str(data) if is_url(data) else str(Path(data).resolve())
     writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
                          chunk_rows=batch_size)
-    # Reading from an object store waits on the network, not the CPU: hash with more requests in flight.
-    with writer, ThreadPoolExecutor(max(jobs, 16) if is_url(data) else jobs) as pool:
+    with writer:
         writer.begin_dataset(ds.name, source, overwrite_dataset)
         if client is not None:  # the workers read the files anyway: let them hash too, nearer the data
             from .distributed import hash_on
 
             hashed = hash_on(client, ds.paths, max_bytes, progress)
-        else:
-            hashed = list(tqdm(pool.map(lambda p: sha256_of(p, max_bytes), ds.paths), total=len(ds),
-                               desc="hashing", unit="file", disable=not progress, leave=False))
+        else:  # reading from an object store waits on the network, not the CPU: more requests in flight
+            hashed = list(tqdm(hash_files(ds.paths, max_bytes, max(jobs, 16) if is_url(data) else jobs),
+                               total=len(ds), desc="hashing", unit="file", disable=not progress, leave=False))
         hashes = [h for h, _ in hashed]
         unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
         # key -> (first path with that content, view spec or None, content hash), in scan order
