@@ -62,8 +62,8 @@ def chunk_files(name: str, chunk_rows: int, start: int, stop: int, ndim: int) ->
 
 
 def missing(folder: Folder, files: list[str], seen: set[str] | None = None) -> list[str]:
-    """Which of `files` (of one array) are absent: one listing of the array in an object store, not a request
-    per chunk. `seen` collects the chunks found present, for the next call to skip."""
+    """Which of `files` (of one array) are absent: on a disk a stat each, in an object store one listing of the
+    array, not a request per chunk. `seen` collects the chunks found present, for the next call to skip."""
     seen = set() if seen is None else seen
     if not folder.remote:
         seen.update(f for f in files if folder.is_file(f))
@@ -129,6 +129,14 @@ def write_features(root: zarr.Group, dims: dict[str, int], dtype: str, start: in
 
 class CacheError(ValueError):
     """A cache that does not fit the request: another model, busy, missing, or not a cache."""
+
+
+def _stored_attrs(folder: Folder) -> dict:
+    """The group's attributes as stored now, read afresh (not zarr's view when opened); {} when unreadable."""
+    try:
+        return json.loads(folder.read_text("zarr.json"))["attributes"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def _attrs(group: zarr.Group) -> dict:
@@ -197,11 +205,7 @@ class FeatureCache:
 
     def _check_same(self) -> None:
         """A cache replaced since it was opened reuses row numbers for other features: refuse to mix them."""
-        try:
-            now = json.loads(self.folder.read_text("zarr.json"))["attributes"].get("generation")
-        except (OSError, ValueError, KeyError):
-            now = None
-        if now != self.attrs.get("generation"):
+        if _stored_attrs(self.folder).get("generation") != self.attrs.get("generation"):
             raise CacheError(f"{self.path} was replaced or removed since it was opened; open it again")
 
     def _damaged(self, e: Exception) -> CacheError:
@@ -510,11 +514,9 @@ class CacheWriter:
         """Before a commit: this writer still holds the lock, and nobody else moved the commit point meanwhile."""
         try:
             self._lock.check()
-            attrs = json.loads(self.folder.read_text("zarr.json"))["attributes"]
         except BusyError as e:
             raise CacheError(str(e)) from None
-        except (OSError, ValueError, KeyError):
-            attrs = {}
+        attrs = _stored_attrs(self.folder)
         if attrs.get("generation") != self.generation or attrs.get("rows") != self.rows:
             raise CacheError(f"{self.path} was changed by another writer while this one held it; nothing more is "
                              "committed: rerun to resume")

@@ -100,11 +100,8 @@ class Folder:
         return self.fs.cat_file(self._key(name)).decode() if self.remote else (self.local / name).read_text()
 
     def names(self, under: str = "") -> set[str]:
-        """Every file below `under`, as names relative to this folder (one listing, not one request per file)."""
-        if not self.remote:
-            top = self.local / under
-            return {p.relative_to(self.local).as_posix() for p in top.rglob("*") if p.is_file()} \
-                if top.is_dir() else set()
+        """In an object store: every file below `under`, as names relative to this folder, in one listing (on a
+        disk a stat per file is cheaper than a walk, so the cache asks `is_file`)."""
         self.fs.invalidate_cache()  # other processes write here: never answer from an old listing
         try:
             found = self.fs.find(self._key(under))
