@@ -98,7 +98,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def _stats(self, X: np.ndarray) -> None:
         d = X.shape[1]
         if self.standardize:
-            self._set_stats(*_mean_std((X[i:i + 4096] for i in range(0, len(X), 4096)), d))
+            self._set_stats(*_mean_std([X], d))
         else:
             self._set_stats(np.zeros(d), np.ones(d))
 
@@ -286,9 +286,11 @@ class Adam:
             np.empty(n, np.float32)
         self.state = [(np.zeros(n, np.float32), np.zeros(n, np.float32))] + \
             [(np.zeros(p.size, np.float32), np.zeros(p.size, np.float32)) for p in self.large]
-        self.decay_small = np.concatenate([np.full(params[i].size, decay[i], np.float32) for i in self.order
-                                           if params[i].size < self.SLICE] or [np.zeros(0, np.float32)])
-        self.decay_large = [decay[i] for i in self.order if params[i].size >= self.SLICE]
+        # None where there is no penalty: the update then skips it.
+        decay_small = np.concatenate([np.full(params[i].size, decay[i], np.float32) for i in self.order
+                                      if params[i].size < self.SLICE] or [np.zeros(0, np.float32)])
+        self.decay_small = decay_small if decay_small.any() else None
+        self.decay_large = [decay[i] or None for i in self.order if params[i].size >= self.SLICE]
         self.tmp, self.tmp2 = np.empty(max(self.SLICE, n), np.float32), np.empty(max(self.SLICE, n), np.float32)
 
     def step(self, grads: list[np.ndarray], lr: float) -> None:
@@ -299,8 +301,7 @@ class Adam:
         ordered = [grads[i] for i in self.order]
         if k:
             np.concatenate([g.reshape(-1) for g in ordered[:k]], out=self.flat_g)
-            self._update(self.flat_p, self.flat_g, *self.state[0], lr,
-                         self.decay_small if self.decay_small.any() else 0.0)
+            self._update(self.flat_p, self.flat_g, *self.state[0], lr, self.decay_small)
             at = 0
             for p in self.small:
                 p.reshape(-1)[:] = self.flat_p[at:at + p.size]
@@ -312,9 +313,9 @@ class Adam:
                 self._update(p[s], g[s], m[s], v[s], lr, decay)
 
     def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
-                decay: float | np.ndarray) -> None:
+                decay: float | np.ndarray | None) -> None:
         tmp, tmp2 = self.tmp[:len(p)], self.tmp2[:len(p)]
-        if decay is not None and (not isinstance(decay, float) or decay):
+        if decay is not None:
             g = np.add(g, np.multiply(p, decay, out=tmp2), out=tmp2)
         m *= self.b1
         m += np.multiply(g, 1 - self.b1, out=tmp)
