@@ -199,7 +199,10 @@ def scan(source: str | Path, name: str | None = None) -> Dataset:
     """
     if is_url(source):
         fs, inner = filesystem(str(source))
-        kind = fs.info(inner)["type"] if fs.exists(inner) else None
+        try:
+            kind = fs.info(inner)["type"]
+        except FileNotFoundError:
+            kind = None
         top = _Entry(str(source).rstrip("/"), kind == "directory", fs)
     else:
         top = _Entry(source)

@@ -6,6 +6,7 @@ The estimators themselves (headstart.heads) take plain arrays; this module feeds
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from headstart.heads.metrics import metrics, plot_confusion
 from headstart.heads.models import KINDS, DenseHead, EpochLog, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache, duplicates_line
+from .decode import BadImage, read_bytes
 
 
 def read_classes_map(path: str | Path | None) -> dict[str, str | None] | None:
@@ -145,7 +147,8 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
             raise ValueError(f"the {kind} head needs its {need / 2**30:.2f} GiB of features in memory, over the "
                              f"{memory / 2**30:.2f} GiB budget; raise --memory, or use --head softmax or mlp, "
                              "which stream from the cache")
-        # Each block is read once as stored and once widened to float64 for the statistics; two are in flight.
+        # Blocks sized as if widened to float64 with two in flight (one read ahead): a margin that the float32
+        # minibatches and the statistics' 64 MB sub-blocks stay inside.
         groups = fc.chunk_blocks(layer, train, max(1, memory // (4 * width * 8)))
         say(f"{need / 2**30:.2f} GiB of {layer} features exceed the {memory / 2**30:.2f} GiB memory budget: "
             f"streaming them from the cache in {len(groups)} blocks of up to {max(map(len, groups))} rows")
@@ -264,10 +267,10 @@ def write_errors(errors: list[dict], csv_path: Path | None, plot_path: Path | No
         for ax in axes.flat:
             ax.axis("off")
         for ax, e in zip(axes.flat, errors, strict=False):
-            try:
-                with Image.open(e["path"]) as img:
+            try:  # read as extract read it: a path or a URL in an object store
+                with Image.open(io.BytesIO(read_bytes(e["path"]))) as img:
                     ax.imshow(img.convert("RGB"))
-            except OSError:
+            except (OSError, BadImage):
                 ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
             ax.set_title(f"{e['actual']} -> {e['predicted']}\np={e['probability']:.3f}", fontsize=8)
         fig.suptitle(title if errors else f"{title}: no errors", fontsize=9)
