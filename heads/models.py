@@ -7,9 +7,11 @@ over `classes_`. They know nothing of where features come from: X is any (n_samp
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -23,6 +25,12 @@ from .metrics import loss_and_accuracy
 EpochLog = Callable[[dict], None]
 # float16 features stay float16 (pool5 at 224 px is 1.25 GB per 25,000 images); blocks are widened as used.
 FLOATS = [np.float32, np.float64, np.float16]
+# Training takes probabilities below exp(-40) (4e-18) times a row's largest as 0. Smaller ones lead to subnormal
+# floats in the products downstream, which Intel CPUs compute in microcode: they doubled the time of a pool5 MLP's
+# late epochs. Adam cannot see the difference: a gradient that small is far below its epsilon (1e-7).
+FLUSH = -40.0
+# Bytes of a float32 batch from which the first layer's products go to onnxruntime (see _train).
+LARGE = 2**20
 
 
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
@@ -51,9 +59,12 @@ def _mean_std(blocks: Iterable[np.ndarray], d: int) -> tuple[np.ndarray, np.ndar
     return mean, np.sqrt(m2 / n)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray, flush: float | None = None) -> np.ndarray:
+    """Row-wise softmax of (n, k) logits; `flush`: probabilities below exp(flush) times the largest become 0."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
+    if flush is not None:
+        e[z < flush] = 0
     return e / e.sum(axis=1, keepdims=True)
 
 
@@ -197,79 +208,87 @@ class _AdamHead(DenseHead):
         rng = np.random.default_rng(self.random_state)
         k = len(self.classes_)
         sizes = [d, *(int(h) for h in self.hidden), k]
-        self.layers_ = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
-                         .astype(np.float32), np.zeros(b, np.float32))
-                        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
-        params = [p for layer in self.layers_ for p in layer]
-        adam = Adam(params, decay=[self.l2 if i % 2 == 0 else 0.0 for i in range(len(params))])  # weights, not biases
-        # The weight gradients, written in place each step: a fresh 25 MB array (a pool5 MLP's first layer) costs
-        # its page faults every time.
-        wgrads = [np.empty_like(W) for W, _ in self.layers_]
+        init = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
+                 .astype(np.float32), np.zeros(b, np.float32))
+                for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
+        # Standardizing a batch costs 2 passes over it; folding the standardization into the first layer
+        # instead costs 2 passes over that layer's weights: fold when they are the smaller (softmax on pool5).
+        fold = sizes[1] < self.batch_size
+        if fold:  # trained as (out, d), so that its products, scaling and update all run along rows
+            init[0] = (np.ascontiguousarray(init[0][0].T), init[0][1])
+        adam = Adam([p for layer in init for p in layer], decay=[self.l2, 0.0] * len(init))  # weights, not biases
+        params, grads = adam.params, adam.grads  # views of Adam's own vectors, updated and written in place
+        self.layers_ = [(params[2 * i].T if i == 0 and fold else params[2 * i], params[2 * i + 1])
+                        for i in range(len(init))]
         sw = self._sample_weight(y)
         weighted = self.class_weight is not None
         onehot = np.eye(k, dtype=np.float32)
         proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
         inv, mean = 1.0 / self.scale_, self.mean_
-        # Standardizing a batch costs 2 passes over it; folding the standardization into the first layer
-        # instead costs 2 passes over that layer's weights: fold when they are the smaller (softmax on pool5).
-        fold = sizes[1] < self.batch_size
-        if fold:
-            inv_col, shift = inv[:, None], (mean * inv)[:, None]
-            w_eff, grad0, g_t = (np.empty((d, sizes[1]), np.float32), np.empty((d, sizes[1]), np.float32),
-                                 np.empty((sizes[1], d), np.float32))
+        shift = mean * inv
+        w_eff = np.empty((sizes[1], d), np.float32) if fold else None
         widen = Widen(d)
         batch = np.empty((self.batch_size, d), np.float32)  # reused: allocating a pool5 batch costs more than using it
-        # Products with a layer narrower than the batch are over before BLAS threads wake: one thread is steadier.
-        with threadpool_limits(1, user_api="blas") if fold else nullcontext():
+        # The first layer's products with a large batch (pool5) run in onnxruntime on every core; all else is
+        # small and runs on one BLAS thread. OpenBLAS's threads spin for a while after each call and keep the
+        # cores from the other threads (widening, Adam); onnxruntime's sleep.
+        product = Product(self.batch_size * d * 4 >= LARGE)
+        with threadpool_limits(1, user_api="blas"):
             for epoch in range(1, self.epochs + 1):
                 t0 = time.perf_counter()
                 for idx, source, rows in batches(rng):
                     h = widen(source, rows, batch[:len(idx)])
-                    W0, b0 = self.layers_[0]
-                    if fold:  # ((h - mean) * inv) @ W0 + b0, without touching h
-                        z = h @ np.multiply(W0, inv_col, out=w_eff) + (b0 - shift.T @ W0)
+                    W0, b0 = params[0], params[1]
+                    if fold:  # ((h - mean) * inv) @ W0.T + b0, without touching h
+                        z = product(h, np.multiply(W0, inv, out=w_eff), trans_b=True) + (b0 - W0 @ shift)
                     else:
                         h -= mean
                         h *= inv
-                        z = h @ W0 + b0
+                        z = product(h, W0) + b0
                     acts, masks = [h], []
                     for W, b in self.layers_[1:]:
                         h = np.maximum(z, 0)
                         if self.dropout:
-                            mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / (1 - self.dropout)
-                            h = h * mask
+                            keep = np.float32(1 - self.dropout)
+                            mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / keep
+                            h *= mask
                             masks.append(mask)
                         acts.append(h)
                         z = h @ W + b
-                    p = softmax(z)
+                    p = softmax(z, flush=FLUSH)
                     proba[idx] = p
-                    yb = y[idx]
-                    g = p - onehot[yb]  # d(weighted mean CE)/d(logits)
-                    g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else 1.0 / len(idx)
-                    grads = []
+                    g = p - onehot[y[idx]]  # d(weighted mean CE)/d(logits)
+                    g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else np.float32(1.0 / len(idx))
                     for j in range(len(self.layers_) - 1, -1, -1):
-                        W, b = self.layers_[j]
-                        if j == 0 and fold:  # the gradient of the folded layer, from the raw features
-                            gs = g.sum(0)
-                            np.multiply(np.matmul(g.T, acts[0], out=g_t).T, inv_col, out=grad0)
-                            grad0 -= shift * gs
-                            grads = [grad0, gs] + grads
+                        grads[2 * j + 1][:] = g.sum(0)
+                        if j == 0 and fold:  # from the raw features: inv * (g.T @ h) - (g summed) * mean * inv
+                            product(g, acts[0], trans_a=True, out=grads[0])
+                            grads[0] *= inv
+                            grads[0] -= grads[1][:, None] * shift
                             break
-                        grads = [np.matmul(acts[j].T, g, out=wgrads[j]), g.sum(0)] + grads
-                        if j:
-                            g = (g @ W.T) * (acts[j] > 0)
+                        if j == 0:
+                            product(acts[0], g, trans_a=True, out=grads[0])
+                        else:
+                            np.matmul(acts[j].T, g, out=grads[2 * j])
+                            g = (g @ self.layers_[j][0].T) * (acts[j] > 0)
                             if self.dropout:
                                 g *= masks[j - 1]
-                    adam.step(grads, self.lr)
+                    adam.step(self.lr)
                 ms = (time.perf_counter() - t0) * 1000
                 # Running training loss and accuracy over the epoch, as Keras reports them.
                 self._log(log, epoch, ms, loss_and_accuracy(y, proba), valid)
+        self.layers_ = [(np.ascontiguousarray(W), b.copy()) for W, b in self.layers_]  # out of Adam's vectors
 
 
 class Adam:
-    """Adam's update, in place. Small parameters are updated as one flat vector (ten numpy calls a step, not ten
-    per array); large ones a cache-sized slice at a time, so that the ten passes run over data in the CPU's cache
-    instead of memory (a pool5 MLP's first layer has 6.4M weights, updated every step)."""
+    """Adam's update over parameters it keeps in one flat vector: `params[i]` and `grads[i]` are views of it
+    shaped like the arrays given. Write a step's gradients into `grads`, then call `step`.
+
+    The update runs a cache-sized slice at a time, so that its dozen passes run over data in the CPU's cache
+    instead of memory, and large parameters' slices are shared out among the cores: a pool5 MLP's first layer has
+    6.4M weights, updated every step, and one core alone cannot stream them, their gradient and moments at the
+    memory's speed. The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
+    """
 
     SLICE = 1 << 16
 
@@ -278,56 +297,70 @@ class Adam:
         """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty), inside the sliced update."""
         self.b1, self.b2, self.eps, self.t = b1, b2, eps, 0
         decay = decay or [0.0] * len(params)
-        self.order = sorted(range(len(params)), key=lambda i: params[i].size >= self.SLICE)  # small ones first
-        self.small = [params[i] for i in self.order if params[i].size < self.SLICE]
-        self.large = [params[i] for i in self.order if params[i].size >= self.SLICE]
-        n = sum(p.size for p in self.small)
-        self.flat_p, self.flat_g = np.concatenate([p.reshape(-1) for p in self.small] or [np.zeros(0, np.float32)]), \
-            np.empty(n, np.float32)
-        self.state = [(np.zeros(n, np.float32), np.zeros(n, np.float32))] + \
-            [(np.zeros(p.size, np.float32), np.zeros(p.size, np.float32)) for p in self.large]
-        # None where there is no penalty: the update then skips it.
-        decay_small = np.concatenate([np.full(params[i].size, decay[i], np.float32) for i in self.order
-                                      if params[i].size < self.SLICE] or [np.zeros(0, np.float32)])
-        self.decay_small = decay_small if decay_small.any() else None
-        self.decay_large = [decay[i] or None for i in self.order if params[i].size >= self.SLICE]
-        self.tmp, self.tmp2 = np.empty(max(self.SLICE, n), np.float32), np.empty(max(self.SLICE, n), np.float32)
+        n = sum(p.size for p in params)
+        self.p, self.g, self.m, self.v = (np.zeros(n, np.float32) for _ in range(4))
+        self.params, self.grads, runs, at = [None] * len(params), [None] * len(params), [], 0
+        # Grouped by penalty, so that each slice has one (or none: the update then skips it).
+        for i in sorted(range(len(params)), key=lambda i: -decay[i]):
+            size = params[i].size
+            self.params[i] = self.p[at:at + size].reshape(params[i].shape)
+            self.params[i][...] = params[i]
+            self.grads[i] = self.g[at:at + size].reshape(params[i].shape)
+            if runs and runs[-1][2] == decay[i]:
+                runs[-1][1] = at + size
+            else:
+                runs.append([at, at + size, decay[i]])
+            at += size
+        # Waking another thread costs more than a small head's update (measured: a softmax on pool5, 50,000).
+        self.workers = min(_cores(), -(-n // self.SLICE)) if n >= 16 * self.SLICE else 1
+        # Each worker takes the slices in its part of the vector.
+        jobs = [(slice(i, min(i + self.SLICE, end)), decay or None) for start, end, decay in runs
+                for i in range(start, end, self.SLICE)]
+        self.shares = [[j for j in jobs if (j[0].start + j[0].stop) * self.workers // (2 * n) == w]
+                       for w in range(self.workers)]
+        self.tmp = [(np.empty(self.SLICE, np.float32), np.empty(self.SLICE, np.float32)) for _ in range(self.workers)]
 
-    def step(self, grads: list[np.ndarray], lr: float) -> None:
-        """One step; `grads` in the order of the params given."""
+    def step(self, lr: float) -> None:
+        """One step, from the gradients written into `grads`."""
         self.t += 1
-        lr = lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
-        k = len(self.small)
-        ordered = [grads[i] for i in self.order]
-        if k:
-            np.concatenate([g.reshape(-1) for g in ordered[:k]], out=self.flat_g)
-            self._update(self.flat_p, self.flat_g, *self.state[0], lr, self.decay_small)
-            at = 0
-            for p in self.small:
-                p.reshape(-1)[:] = self.flat_p[at:at + p.size]
-                at += p.size
-        for p, g, (m, v), decay in zip(self.large, ordered[k:], self.state[1:], self.decay_large, strict=True):
-            p, g = p.reshape(-1), np.ascontiguousarray(g, np.float32).reshape(-1)
-            for i in range(0, p.size, self.SLICE):
-                s = slice(i, i + self.SLICE)
-                self._update(p[s], g[s], m[s], v[s], lr, decay)
+        # The bias corrections, and the moments' scales, go into the step size and epsilon.
+        lr = lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t) * (1 - self.b1) / np.sqrt(1 - self.b2)
+        eps = self.eps / np.sqrt(1 - self.b2)
 
-    def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
-                decay: float | np.ndarray | None) -> None:
-        tmp, tmp2 = self.tmp[:len(p)], self.tmp2[:len(p)]
+        def run(w: int) -> None:
+            for s, decay in self.shares[w]:
+                self._update(self.p[s], self.g[s], self.m[s], self.v[s], lr, eps, decay, self.tmp[w])
+
+        others = [_pool().submit(run, w) for w in range(1, self.workers)]
+        run(0)
+        for f in others:
+            f.result()
+
+    def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, eps: float,
+                decay: float | None, tmp: tuple[np.ndarray, np.ndarray]) -> None:
+        t, t2 = tmp[0][:len(p)], tmp[1][:len(p)]
         if decay is not None:
-            g = np.add(g, np.multiply(p, decay, out=tmp2), out=tmp2)
+            g = np.add(g, np.multiply(p, decay, out=t2), out=t2)
         m *= self.b1
-        m += np.multiply(g, 1 - self.b1, out=tmp)
+        m += g
         v *= self.b2
-        np.multiply(g, g, out=tmp)
-        tmp *= 1 - self.b2
-        v += tmp
-        np.sqrt(v, out=tmp)
-        tmp += self.eps
-        np.divide(m, tmp, out=tmp)
-        tmp *= lr
-        p -= tmp
+        v += np.multiply(g, g, out=t)
+        np.sqrt(v, out=t)
+        t += eps
+        np.divide(m, t, out=t)
+        t *= lr
+        p -= t
+
+
+def _cores() -> int:
+    """The cores this process may run on, at most 8 (past that, memory, not cores, bounds the update)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    # numpy lets go of the GIL inside each call, so threads share the slices out among the cores.
+    return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-adam")
 
 
 class Widen:
@@ -358,7 +391,6 @@ class Widen:
 
 
 def _gather_session(d: int):  # noqa: ANN202 - an onnxruntime InferenceSession
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Gather", ["x", "rows"], ["picked"], axis=0),
@@ -366,12 +398,52 @@ def _gather_session(d: int):  # noqa: ANN202 - an onnxruntime InferenceSession
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", d]),
                                helper.make_tensor_value_info("rows", TensorProto.INT64, ["b"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", d])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def _session(model):  # noqa: ANN001, ANN202 - an onnx ModelProto, an onnxruntime InferenceSession
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # Its threads must not spin between calls: numpy's BLAS needs the same cores right after each one.
+    # Its threads must not spin between calls: other threads (numpy's, Adam's) need the same cores right after.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class Product:
+    """(a.T if trans_a else a) @ (b.T if trans_b else b), into `out` where given: by onnxruntime's Gemm for large
+    operands, else numpy. Its threads sleep between calls, so the cores are free for the threads that run in
+    between (Adam's, the widening's), where OpenBLAS's spin on for a while after each call."""
+
+    def __init__(self, large: bool) -> None:
+        self.sessions: dict[tuple[bool, bool], object] | None = {} if large else None
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]), np.float32)
+        if self.sessions is None:
+            return np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        key = (trans_a, trans_b)
+        if key not in self.sessions:
+            self.sessions[key] = _gemm_session(*key)
+        io = self.sessions[key].io_binding()
+        io.bind_cpu_input("a", np.ascontiguousarray(a))
+        io.bind_cpu_input("b", np.ascontiguousarray(b))
+        io.bind_output("y", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        self.sessions[key].run_with_iobinding(io)
+        return out
+
+
+def _gemm_session(trans_a: bool, trans_b: bool):  # noqa: ANN202 - an onnxruntime InferenceSession
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Gemm", ["a", "b"], ["y"], transA=int(trans_a), transB=int(trans_b))],
+                              "product", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{n}0", f"{n}1"])
+                                          for n in "ab"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", "n"])])
+    return _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
 
 
 def _shuffled_batches(X: np.ndarray, batch_size: int, rng: np.random.Generator):

@@ -9,7 +9,7 @@ from conftest import generated_images
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
+from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, models, save_head
 from headstart.pipeline.cli import main
 from headstart.pipeline.extract import extract
 from headstart.pipeline.train import train_head
@@ -48,11 +48,15 @@ def test_float16_features_stay_float16_and_match_float32():
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=2e-2)
 
 
+@pytest.mark.parametrize("products", ["numpy", "onnxruntime"])
 @pytest.mark.parametrize("hidden", [(), (3,), (300,)])
-def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden):
+def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden, products, monkeypatch):
     """float16 minibatches are gathered and widened by onnxruntime, float32 ones by numpy: widening is exact,
     so the two must train the same weights, bit for bit, with the standardization folded into the first layer
-    (() and (3,): narrower than the batch) or applied to the batch ((300,))."""
+    (() and (3,): narrower than the batch) or applied to the batch ((300,)), and the first layer's products
+    in numpy (a small batch) or onnxruntime (a large one)."""
+    if products == "onnxruntime":
+        monkeypatch.setattr(models, "LARGE", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
     a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
@@ -60,6 +64,63 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden)
     for (Wa, ba), (Wb, bb) in zip(a.layers_, b.layers_, strict=True):
         np.testing.assert_array_equal(Wa, Wb)
         np.testing.assert_array_equal(ba, bb)
+
+
+@pytest.mark.parametrize("hidden", [(), (3,), (300,)])
+def test_large_batches_products_in_onnxruntime_train_as_numpy_does(hidden, monkeypatch):
+    X, y = blobs(n=500, d=40)
+    numpy_ = MLPHead(hidden=hidden, dropout=0.5, epochs=3).fit(X, y)
+    monkeypatch.setattr(models, "LARGE", 0)
+    ort = MLPHead(hidden=hidden, dropout=0.5, epochs=3).fit(X, y)
+    for (Wa, ba), (Wb, bb) in zip(numpy_.layers_, ort.layers_, strict=True):
+        np.testing.assert_allclose(Wa, Wb, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ba, bb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [[(7, 3), (3,)], [(1100, 1000), (1000,), (1000, 2), (2,)]])
+def test_adam_takes_the_textbook_steps(shapes):
+    """Adam with an l2 term on the weights, against the paper's formulas in float64, with epsilon added to the
+    uncorrected root as in Keras: for a few parameters (one slice) and for 1.1M (slices shared among threads)."""
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
+    adam = models.Adam(start, decay=decay)
+    ref = [p.astype(np.float64) for p in start]
+    m, v = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
+    for t in range(1, 6):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for g, into in zip(grads, adam.grads, strict=True):
+            into[...] = g
+        adam.step(0.01)
+        for i, g in enumerate(grads):
+            g = g + decay[i] * ref[i]
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            ref[i] -= 0.01 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m[i] / (np.sqrt(v[i]) + 1e-7)
+    for p, r in zip(adam.params, ref, strict=True):
+        np.testing.assert_allclose(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_training_keeps_subnormal_floats_out_of_the_gradients(monkeypatch):
+    """Confident rows' tiny probabilities are taken as 0 in training: without that, the products downstream of
+    them make subnormal floats (which cost Intel CPUs a microcode assist each)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 500)
+    X = (0.1 * rng.standard_normal((500, 40)) + np.eye(3, 40)[y]).astype(np.float32)  # far apart: confident
+    seen = []
+    step = models.Adam.step
+
+    def check(self, lr):
+        g = self.g[self.g != 0]
+        seen.append(int((np.abs(g) < np.finfo(np.float32).tiny).sum()))
+        step(self, lr)
+
+    monkeypatch.setattr(models.Adam, "step", check)
+    MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
+    assert sum(seen) == 0
+    monkeypatch.setattr(models, "FLUSH", None)
+    MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
+    assert sum(seen) > 0  # the check sees them where they are not flushed
 
 
 def test_folding_the_standardization_into_the_weights_trains_the_standardized_model():
