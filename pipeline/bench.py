@@ -269,23 +269,27 @@ def plot_epochs(rows: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-def bench_heads(rows: int = 25_000, shapes: tuple[tuple[int, str], ...] = ((512, "float32"), (25_088, "float16")),
-                epochs: int = 10, batch_size: int = 64) -> list[dict]:
-    """Softmax head training on synthetic features of the cache's shapes: gap (512) and pool5 at 224 px."""
-    from headstart.heads.models import SoftmaxHead
+def bench_heads(rows: int = 25_000, epochs: int = 10, mlp_rows: int = 1_999, mlp_epochs: int = 20,
+                batch_size: int = 64) -> list[dict]:
+    """Head training on synthetic features of the cache's shapes: softmax on gap (512 float32) and on pool5 at
+    224 px (25,088 float16), and the default MLP (256 hidden, dropout 0.5) on pool5; mlp_rows=0 leaves it out."""
+    from headstart.heads.models import MLPHead, SoftmaxHead
 
+    cases = [(SoftmaxHead, rows, 512, "float32", epochs), (SoftmaxHead, rows, 25_088, "float16", epochs)]
+    cases += [(MLPHead, mlp_rows, 25_088, "float16", mlp_epochs)] if mlp_rows else []
     out = []
-    for dim, dtype in shapes:
+    for cls, n, dim, dtype, n_epochs in cases:
         rng = np.random.default_rng(0)
-        y = rng.integers(0, 2, rows)
-        X = np.empty((rows, dim), dtype)
-        for i in range(0, rows, 1000):  # in blocks: a float32 copy of the whole pool5 array would be 2.5 GB
-            X[i:i + 1000] = rng.standard_normal((min(1000, rows - i), dim), np.float32) + 0.05 * y[i:i + 1000, None]
+        y = rng.integers(0, 2, n)
+        X = np.empty((n, dim), dtype)
+        for i in range(0, n, 1000):  # in blocks: a float32 copy of the whole pool5 array would be 2.5 GB
+            X[i:i + 1000] = rng.standard_normal((min(1000, n - i), dim), np.float32) + 0.05 * y[i:i + 1000, None]
         t0 = time.perf_counter()
-        head = SoftmaxHead(epochs=epochs, batch_size=batch_size).fit(X, y)
+        head = cls(epochs=n_epochs, batch_size=batch_size).fit(X, y)
         total = time.perf_counter() - t0
-        out.append({"rows": rows, "dim": dim, "dtype": dtype, "epochs": epochs, "batch": batch_size,
-                    "seconds": total, "ms_per_epoch": float(np.mean([r["ms"] for r in head.history_]))})
+        out.append({"head": "mlp" if cls is MLPHead else "softmax", "rows": n, "dim": dim, "dtype": dtype,
+                    "epochs": n_epochs, "batch": batch_size, "seconds": total,
+                    "ms_per_epoch": float(np.mean([r["ms"] for r in head.history_]))})
     return out
 
 

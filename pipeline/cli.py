@@ -640,16 +640,20 @@ def bench_predict(data: Path, model: Path, counts: str, batch_size: int, out: Pa
 
 
 @bench.command("heads")
-@click.option("--rows", type=int, default=25_000, show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--rows", type=POSITIVE, default=25_000, show_default=True, help="Rows for the softmax heads.")
+@click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Epochs of the softmax heads.")
+@click.option("--mlp-rows", type=click.IntRange(min=0), default=1_999, show_default=True,
+              help="Rows for the MLP on pool5 (0: leave it out); it trains 20 epochs.")
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
 @friendly
-def bench_heads(rows: int, epochs: int, out: Path | None) -> None:
-    """Softmax head epochs on synthetic features: gap (rows x 512) and pool5 at 224 px (rows x 25,088 float16)."""
+def bench_heads(rows: int, epochs: int, mlp_rows: int, out: Path | None) -> None:
+    """Head training on synthetic features: softmax on gap (rows x 512) and on pool5 at 224 px (rows x 25,088
+    float16), and the default MLP on pool5 (mlp-rows x 25,088 float16)."""
     from .bench import bench_heads as run
 
-    _report(run(rows, epochs=epochs), ["rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch"], out,
-            "Softmax head training, seconds (fit, standardization included)")
+    _report(run(rows, epochs=epochs, mlp_rows=mlp_rows),
+            ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch"], out,
+            "Head training, seconds (fit, standardization included)")
 
 
 @bench.command("epochs")

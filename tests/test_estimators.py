@@ -279,3 +279,14 @@ def test_standardization_statistics_are_exact_in_one_pass_even_far_from_zero(dty
                                                             for i in range(0, 9000, 1000)), 30, y)
     np.testing.assert_allclose(streamed.mean_, head.mean_, rtol=1e-6)
     np.testing.assert_allclose(streamed.scale_, head.scale_, rtol=1e-5)
+
+
+def test_bench_heads_times_softmax_and_mlp_on_the_caches_shapes(tmp_path):
+    result = CliRunner().invoke(main, ["bench", "heads", "--rows", "300", "--epochs", "2", "--mlp-rows", "100",
+                                       "--json", str(tmp_path / "heads.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "heads.json").read_text())["rows"]
+    assert [(r["head"], r["rows"], r["dim"], r["dtype"], r["epochs"]) for r in rows] == [
+        ("softmax", 300, 512, "float32", 2), ("softmax", 300, 25_088, "float16", 2),
+        ("mlp", 100, 25_088, "float16", 20)]
+    assert all(0 < r["ms_per_epoch"] < 1000 * r["seconds"] / r["epochs"] for r in rows)
