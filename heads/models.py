@@ -289,7 +289,8 @@ class _AdamHead(DenseHead):
 
 class Adam:
     """Adam's update over parameters it keeps in one flat vector: `params[i]` and `grads[i]` are views of it
-    shaped like the arrays given. Write a step's gradients into `grads`, then call `step`.
+    shaped like the arrays given. Write a step's gradients into `grads`, then call `step` (which then leaves them
+    changed).
 
     The update runs a cache-sized slice at a time, so that its dozen passes run over data in the CPU's cache
     instead of memory, and large parameters' slices are shared out among the cores: a pool5 MLP's first layer has
@@ -325,7 +326,7 @@ class Adam:
                 for i in range(start, end, self.SLICE)]
         self.shares = [[j for j in jobs if (j[0].start + j[0].stop) * self.workers // (2 * n) == w]
                        for w in range(self.workers)]
-        self.tmp = [(np.empty(self.SLICE, np.float32), np.empty(self.SLICE, np.float32)) for _ in range(self.workers)]
+        self.tmp = [np.empty(self.SLICE, np.float32) for _ in range(self.workers)]
 
     def step(self, lr: float) -> None:
         """One step, from the gradients written into `grads`."""
@@ -344,10 +345,12 @@ class Adam:
             f.result()
 
     def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, eps: float,
-                decay: float | None, tmp: tuple[np.ndarray, np.ndarray]) -> None:
-        t, t2 = tmp[0][:len(p)], tmp[1][:len(p)]
+                decay: float | None, t: np.ndarray) -> None:
+        from scipy.linalg.blas import saxpy  # y += a * x in one pass, where numpy takes two
+
+        t = t[:len(p)]
         if decay is not None:
-            g = np.add(g, np.multiply(p, decay, out=t2), out=t2)
+            saxpy(p, g, a=decay)  # the gradient's buffer is Adam's own, rewritten every step
         m *= self.b1
         m += g
         v *= self.b2
@@ -355,8 +358,7 @@ class Adam:
         np.sqrt(v, out=t)
         t += eps
         np.divide(m, t, out=t)
-        t *= lr
-        p -= t
+        saxpy(t, p, a=-lr)
 
 
 def _cores() -> int:
