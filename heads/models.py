@@ -339,7 +339,7 @@ class Adam:
             for s, decay in self.shares[w]:
                 self._update(self.p[s], self.g[s], self.m[s], self.v[s], lr, eps, decay, self.tmp[w])
 
-        others = [_pool().submit(run, w) for w in range(1, self.workers)]
+        others = [_pool(os.getpid()).submit(run, w) for w in range(1, self.workers)]
         run(0)
         for f in others:
             f.result()
@@ -367,8 +367,9 @@ def _cores() -> int:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    # numpy lets go of the GIL inside each call, so threads share the slices out among the cores.
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Threads that share Adam's slices out among the cores (numpy lets go of the GIL inside each call); one pool
+    per process, since a forked child's copy of its parent's pool has no threads and would wait forever."""
     return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-adam")
 
 

@@ -1,6 +1,7 @@
 """Heads as scikit-learn estimators, their files, and the one fingerprint check (hermetic: random weights)."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -290,3 +291,22 @@ def test_bench_heads_times_softmax_and_mlp_on_the_caches_shapes(tmp_path):
         ("softmax", 300, 512, "float32", 2), ("softmax", 300, 25_088, "float16", 2),
         ("mlp", 100, 25_088, "float16", 20)]
     assert all(0 < r["ms_per_epoch"] < 1000 * r["seconds"] / r["epochs"] for r in rows)
+
+
+def _adam_steps() -> None:
+    adam = models.Adam([np.ones((1100, 1000), np.float32)])
+    assert adam.workers > 1 or models._cores() == 1
+    adam.grads[0][...] = 1.0
+    adam.step(0.01)
+
+
+def test_adam_threads_work_in_a_forked_child_of_a_process_that_used_them():
+    """The threads belong to the process that started them: a forked child gets its own pool, not a copy of its
+    parent's without threads, whose work would never run."""
+    _adam_steps()
+    child = multiprocessing.get_context("fork").Process(target=_adam_steps)
+    child.start()
+    child.join(30)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung and child.exitcode == 0
