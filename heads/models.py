@@ -119,8 +119,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def _set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
         if len(bad):
-            raise ValueError(f"the training features hold NaN or infinite values in {len(bad)} of {len(mean)} "
-                             f"columns (first: {bad[:5].tolist()}); remove or repair the rows that hold them")
+            raise ValueError(f"the training features hold NaN or infinite values (or values beyond float32's range) "
+                             f"in {len(bad)} of {len(mean)} columns (first: {bad[:5].tolist()}); remove or repair "
+                             "the rows that hold them")
         if not self.standardize:
             mean, std = np.zeros_like(mean), np.ones_like(std)
         self.mean_, self.scale_ = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
@@ -292,7 +293,7 @@ class Adam:
     shaped like the arrays given. Write a step's gradients into `grads`, then call `step` (which then leaves them
     changed).
 
-    The update runs a cache-sized slice at a time, so that its dozen passes run over data in the CPU's cache
+    The update runs a cache-sized slice at a time, so that its ten passes run over data in the CPU's cache
     instead of memory, and large parameters' slices are shared out among the cores: a pool5 MLP's first layer has
     6.4M weights, updated every step, and one core alone cannot stream them, their gradient and moments at the
     memory's speed. The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
