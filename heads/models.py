@@ -240,47 +240,78 @@ class _AdamHead(DenseHead):
         # The first layer's products with a large batch (pool5) run in onnxruntime on every core; all else is
         # small and runs on one BLAS thread. OpenBLAS's threads spin for a while after each call and keep the
         # cores from the other threads (widening, Adam); onnxruntime's sleep.
-        product = Product(self.batch_size * d * 4 >= LARGE)
+        large = self.batch_size * d * 4 >= LARGE
+        product = Product(large)
+        # A softmax head on a large batch (pool5) takes each row through a compiled loop instead, the rows shared
+        # among the cores: widened once and used from the core's cache by the forward and the backward pass, where
+        # numpy's products read the widened batch back from memory twice (8.75 GB an epoch of 25,000 pool5 rows,
+        # whose float16 values are 1.25 GB).
+        compiled = fold and len(sizes) == 2 and large
+        parts = [(np.empty((k, d), np.float32), np.empty(k, np.float32)) for _ in range(_cores())] if compiled else []
+        P = np.empty((self.batch_size, k), np.float32)  # the compiled step's probabilities
+
+        def compiled_step(idx: np.ndarray, source: np.ndarray, rows: np.ndarray, w: np.ndarray, c: np.ndarray) -> None:
+            """grads[0] = g.T @ x and grads[1] = g summed over the batch, and its rows' probabilities."""
+            from .kernels import linear_rows
+
+            n = len(idx)
+            scale = sw[idx] / sw[idx].sum() if weighted else np.full(n, 1.0 / n, np.float32)
+            cut = [n * i // len(parts) for i in range(len(parts) + 1)]
+            _share([lambda a=a, b=b, G=G, gs=gs: linear_rows(source, rows[a:b], w, c, y[idx[a:b]], scale[a:b], FLUSH,
+                                                             P[a:b], G, gs)
+                    for a, b, (G, gs) in zip(cut[:-1], cut[1:], parts, strict=True)])
+            grads[0][:], grads[1][:] = parts[0]
+            for G, gs in parts[1:]:
+                grads[0] += G
+                grads[1] += gs
+            proba[idx] = P[:n]
+
         with threadpool_limits(1, user_api="blas"):
             for epoch in range(1, self.epochs + 1):
                 t0 = time.perf_counter()
                 for idx, source, rows in batches(rng):
-                    h = widen(source, rows, batch[:len(idx)])
                     W0, b0 = params[0], params[1]
-                    if fold:  # ((h - mean) * inv) @ W0.T + b0, without touching h
-                        z = product(h, np.multiply(W0, inv, out=w_eff), trans_b=True) + (b0 - W0 @ shift)
+                    if fold:  # ((h - mean) * inv) @ W0.T + b0 == h @ w_eff.T + (b0 - W0 @ shift): h stays as it is
+                        np.multiply(W0, inv, out=w_eff)
+                    if compiled and source.dtype in (np.float16, np.float32) and source.flags.c_contiguous:
+                        compiled_step(idx, source, rows, w_eff, b0 - W0 @ shift)
                     else:
-                        h -= mean
-                        h *= inv
-                        z = product(h, W0) + b0
-                    acts, masks = [h], []
-                    for W, b in self.layers_[1:]:
-                        h = np.maximum(z, 0)
-                        if self.dropout:
-                            keep = np.float32(1 - self.dropout)
-                            mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / keep
-                            h *= mask
-                            masks.append(mask)
-                        acts.append(h)
-                        z = h @ W + b
-                    p = softmax(z, flush=FLUSH)
-                    proba[idx] = p
-                    g = p - onehot[y[idx]]  # d(weighted mean CE)/d(logits)
-                    g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else np.float32(1.0 / len(idx))
-                    for j in range(len(self.layers_) - 1, -1, -1):
-                        grads[2 * j + 1][:] = g.sum(0)
-                        if j == 0 and fold:  # from the raw features: inv * (g.T @ h) - (g summed) * mean * inv
-                            product(g, acts[0], trans_a=True, out=grads[0])
-                            grads[0] *= inv
-                            grads[0] -= grads[1][:, None] * shift
-                            break
-                        if j == 0:
-                            product(acts[0], g, trans_a=True, out=grads[0])
+                        h = widen(source, rows, batch[:len(idx)])
+                        if fold:
+                            z = product(h, w_eff, trans_b=True) + (b0 - W0 @ shift)
                         else:
-                            np.matmul(acts[j].T, g, out=grads[2 * j])
-                            g = (g @ self.layers_[j][0].T) * (acts[j] > 0)
+                            h -= mean
+                            h *= inv
+                            z = product(h, W0) + b0
+                        acts, masks = [h], []
+                        for W, b in self.layers_[1:]:
+                            h = np.maximum(z, 0)
                             if self.dropout:
-                                g *= masks[j - 1]
+                                keep = np.float32(1 - self.dropout)
+                                mask = (rng.random(h.shape, dtype=np.float32) >= self.dropout) / keep
+                                h *= mask
+                                masks.append(mask)
+                            acts.append(h)
+                            z = h @ W + b
+                        p = softmax(z, flush=FLUSH)
+                        proba[idx] = p
+                        g = p - onehot[y[idx]]  # d(weighted mean CE)/d(logits)
+                        g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else np.float32(1.0 / len(idx))
+                        for j in range(len(self.layers_) - 1, -1, -1):
+                            grads[2 * j + 1][:] = g.sum(0)
+                            if j == 0 and fold:  # from the raw features, unfolded below
+                                product(g, acts[0], trans_a=True, out=grads[0])
+                                break
+                            if j == 0:
+                                product(acts[0], g, trans_a=True, out=grads[0])
+                            else:
+                                np.matmul(acts[j].T, g, out=grads[2 * j])
+                                g = (g @ self.layers_[j][0].T) * (acts[j] > 0)
+                                if self.dropout:
+                                    g *= masks[j - 1]
+                    if fold:  # the folded layer's gradient: inv * (g.T @ h) - (g summed) * mean * inv
+                        grads[0] *= inv
+                        grads[0] -= grads[1][:, None] * shift
                     adam.step(self.lr)
                 ms = (time.perf_counter() - t0) * 1000
                 # Running training loss and accuracy over the epoch, as Keras reports them.
@@ -293,23 +324,23 @@ class Adam:
     shaped like the arrays given. Write a step's gradients into `grads`, then call `step` (which then leaves them
     changed).
 
-    The update runs a cache-sized slice at a time, so that its ten passes run over data in the CPU's cache
-    instead of memory, and large parameters' slices are shared out among the cores: a pool5 MLP's first layer has
-    6.4M weights, updated every step, and one core alone cannot stream them, their gradient and moments at the
-    memory's speed. The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
+    From COMPILED parameters on (a softmax head on pool5 has 50,000), the update is one compiled pass over the
+    weights, their gradient and moments, where numpy takes ten; from PARALLEL on (a pool5 MLP's first layer has
+    6.4M weights, updated every step) that pass is shared out among the cores. The moments are kept scaled, as
+    m / (1 - b1) and v / (1 - b2), which saves a pass over each.
     """
 
-    SLICE = 1 << 16
+    COMPILED, PARALLEL = 1 << 15, 1 << 20
 
     def __init__(self, params: list[np.ndarray], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
                  decay: list[float] | None = None) -> None:
-        """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty), inside the sliced update."""
+        """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty)."""
         self.b1, self.b2, self.eps, self.t = b1, b2, eps, 0
         decay = decay or [0.0] * len(params)
         n = sum(p.size for p in params)
         self.p, self.g, self.m, self.v = (np.zeros(n, np.float32) for _ in range(4))
         self.params, self.grads, runs, at = [None] * len(params), [None] * len(params), [], 0
-        # Grouped by penalty, so that each slice has one (or none: the update then skips it).
+        # Grouped by penalty, so that each run of the vector has one.
         for i in sorted(range(len(params)), key=lambda i: -decay[i]):
             size = params[i].size
             self.params[i] = self.p[at:at + size].reshape(params[i].shape)
@@ -320,14 +351,13 @@ class Adam:
             else:
                 runs.append([at, at + size, decay[i]])
             at += size
-        # Waking another thread costs more than a small head's update (measured: a softmax on pool5, 50,000).
-        self.workers = min(_cores(), -(-n // self.SLICE)) if n >= 16 * self.SLICE else 1
-        # Each worker takes the slices in its part of the vector.
-        jobs = [(slice(i, min(i + self.SLICE, end)), decay or None) for start, end, decay in runs
-                for i in range(start, end, self.SLICE)]
-        self.shares = [[j for j in jobs if (j[0].start + j[0].stop) * self.workers // (2 * n) == w]
-                       for w in range(self.workers)]
-        self.tmp = [np.empty(self.SLICE, np.float32) for _ in range(self.workers)]
+        self.compiled = n >= self.COMPILED
+        self.tmp = None if self.compiled else np.empty(n, np.float32)
+        # Each worker takes its part of every run.
+        workers = _cores() if n >= self.PARALLEL else 1
+        bounds = [n * w // workers for w in range(workers + 1)]
+        self.shares = [[(max(start, lo), min(end, hi), decay) for start, end, decay in runs
+                        if max(start, lo) < min(end, hi)] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def step(self, lr: float) -> None:
         """One step, from the gradients written into `grads`."""
@@ -335,23 +365,19 @@ class Adam:
         # The bias corrections, and the moments' scales, go into the step size and epsilon.
         lr = lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t) * (1 - self.b1) / np.sqrt(1 - self.b2)
         eps = self.eps / np.sqrt(1 - self.b2)
+        if not self.compiled:
+            for a, b, decay in self.shares[0]:
+                self._numpy(slice(a, b), lr, eps, decay)
+            return
+        from .kernels import adam
 
-        def run(w: int) -> None:
-            for s, decay in self.shares[w]:
-                self._update(self.p[s], self.g[s], self.m[s], self.v[s], lr, eps, decay, self.tmp[w])
+        _share([lambda share=share: [adam(self.p[a:b], self.g[a:b], self.m[a:b], self.v[a:b], self.b1, self.b2, lr,
+                                          eps, decay) for a, b, decay in share] for share in self.shares])
 
-        others = [_pool(os.getpid()).submit(run, w) for w in range(1, self.workers)]
-        run(0)
-        for f in others:
-            f.result()
-
-    def _update(self, p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, eps: float,
-                decay: float | None, t: np.ndarray) -> None:
-        from scipy.linalg.blas import saxpy  # y += a * x in one pass, where numpy takes two
-
-        t = t[:len(p)]
-        if decay is not None:
-            saxpy(p, g, a=decay)  # the gradient's buffer is Adam's own, rewritten every step
+    def _numpy(self, s: slice, lr: float, eps: float, decay: float) -> None:
+        p, g, m, v, t = self.p[s], self.g[s], self.m[s], self.v[s], self.tmp[s]
+        if decay:
+            g += np.multiply(p, decay, out=t)
         m *= self.b1
         m += g
         v *= self.b2
@@ -359,17 +385,26 @@ class Adam:
         np.sqrt(v, out=t)
         t += eps
         np.divide(m, t, out=t)
-        saxpy(t, p, a=-lr)
+        t *= lr
+        p -= t
+
+
+def _share(jobs: list[Callable[[], object]]) -> None:
+    """Run the jobs at once, the first in this thread and the others in the pool's."""
+    others = [_pool(os.getpid()).submit(job) for job in jobs[1:]]
+    jobs[0]()
+    for f in others:
+        f.result()
 
 
 def _cores() -> int:
-    """The cores this process may run on, at most 8 (past that, memory, not cores, bounds the update)."""
+    """The cores this process may run on, at most 8 (past that, memory, not cores, bounds the loops)."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @functools.cache
 def _pool(pid: int) -> ThreadPoolExecutor:
-    """Threads that share Adam's slices out among the cores (numpy lets go of the GIL inside each call); one pool
+    """Threads that share the compiled loops' work out among the cores (the loops let go of the GIL); one pool
     per process, since a forked child's copy of its parent's pool has no threads and would wait forever."""
     return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-adam")
 

@@ -652,7 +652,7 @@ def bench_heads(rows: int, epochs: int, mlp_rows: int, out: Path | None) -> None
     from .bench import bench_heads as run
 
     _report(run(rows, epochs=epochs, mlp_rows=mlp_rows),
-            ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch"], out,
+            ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch", "first_epoch_ms"], out,
             "Head training, seconds (fit, standardization included)")
 
 

@@ -49,14 +49,14 @@ def test_float16_features_stay_float16_and_match_float32():
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=2e-2)
 
 
-@pytest.mark.parametrize("products", ["numpy", "onnxruntime"])
+@pytest.mark.parametrize("batch", ["small", "large"])
 @pytest.mark.parametrize("hidden", [(), (3,), (300,)])
-def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden, products, monkeypatch):
-    """float16 minibatches are gathered and widened by onnxruntime, float32 ones by numpy: widening is exact,
-    so the two must train the same weights, bit for bit, with the standardization folded into the first layer
-    (() and (3,): narrower than the batch) or applied to the batch ((300,)), and the first layer's products
-    in numpy (a small batch) or onnxruntime (a large one)."""
-    if products == "onnxruntime":
+def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden, batch, monkeypatch):
+    """float16 minibatches are gathered and widened by onnxruntime (or the compiled softmax step), float32 ones
+    by numpy: widening is exact, so the two must train the same weights, bit for bit, with the standardization
+    folded into the first layer (() and (3,): narrower than the batch) or applied to the batch ((300,)), and the
+    first layer's products in numpy (a small batch) or onnxruntime or the compiled step (a large one)."""
+    if batch == "large":
         monkeypatch.setattr(models, "LARGE", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
@@ -67,21 +67,39 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden,
         np.testing.assert_array_equal(ba, bb)
 
 
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
 @pytest.mark.parametrize("hidden", [(), (3,), (300,)])
-def test_large_batches_products_in_onnxruntime_train_as_numpy_does(hidden, monkeypatch):
+def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch):
+    """A large batch's first layer goes to onnxruntime's products, or with no hidden layer, to the compiled
+    softmax step, its rows shared among threads; a small one's stays in numpy. The weights must agree."""
     X, y = blobs(n=500, d=40)
-    numpy_ = MLPHead(hidden=hidden, dropout=0.5, epochs=3).fit(X, y)
+    y[:300] = "cat"  # unbalanced, so that class weights matter
+    small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
     monkeypatch.setattr(models, "LARGE", 0)
-    ort = MLPHead(hidden=hidden, dropout=0.5, epochs=3).fit(X, y)
-    for (Wa, ba), (Wb, bb) in zip(numpy_.layers_, ort.layers_, strict=True):
+    large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
+    np.testing.assert_allclose(small.history_[-1]["train_loss"], large.history_[-1]["train_loss"], rtol=1e-4)
+    for (Wa, ba), (Wb, bb) in zip(small.layers_, large.layers_, strict=True):
         np.testing.assert_allclose(Wa, Wb, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ba, bb, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shapes", [[(7, 3), (3,)], [(1100, 1000), (1000,), (1000, 2), (2,)]])
+def test_float16_widens_exactly_in_the_compiled_step():
+    """Every finite float16 value, by the compiled step's bit arithmetic, against numpy's conversion."""
+    from headstart.heads.kernels import _widen_half
+
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    row = np.empty(len(halves), np.float32)
+    _widen_half(halves.view(np.uint16), row, row.view(np.uint32))
+    np.testing.assert_array_equal(row, halves.astype(np.float32))
+    assert np.signbit(row[halves.view(np.uint16) == 0x8000]).all()  # -0 stays -0
+
+
+@pytest.mark.parametrize("shapes", [[(7, 3), (3,)], [(2, 25_088), (2,)], [(1100, 1000), (1000,), (1000, 2), (2,)]])
 def test_adam_takes_the_textbook_steps(shapes):
     """Adam with an l2 term on the weights, against the paper's formulas in float64, with epsilon added to the
-    uncorrected root as in Keras: for a few parameters (one slice) and for 1.1M (slices shared among threads)."""
+    uncorrected root as in Keras: for a few parameters (numpy), 50,000 (compiled) and 1.1M (compiled, shared
+    among threads)."""
     rng = np.random.default_rng(0)
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
@@ -294,12 +312,12 @@ def test_bench_heads_times_softmax_and_mlp_on_the_caches_shapes(tmp_path):
     assert [(r["head"], r["rows"], r["dim"], r["dtype"], r["epochs"]) for r in rows] == [
         ("softmax", 300, 512, "float32", 2), ("softmax", 300, 25_088, "float16", 2),
         ("mlp", 100, 25_088, "float16", 20)]
-    assert all(0 < r["ms_per_epoch"] < 1000 * r["seconds"] / r["epochs"] for r in rows)
+    assert all(0 < r[key] < 1000 * r["seconds"] for r in rows for key in ("ms_per_epoch", "first_epoch_ms"))
 
 
 def _adam_steps() -> None:
     adam = models.Adam([np.ones((1100, 1000), np.float32)])
-    assert adam.workers > 1 or models._cores() == 1
+    assert len(adam.shares) > 1 or models._cores() == 1
     adam.grads[0][...] = 1.0
     adam.step(0.01)
 
