@@ -38,15 +38,9 @@ def _widen_half(src: np.ndarray, row: np.ndarray, bits: np.ndarray) -> None:
         row[j] *= _HALF_SCALE
 
 
-@numba.njit(**_JIT)
-def _widen_float(src: np.ndarray, row: np.ndarray, bits: np.ndarray) -> None:
-    for j in range(src.shape[0]):
-        row[j] = src[j]
-
-
 # The dot products are sums in any order (as BLAS takes them), which lets them run in vector registers.
 @numba.njit(fastmath={"reassoc", "contract"}, **_JIT)
-def _linear_rows(widen, X: np.ndarray, rows: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarray,  # noqa: ANN001
+def _linear_rows(X: np.ndarray, half: bool, rows: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarray,
                  scale: np.ndarray, flush: float, P: np.ndarray, G: np.ndarray, gs: np.ndarray) -> None:
     d, k = X.shape[1], W.shape[0]
     G[:] = 0
@@ -55,7 +49,10 @@ def _linear_rows(widen, X: np.ndarray, rows: np.ndarray, W: np.ndarray, b: np.nd
     bits = row.view(np.uint32)
     z = np.empty(k, np.float32)
     for r in range(rows.shape[0]):
-        widen(X[rows[r]], row, bits)
+        if half:  # X holds float16 bits
+            _widen_half(X[rows[r]], row, bits)
+        else:
+            row[:] = X[rows[r]]
         top = -np.inf
         for c in range(k):
             w = W[c]
@@ -83,7 +80,5 @@ def linear_rows(X: np.ndarray, rows: np.ndarray, W: np.ndarray, b: np.ndarray, y
     widened once and used from the core's cache: logits x @ W.T + b (W (k, d)), probabilities into P (len(rows),
     k) (those below exp(flush) of the row's largest taken as 0), and the gradient of sum(scale * cross-entropy)
     into G (k, d) and gs (k,). y: the rows' class indices."""
-    if X.dtype == np.float16:
-        _linear_rows(_widen_half, X.view(np.uint16), rows, W, b, y, scale, np.float32(flush), P, G, gs)
-    else:
-        _linear_rows(_widen_float, X, rows, W, b, y, scale, np.float32(flush), P, G, gs)
+    half = X.dtype == np.float16
+    _linear_rows(X.view(np.uint16) if half else X, half, rows, W, b, y, scale, np.float32(flush), P, G, gs)

@@ -31,6 +31,9 @@ FLOATS = [np.float32, np.float64, np.float16]
 FLUSH = -40.0
 # Bytes of a float32 batch from which the first layer's products go to onnxruntime (see _train).
 LARGE = 2**20
+# Feature values a softmax head's training reads (rows x epochs x features), from which its steps run compiled
+# (see _train): below that, loading numba and the compiled loops (1.5-2 s) costs more than they save.
+COMPILE_WORK = 2 * 10**9
 
 
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
@@ -246,7 +249,7 @@ class _AdamHead(DenseHead):
         # among the cores: widened once and used from the core's cache by the forward and the backward pass, where
         # numpy's products read the widened batch back from memory twice (8.75 GB an epoch of 25,000 pool5 rows,
         # whose float16 values are 1.25 GB).
-        compiled = fold and len(sizes) == 2 and large
+        compiled = fold and len(sizes) == 2 and large and len(y) * self.epochs * d >= COMPILE_WORK
         parts = [(np.empty((k, d), np.float32), np.empty(k, np.float32)) for _ in range(_cores())] if compiled else []
         P = np.empty((self.batch_size, k), np.float32)  # the compiled step's probabilities
 
@@ -324,13 +327,13 @@ class Adam:
     shaped like the arrays given. Write a step's gradients into `grads`, then call `step` (which then leaves them
     changed).
 
-    From COMPILED parameters on (a softmax head on pool5 has 50,000), the update is one compiled pass over the
-    weights, their gradient and moments, where numpy takes ten; from PARALLEL on (a pool5 MLP's first layer has
-    6.4M weights, updated every step) that pass is shared out among the cores. The moments are kept scaled, as
+    From PARALLEL parameters on (a pool5 MLP's first layer has 6.4M weights, updated every step), the update is
+    one compiled pass over the weights, their gradient and moments, where numpy takes ten, shared out among the
+    cores; below that, loading numba (1.5 s) would cost more than it saves. The moments are kept scaled, as
     m / (1 - b1) and v / (1 - b2), which saves a pass over each.
     """
 
-    COMPILED, PARALLEL = 1 << 15, 1 << 20
+    PARALLEL = 1 << 20
 
     def __init__(self, params: list[np.ndarray], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
                  decay: list[float] | None = None) -> None:
@@ -351,10 +354,10 @@ class Adam:
             else:
                 runs.append([at, at + size, decay[i]])
             at += size
-        self.compiled = n >= self.COMPILED
+        self.compiled = n >= self.PARALLEL
         self.tmp = None if self.compiled else np.empty(n, np.float32)
         # Each worker takes its part of every run.
-        workers = _cores() if n >= self.PARALLEL else 1
+        workers = _cores() if self.compiled else 1
         bounds = [n * w // workers for w in range(workers + 1)]
         self.shares = [[(max(start, lo), min(end, hi), decay) for start, end, decay in runs
                         if max(start, lo) < min(end, hi)] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]

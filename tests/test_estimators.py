@@ -58,6 +58,7 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden,
     first layer's products in numpy (a small batch) or onnxruntime or the compiled step (a large one)."""
     if batch == "large":
         monkeypatch.setattr(models, "LARGE", 0)
+        monkeypatch.setattr(models, "COMPILE_WORK", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
     a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
@@ -76,6 +77,7 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
     y[:300] = "cat"  # unbalanced, so that class weights matter
     small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
     monkeypatch.setattr(models, "LARGE", 0)
+    monkeypatch.setattr(models, "COMPILE_WORK", 0)
     large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
     np.testing.assert_allclose(small.history_[-1]["train_loss"], large.history_[-1]["train_loss"], rtol=1e-4)
     for (Wa, ba), (Wb, bb) in zip(small.layers_, large.layers_, strict=True):
@@ -98,8 +100,8 @@ def test_float16_widens_exactly_in_the_compiled_step():
 @pytest.mark.parametrize("shapes", [[(7, 3), (3,)], [(2, 25_088), (2,)], [(1100, 1000), (1000,), (1000, 2), (2,)]])
 def test_adam_takes_the_textbook_steps(shapes):
     """Adam with an l2 term on the weights, against the paper's formulas in float64, with epsilon added to the
-    uncorrected root as in Keras: for a few parameters (numpy), 50,000 (compiled) and 1.1M (compiled, shared
-    among threads)."""
+    uncorrected root as in Keras: for a few parameters and 50,000 (numpy), and 1.1M (compiled, shared among
+    threads)."""
     rng = np.random.default_rng(0)
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
