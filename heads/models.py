@@ -232,7 +232,6 @@ class _AdamHead(DenseHead):
         self.layers_ = [(params[2 * i].T if i == 0 and fold else params[2 * i], params[2 * i + 1])
                         for i in range(len(init))]
         sw = self._sample_weight(y)
-        weighted = self.class_weight is not None
         onehot = np.eye(k, dtype=np.float32)
         proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
         inv, mean = 1.0 / self.scale_, self.mean_
@@ -251,14 +250,14 @@ class _AdamHead(DenseHead):
         # whose float16 values are 1.25 GB).
         compiled = fold and len(sizes) == 2 and large and len(y) * self.epochs * d >= COMPILE_WORK
         parts = [(np.empty((k, d), np.float32), np.empty(k, np.float32)) for _ in range(_cores())] if compiled else []
-        P = np.empty((self.batch_size, k), np.float32)  # the compiled step's probabilities
+        P = np.empty((self.batch_size, k), np.float32) if compiled else None  # the compiled step's probabilities
 
-        def compiled_step(idx: np.ndarray, source: np.ndarray, rows: np.ndarray, w: np.ndarray, c: np.ndarray) -> None:
+        def compiled_step(idx: np.ndarray, source: np.ndarray, rows: np.ndarray, w: np.ndarray, c: np.ndarray,
+                          scale: np.ndarray) -> None:
             """grads[0] = g.T @ x and grads[1] = g summed over the batch, and its rows' probabilities."""
             from .kernels import linear_rows
 
             n = len(idx)
-            scale = sw[idx] / sw[idx].sum() if weighted else np.full(n, 1.0 / n, np.float32)
             cut = [n * i // len(parts) for i in range(len(parts) + 1)]
             _share([lambda a=a, b=b, G=G, gs=gs: linear_rows(source, rows[a:b], w, c, y[idx[a:b]], scale[a:b], FLUSH,
                                                              P[a:b], G, gs)
@@ -274,14 +273,16 @@ class _AdamHead(DenseHead):
                 t0 = time.perf_counter()
                 for idx, source, rows in batches(rng):
                     W0, b0 = params[0], params[1]
-                    if fold:  # ((h - mean) * inv) @ W0.T + b0 == h @ w_eff.T + (b0 - W0 @ shift): h stays as it is
+                    scale = sw[idx] / sw[idx].sum()  # each row's weight in the batch's mean loss
+                    if fold:  # ((h - mean) * inv) @ W0.T + b0 == h @ w_eff.T + b_eff: h stays as it is
                         np.multiply(W0, inv, out=w_eff)
+                        b_eff = b0 - W0 @ shift
                     if compiled and source.dtype in (np.float16, np.float32) and source.flags.c_contiguous:
-                        compiled_step(idx, source, rows, w_eff, b0 - W0 @ shift)
+                        compiled_step(idx, source, rows, w_eff, b_eff, scale)
                     else:
                         h = widen(source, rows, batch[:len(idx)])
                         if fold:
-                            z = product(h, w_eff, trans_b=True) + (b0 - W0 @ shift)
+                            z = product(h, w_eff, trans_b=True) + b_eff
                         else:
                             h -= mean
                             h *= inv
@@ -299,7 +300,7 @@ class _AdamHead(DenseHead):
                         p = softmax(z, flush=FLUSH)
                         proba[idx] = p
                         g = p - onehot[y[idx]]  # d(weighted mean CE)/d(logits)
-                        g *= (sw[idx] / sw[idx].sum())[:, None] if weighted else np.float32(1.0 / len(idx))
+                        g *= scale[:, None]
                         for j in range(len(self.layers_) - 1, -1, -1):
                             grads[2 * j + 1][:] = g.sum(0)
                             if j == 0 and fold:  # from the raw features, unfolded below
@@ -409,7 +410,7 @@ def _cores() -> int:
 def _pool(pid: int) -> ThreadPoolExecutor:
     """Threads that share the compiled loops' work out among the cores (the loops let go of the GIL); one pool
     per process, since a forked child's copy of its parent's pool has no threads and would wait forever."""
-    return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-adam")
+    return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-heads")
 
 
 class Widen:
