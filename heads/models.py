@@ -8,6 +8,7 @@ over `classes_`. They know nothing of where features come from: X is any (n_samp
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -227,10 +228,6 @@ class _AdamHead(DenseHead):
         fold = sizes[1] < self.batch_size
         if fold:  # trained as (out, d), so that its products, scaling and update all run along rows
             init[0] = (np.ascontiguousarray(init[0][0].T), init[0][1])
-        adam = Adam([p for layer in init for p in layer], decay=[self.l2, 0.0] * len(init))  # weights, not biases
-        params, grads = adam.params, adam.grads  # views of Adam's own vectors, updated and written in place
-        self.layers_ = [(params[2 * i].T if i == 0 and fold else params[2 * i], params[2 * i + 1])
-                        for i in range(len(init))]
         sw = self._sample_weight(y)
         onehot = np.eye(k, dtype=np.float32)
         proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
@@ -244,11 +241,17 @@ class _AdamHead(DenseHead):
         # cores from the other threads (widening, Adam); onnxruntime's sleep.
         large = self.batch_size * d * 4 >= LARGE
         product = Product(large)
-        # A softmax head on a large batch (pool5) takes each row through a compiled loop instead, the rows shared
-        # among the cores: widened once and used from the core's cache by the forward and the backward pass, where
-        # numpy's products read the widened batch back from memory twice (8.75 GB an epoch of 25,000 pool5 rows,
-        # whose float16 values are 1.25 GB).
+        # A softmax head on a large batch (pool5) takes its rows through a compiled loop instead, shared among the
+        # cores: each row's float16 values are widened in the vector registers and used from the core's cache by
+        # the forward and the backward pass, where numpy's products read the widened batch back from memory twice
+        # (8.75 GB an epoch of 25,000 pool5 rows, whose float16 values are 1.25 GB). With numba loaded for it,
+        # Adam's update is compiled too.
         compiled = fold and len(sizes) == 2 and large and len(y) * self.epochs * d >= COMPILE_WORK
+        adam = Adam([p for layer in init for p in layer], decay=[self.l2, 0.0] * len(init),  # weights, not biases
+                    compiled=compiled)
+        params, grads = adam.params, adam.grads  # views of Adam's own vectors, updated and written in place
+        self.layers_ = [(params[2 * i].T if i == 0 and fold else params[2 * i], params[2 * i + 1])
+                        for i in range(len(init))]
         parts = [(np.empty((k, d), np.float32), np.empty(k, np.float32)) for _ in range(_cores())] if compiled else []
         P = np.empty((self.batch_size, k), np.float32) if compiled else None  # the compiled step's probabilities
 
@@ -330,15 +333,16 @@ class Adam:
 
     From PARALLEL parameters on (a pool5 MLP's first layer has 6.4M weights, updated every step), the update is
     one compiled pass over the weights, their gradient and moments, where numpy takes ten, shared out among the
-    cores; below that, loading numba (1.5 s) would cost more than it saves. The moments are kept scaled, as
-    m / (1 - b1) and v / (1 - b2), which saves a pass over each.
+    cores; below that, loading numba (1.5 s) would cost more than it saves, unless the caller loads it anyway
+    (`compiled`). The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
     """
 
     PARALLEL = 1 << 20
 
     def __init__(self, params: list[np.ndarray], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
-                 decay: list[float] | None = None) -> None:
-        """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty)."""
+                 decay: list[float] | None = None, compiled: bool = False) -> None:
+        """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty). `compiled`: the compiled
+        update at any size."""
         self.b1, self.b2, self.eps, self.t = b1, b2, eps, 0
         decay = decay or [0.0] * len(params)
         n = sum(p.size for p in params)
@@ -355,10 +359,12 @@ class Adam:
             else:
                 runs.append([at, at + size, decay[i]])
             at += size
-        self.compiled = n >= self.PARALLEL
+        self.compiled = compiled or n >= self.PARALLEL
         self.tmp = None if self.compiled else np.empty(n, np.float32)
+        if not self.compiled and len(runs) > 1:  # numpy's calls cost more than its passes here: one run
+            runs = [[0, n, np.concatenate([np.full(end - start, d, np.float32) for start, end, d in runs])]]
         # Each worker takes its part of every run.
-        workers = _cores() if self.compiled else 1
+        workers = _cores() if n >= self.PARALLEL else 1
         bounds = [n * w // workers for w in range(workers + 1)]
         self.shares = [[(max(start, lo), min(end, hi), decay) for start, end, decay in runs
                         if max(start, lo) < min(end, hi)] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -367,8 +373,8 @@ class Adam:
         """One step, from the gradients written into `grads`."""
         self.t += 1
         # The bias corrections, and the moments' scales, go into the step size and epsilon.
-        lr = lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t) * (1 - self.b1) / np.sqrt(1 - self.b2)
-        eps = self.eps / np.sqrt(1 - self.b2)
+        lr = lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t) * (1 - self.b1) / math.sqrt(1 - self.b2)
+        eps = self.eps / math.sqrt(1 - self.b2)
         if not self.compiled:
             for a, b, decay in self.shares[0]:
                 self._numpy(slice(a, b), lr, eps, decay)
@@ -378,9 +384,9 @@ class Adam:
         _share([lambda share=share: [adam(self.p[a:b], self.g[a:b], self.m[a:b], self.v[a:b], self.b1, self.b2, lr,
                                           eps, decay) for a, b, decay in share] for share in self.shares])
 
-    def _numpy(self, s: slice, lr: float, eps: float, decay: float) -> None:
+    def _numpy(self, s: slice, lr: float, eps: float, decay: float | np.ndarray) -> None:
         p, g, m, v, t = self.p[s], self.g[s], self.m[s], self.v[s], self.tmp[s]
-        if decay:
+        if isinstance(decay, np.ndarray) or decay:  # one penalty, or each value's
             g += np.multiply(p, decay, out=t)
         m *= self.b1
         m += g
@@ -422,8 +428,8 @@ class Widen:
         self.d, self.session, self.bound = d, None, None
 
     def __call__(self, source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        if source.dtype == np.float32:
-            return np.take(source, rows, axis=0, out=out)
+        if source.dtype == np.float32:  # "clip" since rows are valid: "raise" goes through a temporary copy
+            return np.take(source, rows, axis=0, out=out, mode="clip")
         if source.dtype != np.float16 or not source.flags.c_contiguous:
             np.copyto(out, source[rows], casting="unsafe")
             return out

@@ -86,26 +86,32 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
 
 
 def test_float16_widens_exactly_in_the_compiled_step():
-    """Every finite float16 value, by the compiled step's bit arithmetic, against numpy's conversion."""
-    from headstart.heads.kernels import _widen_half
+    """Every finite float16 value, as the compiled softmax step widens it, against numpy's conversion: one row
+    whose logits are 0, so that its gradient is exactly -1/2 and +1/2 times the row."""
+    from headstart.heads.kernels import linear_rows
 
     halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
-    halves = halves[np.isfinite(halves)]
-    row = np.empty(len(halves), np.float32)
-    _widen_half(halves.view(np.uint16), row, row.view(np.uint32))
-    np.testing.assert_array_equal(row, halves.astype(np.float32))
-    assert np.signbit(row[halves.view(np.uint16) == 0x8000]).all()  # -0 stays -0
+    X = halves[np.isfinite(halves)][None]
+    d = X.shape[1]
+    P, G, gs = np.empty((1, 2), np.float32), np.empty((2, d), np.float32), np.empty(2, np.float32)
+    linear_rows(X, np.array([0]), np.zeros((2, d), np.float32), np.zeros(2, np.float32), np.array([0]),
+                np.ones(1, np.float32), -40.0, P, G, gs)
+    np.testing.assert_array_equal(P, [[0.5, 0.5]])
+    np.testing.assert_array_equal(G[1] * 2, X[0].astype(np.float32))
+    np.testing.assert_array_equal(G[0] * -2, X[0].astype(np.float32))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("shapes", [[(7, 3), (3,)], [(2, 25_088), (2,)], [(1100, 1000), (1000,), (1000, 2), (2,)]])
-def test_adam_takes_the_textbook_steps(shapes):
+def test_adam_takes_the_textbook_steps(shapes, compiled):
     """Adam with an l2 term on the weights, against the paper's formulas in float64, with epsilon added to the
-    uncorrected root as in Keras: for a few parameters and 50,000 (numpy), and 1.1M (compiled, shared among
-    threads)."""
+    uncorrected root as in Keras: for a few parameters and 50,000 (numpy, or compiled as beside the compiled
+    softmax step), and 1.1M (compiled always, shared among threads)."""
     rng = np.random.default_rng(0)
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
-    adam = models.Adam(start, decay=decay)
+    adam = models.Adam(start, decay=decay, compiled=compiled)
+    assert adam.compiled == (compiled or len(shapes) == 4)
     ref = [p.astype(np.float64) for p in start]
     m, v = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
     for t in range(1, 6):
