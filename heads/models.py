@@ -33,8 +33,9 @@ FLUSH = -40.0
 # Bytes of a float32 batch from which the first layer's products go to onnxruntime (see _train).
 LARGE = 2**20
 # Feature values a softmax head's training reads (rows x epochs x features), from which its steps run compiled
-# (see _train): below that, loading numba and the compiled loops (1.5-2 s) costs more than they save.
-COMPILE_WORK = 2 * 10**9
+# (see _train): they save about 0.9 ns a value read, and loading numba and the compiled loops costs 0.4-0.6 s
+# a process. The catsdogs pool5 softmax (1,999 rows, 20 epochs: 1e9) trains in 2.1-2.3 s so, 2.7-2.9 s without.
+COMPILE_WORK = 6 * 10**8
 
 
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
@@ -333,7 +334,7 @@ class Adam:
 
     From PARALLEL parameters on (a pool5 MLP's first layer has 6.4M weights, updated every step), the update is
     one compiled pass over the weights, their gradient and moments, where numpy takes ten, shared out among the
-    cores; below that, loading numba (1.5 s) would cost more than it saves, unless the caller loads it anyway
+    cores; below that, loading numba (0.5 s) would cost more than it saves, unless the caller loads it anyway
     (`compiled`). The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
     """
 
