@@ -85,6 +85,32 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
         np.testing.assert_allclose(ba, bb, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("classes", [2, 5])
+def test_streamed_blocks_train_the_same_in_the_compiled_step(classes, monkeypatch):
+    """fit_blocks hands the compiled softmax step each block and the rows picked from it (batches of 37: groups
+    of 4 rows with a remainder): the weights must agree with numpy's path over the same batches."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, classes, 600)
+    X = (rng.standard_normal((600, 50)) + np.eye(classes, 50)[y]).astype(np.float16)
+
+    def blocks(rng):
+        starts = range(0, 600, 200) if rng is None else rng.permutation(3) * 200
+        return ((np.arange(i, i + 200), X[i:i + 200]) for i in starts)
+
+    numpy_path = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
+    monkeypatch.setattr(models, "LARGE", 0)
+    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    from headstart.heads import kernels
+
+    calls, original = [], kernels.linear_rows
+    monkeypatch.setattr(kernels, "linear_rows", lambda *a: (calls.append(len(a[1])), original(*a)))
+    compiled = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
+    assert sum(calls) == 3 * 600  # every row of every epoch went through the compiled step
+    for (Wa, ba), (Wb, bb) in zip(numpy_path.layers_, compiled.layers_, strict=True):
+        np.testing.assert_allclose(Wa, Wb, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ba, bb, rtol=1e-4, atol=1e-5)
+
+
 def test_float16_widens_exactly_in_the_compiled_step():
     """Every finite float16 value, as the compiled softmax step widens it, against numpy's conversion: one row
     whose logits are 0, so that its gradient is exactly -1/2 and +1/2 times the row."""
