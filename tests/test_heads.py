@@ -186,6 +186,27 @@ def test_evaluate_shows_the_most_confident_errors(photo_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_compiled_softmax_step_scores_as_numpy_does_on_the_photos(photo_cache, monkeypatch):
+    """The compiled softmax step, forced on (the 96 px photos' pool5 is below its threshold), trains the same
+    head as numpy's path on real features: validation accuracy within one photo, probabilities within 1e-3.
+    Batches of 50: each core's share of 25 rows ends in a group of fewer than 4."""
+    from headstart.heads import kernels, models
+
+    numpy_path = train_head(photo_cache, "pool5", "softmax", batch_size=50)
+    monkeypatch.setattr(models, "LARGE", 0)
+    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    rows, original = [], kernels.linear_rows
+    monkeypatch.setattr(kernels, "linear_rows", lambda *a: (rows.append(len(a[1])), original(*a)))
+    compiled = train_head(photo_cache, "pool5", "softmax", batch_size=50)
+    assert sum(rows) == 800 * compiled.epochs
+    a, b = (h.meta_["metrics"]["valid_accuracy"] for h in (numpy_path, compiled))
+    assert b >= 0.92 and abs(a - b) <= 0.005, (a, b)  # one photo at most
+    fc = FeatureCache(photo_cache)
+    X = fc.features("pool5", fc.select("valid"))
+    np.testing.assert_allclose(compiled.predict_proba(X), numpy_path.predict_proba(X), atol=1e-3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "mlp"])
 def test_streamed_training_reaches_the_in_memory_accuracy(photo_cache, kind):
     notes = []
