@@ -75,17 +75,18 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert {"train@digit", "train@parity"} <= ran and not {"data", "export", "extract"} & ran, out
 
-    set_params(project, **{"model.image-size": 64})
-    out = dvc(project, "repro")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"export", "extract", "train@digit", "train@parity"} <= ran and "data" not in ran, out
-    assert " 0 reused" in out  # a new model: the persisted cache was started afresh
-
     set_params(project, **{"model.quantize": "int8", "model.calibrate-count": 8})
     out = dvc(project, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert {"export", "extract", "train@digit"} <= ran and " 0 reused" in out, out
     assert "int8 (calibrated on 8 photos of data/digits)" in out
+    assert json.loads((project / "metrics/digit/metrics.json").read_text())["accuracy"] > 0.8
+
+    set_params(project, **{"model.image-size": 64})  # after int8, whose extraction at 64 px is the faster
+    out = dvc(project, "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"export", "extract", "train@digit", "train@parity"} <= ran and "data" not in ran, out
+    assert " 0 reused" in out  # a new model: the persisted cache was started afresh
     assert json.loads((project / "metrics/digit/metrics.json").read_text())["accuracy"] > 0.8
 
     metrics = json.loads(dvc(project, "metrics", "show", "--json"))
