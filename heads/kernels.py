@@ -1,7 +1,7 @@
-"""Compiled loops for the two places where numpy's one-operation-per-pass costs most: Adam's update over a pool5
-MLP's 6.4M weights, and a softmax head's step over float16 pool5 rows. Each runs in one thread without the GIL;
-the callers share the work out among threads. Compiled by numba on first use, and cached beside this file.
-"""
+"""Compiled loops for the two places where numpy's one-operation-per-pass costs most: Adam's update (over a pool5
+MLP's 6.4M weights, or beside the softmax step) and a softmax head's step over float16 pool5 rows. Each runs in
+one thread without the GIL; the callers share the work out among threads. Compiled by numba on first use, and
+cached beside this file."""
 
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ def _linear_rows(X, rows, W, b, y, scale, flush, P, G, gs):
 
 def linear_rows(X: np.ndarray, rows: np.ndarray, W: np.ndarray, b: np.ndarray, y: np.ndarray, scale: np.ndarray,
                 flush: float, P: np.ndarray, G: np.ndarray, gs: np.ndarray) -> None:
-    """A linear softmax head's forward and backward pass over `rows` of X (n, d), float16 or float32, each row
-    widened once and used from the core's cache: logits x @ W.T + b (W (k, d)), probabilities into P (len(rows),
+    """A linear softmax head's forward and backward pass over `rows` of X (n, d), float16 or float32, 4 rows at a
+    time kept in the core's cache for both passes: logits x @ W.T + b (W (k, d)), probabilities into P (len(rows),
     k) (those below exp(flush) of the row's largest taken as 0), and the gradient of sum(scale * cross-entropy)
-    into G (k, d) and gs (k,). y: the rows' class indices."""
+    into G (k, d) and gs (k,). y, scale: the rows' class indices and weights (len(rows),)."""
     _linear_rows(X.view(np.uint16) if X.dtype == np.float16 else X, rows, W, b, y, scale, np.float32(flush), P, G, gs)
