@@ -7,9 +7,12 @@ fingerprint and compare it with `compatible()`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 FORMAT = 1  # how features are laid out per image (stage outputs flattened (C, H, W)); bump on change
 CORE = ("format", "weights_sha256", "image_size", "preprocessing", "dtype")
-KEYS = (*CORE, "resize", "layers")
+KEYS = (*CORE, "resize", "layers", "quantization")
 
 
 class IncompatibleError(ValueError):
@@ -18,8 +21,18 @@ class IncompatibleError(ValueError):
 
 def body_fingerprint(meta: dict[str, str]) -> dict:
     """The fingerprint of a body model, from its headstart metadata (`export.graph.read_metadata`)."""
-    return {"format": FORMAT, "weights_sha256": meta["weights_sha256"], "image_size": int(meta["image_size"]),
-            "preprocessing": meta["preprocessing"], "dtype": meta["dtype"], "layers": meta["layers"].split(",")}
+    out = {"format": FORMAT, "weights_sha256": meta["weights_sha256"], "image_size": int(meta["image_size"]),
+           "preprocessing": meta["preprocessing"], "dtype": meta["dtype"], "layers": meta["layers"].split(",")}
+    if "quantization" in meta:  # two int8 bodies differ by their weights' range and calibration photos
+        out["quantization"] = quantization_id(meta["quantization"])
+    return out
+
+
+def quantization_id(record: str) -> str:
+    """A short name for an int8 body's quantization record: its weight bits and calibration photos."""
+    q = json.loads(record)
+    photos = hashlib.sha256(json.dumps(sorted(q["calibration"]["sha256"])).encode()).hexdigest()[:12]
+    return f"{q.get('weight_bits', 8)}-bit weights, calibration {photos}"  # records without weight_bits: 8 bits
 
 
 def features_fingerprint(meta: dict[str, str], resize: str) -> dict:

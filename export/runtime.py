@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import onnxruntime as ort
@@ -13,6 +15,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class DeviceError(Exception):
     """The requested device cannot run the model."""
+
+
+class Int8Warning(UserWarning):
+    """An int8 model whose kernels lose accuracy on this CPU."""
+
+
+_warned: set[str] = set()  # one warning per process, however many sessions open
 
 
 def _options(threads: int | None) -> ort.SessionOptions:
@@ -53,6 +62,8 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
             raise DeviceError(f"--device cuda is unusable here: {why}; "
                               "install the cuda extra (pip install 'headstart[cuda]') or use --device cpu")
         session = ort.InferenceSession(source, _options(threads), providers=["CPUExecutionProvider"])
+    if session_device(session) == "cpu":
+        _check_int8(session, source if isinstance(source, str) else "this model")
     if not quiet:
         used = session_device(session).upper()
         note = f" (CUDA unusable: {why})" if why and used == "CPU" else ""
@@ -62,3 +73,17 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
 
 def session_device(session: ort.InferenceSession) -> str:
     return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+
+
+def _check_int8(session: ort.InferenceSession, where: str) -> None:
+    """Warn once when an int8 model with full 8-bit weights runs on an x86 CPU without VNNI (its sums saturate)."""
+    from .cpu import int8_saturates
+
+    record = session.get_modelmeta().custom_metadata_map.get("headstart.quantization")
+    if record is None or "int8" in _warned or json.loads(record).get("weight_bits", 8) <= 7 or not int8_saturates():
+        return
+    _warned.add("int8")
+    warnings.warn(f"{where}: an int8 model with 8-bit weights, on a CPU without VNNI, whose int8 kernels saturate "
+                  "(features lose accuracy: cosine to float32 down to 0.87); re-export it with this version of "
+                  "headstart (`headstart export --quantize int8`), which keeps weights to 7 bits", Int8Warning,
+                  stacklevel=3)

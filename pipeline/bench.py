@@ -45,13 +45,9 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def cpu_features() -> str:
     """The instruction sets that decide int8 and float32 speed on x86 CPUs, as /proc/cpuinfo lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
-    return " ".join(x for x in wanted if x in flags) or "none of " + " ".join(wanted)
+    from headstart.export.cpu import describe
+
+    return describe()
 
 
 def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), seconds: float = 10.0,

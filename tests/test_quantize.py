@@ -1,14 +1,29 @@
 """The int8 body: calibrated on photos, its own fingerprint, and close to float32."""
 
 import json
+import warnings
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import generated_images, photos, pixels
+from onnx import numpy_helper
 
-from headstart.export import open_session, read_metadata
+from headstart.export import (
+    IncompatibleError,
+    body_fingerprint,
+    build_body,
+    compatible,
+    cpu,
+    open_session,
+    read_metadata,
+    runtime,
+    save,
+)
 from headstart.export.files import file_digest
+from headstart.export.quantize import quantize_int8
+from headstart.export.weights import random_weights
 from headstart.heads import save_head
 from headstart.heads.bundle import bundle_files
 from headstart.pipeline.cache import FeatureCache
@@ -37,8 +52,71 @@ def test_int8_export_records_its_calibration(int8_model):
     q = json.loads(meta["quantization"])
     assert "QDQ, per-channel" in q["method"] and q["onnxruntime"] and q["calibration"]["count"] == 4
     assert set(q["calibration"]["sha256"]) <= {file_digest(p) for p in images}
-    ops = {n.op_type for n in __import__("onnx").load(str(path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    model = onnx.load(str(path))
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in model.graph.node}
+    assert q["weight_bits"] == 7
+    assert weight_range(model) == (-64, 64)  # 2 x 255 x 64 < 2**15: no x86 int8 kernel saturates
+
+
+def weight_range(model: onnx.ModelProto) -> tuple[int, int]:
+    """The smallest and largest stored int8 weight of the convolutions."""
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]  # not the zero points
+    assert len(weights) == 13  # one per convolution of VGG16
+    return int(min(w.min() for w in weights)), int(max(w.max() for w in weights))
+
+
+@pytest.fixture(scope="module")
+def old_and_new(tmp_path_factory):
+    """A 32 px random body quantized with 8-bit weights (before 7 became the default) and with 7."""
+    root = tmp_path_factory.mktemp("bits")
+    body = build_body(random_weights(0), 32, ("gap",))
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    return {bits: save(quantize_int8(body, x, ["random pixels"], weight_bits=bits), root / f"w{bits}.onnx")
+            for bits in (7, 8)}
+
+
+def test_8_bit_weights_fill_the_range_that_7_bits_halve(old_and_new):
+    assert weight_range(onnx.load(str(old_and_new[8]))) == (-127, 127)
+    assert weight_range(onnx.load(str(old_and_new[7]))) == (-64, 64)
+    with pytest.raises(ValueError, match="weight_bits must be one of"):
+        quantize_int8(build_body(random_weights(0), 32, ("gap",)), np.zeros((1, 32, 32, 3), np.uint8), [], 6)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_an_8_bit_int8_model_warns_once_where_its_kernels_saturate(old_and_new, monkeypatch, saturates):
+    monkeypatch.setattr(cpu, "int8_saturates", lambda: saturates)
+    monkeypatch.setattr(runtime, "_warned", set())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            open_session(old_and_new[8], quiet=True)
+            open_session(old_and_new[7], quiet=True)
+    ours = [w for w in seen if issubclass(w.category, runtime.Int8Warning)]
+    assert len(ours) == (1 if saturates else 0)
+    if saturates:
+        text = str(ours[0].message)
+        assert str(old_and_new[8]) in text and "without VNNI" in text and "re-export" in text
+
+
+def test_the_weight_range_is_part_of_the_fingerprint(old_and_new):
+    fp = {bits: body_fingerprint(read_metadata(path)) for bits, path in old_and_new.items()}
+    assert fp[7]["quantization"].startswith("7-bit weights") and fp[8]["quantization"].startswith("8-bit weights")
+    with pytest.raises(IncompatibleError, match="quantization '8-bit weights"):
+        compatible(fp[7], fp[8], "w8.onnx")
+    compatible(fp[7], body_fingerprint(read_metadata(old_and_new[7])), "w7.onnx")
+
+
+def test_cpu_flags_decide_saturation(monkeypatch):
+    def with_flags(flags, machine="x86_64"):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: None if flags is None else frozenset(flags.split()))
+        monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+        return cpu.int8_saturates()
+
+    assert with_flags("sse4_2 avx2 fma avx512f avx512bw")  # AVX-512 without VNNI still multiplies in 16 bits
+    assert not with_flags("avx2 fma avx512f avx512_vnni")
+    assert not with_flags("avx2 fma avx_vnni")
+    assert not with_flags("avx2", machine="aarch64") and not with_flags(None)
 
 
 def test_int8_needs_calibration_photos(tmp_path):
