@@ -106,10 +106,12 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
         elif todo:
             changed = _compute(writer, model, todo, size, layers, batch_size, resize, device, progress, jobs,
                                max_bytes)
-            for key in changed:
-                unreadable[todo[key][0]] = CHANGED
-            lost = {todo[key][0] for key in changed}
-            hashes = [None if p in lost else h for p, h in zip(ds.paths, hashes, strict=True)]
+        else:
+            changed = set()
+        for key in changed:  # on a cluster as in one process: the file gets no row, and says why
+            unreadable[todo[key][0]] = CHANGED
+        lost = {todo[key][0] for key in changed}
+        hashes = [None if p in lost else h for p, h in zip(ds.paths, hashes, strict=True)]
         summary = writer.write_dataset(ds.name, ds.paths, ds.splits, ds.labels, ds.classes, hashes, unreadable,
                                        source, [[k if h else None for k in keys] for h, keys in
                                                 zip(hashes, views, strict=True)] if augment else None)

@@ -1,6 +1,7 @@
 """Extraction on a Dask LocalCluster of 2 worker processes: the same arrays as one process, through faults."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,30 @@ def test_a_cluster_extracts_what_one_process_does(photos, random_model, cluster,
     same(photos / "single.zarr", tmp_path / "c.zarr")
     pids = {p for p in cluster.run(os.getpid).values()}
     assert len(pids) == 2 and os.getpid() not in pids  # the body ran in worker processes
+
+
+def test_a_file_changed_between_hashing_and_decoding_is_recorded_on_a_cluster_too(random_model, cluster, tmp_path,
+                                                                                  monkeypatch):
+    import headstart.pipeline.distributed as distributed_module
+    from headstart.pipeline.extract import CHANGED
+
+    generated_images(tmp_path / "d", 6, "train")
+    victim = sorted((tmp_path / "d" / "train" / "a").iterdir())[0]
+    other = generated_images(tmp_path / "other", 1, classes=("z",), seed=7)[0]
+    real = distributed_module.compute
+
+    def swap_then_compute(*args, **kwargs):
+        shutil.copy(other, victim)  # after the workers hashed it, before they decode it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distributed_module, "compute", swap_then_compute)
+    report = extract(tmp_path / "d", random_model, tmp_path / "c.zarr", batch_size=4, client=cluster, progress=False)
+    fc = FeatureCache(tmp_path / "c.zarr")
+    assert report.skipped == 1 and [s["reason"] for s in fc.skipped] == [CHANGED]
+    assert str(victim) not in set(fc.paths) and len(fc) == 11  # the dataset is written without its row
+    monkeypatch.setattr(distributed_module, "compute", real)
+    again = extract(tmp_path / "d", random_model, tmp_path / "c.zarr", batch_size=4, client=cluster, progress=False)
+    assert (again.computed, again.skipped) == (1, 0) and len(FeatureCache(tmp_path / "c.zarr")) == 12
 
 
 def test_a_cluster_reads_images_from_and_writes_features_to_s3(photos, random_model, cluster, s3):
