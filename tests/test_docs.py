@@ -99,7 +99,7 @@ def test_docs_index_lists_every_page():
 def test_readme_is_short_and_names_the_two_setup_commands():
     text = README.read_text()
     assert len(text.splitlines()) <= 200, f"README.md has {len(text.splitlines())} lines; move detail to docs/"
-    setup = "\n".join(code_blocks(section(text, "## Set up and run"), "bash"))
+    setup = "\n".join(code_blocks(section(text, "## Install and run"), "bash"))
     for command in SETUP:
         assert command in setup, f"README's set-up block lacks {command!r}"
 
