@@ -26,15 +26,13 @@ from .metrics import loss_and_accuracy
 EpochLog = Callable[[dict], None]
 # float16 features stay float16 (pool5 at 224 px is 1.25 GB per 25,000 images); blocks are widened as used.
 FLOATS = [np.float32, np.float64, np.float16]
-# Training takes probabilities below exp(-40) (4e-18) times a row's largest as 0. Smaller ones lead to subnormal
-# floats in the products downstream, which Intel CPUs compute in microcode: they doubled the time of a pool5 MLP's
-# late epochs. Adam cannot see the difference: a gradient that small is far below its epsilon (1e-7).
+# Probabilities below exp(-40) of a row's largest count as 0: Intel CPUs compute the subnormals they lead to in
+# microcode, and a gradient that small is far below Adam's epsilon (1e-7). Figures: docs/benchmarks.md.
 FLUSH = -40.0
 # Bytes of a float32 batch from which the first layer's products go to onnxruntime (see _train).
 LARGE = 2**20
-# Feature values a softmax head's training reads (rows x epochs x features), from which its steps run compiled
-# (see _train): they save about 0.9 ns a value read, and loading numba and the compiled loops costs 0.4-0.6 s
-# a process. The catsdogs pool5 softmax (1,999 rows, 20 epochs: 1e9) trains in 2.1-2.3 s so, 2.7-2.9 s without.
+# Feature values a softmax head's training reads (rows x epochs x features) from which its steps run compiled
+# (see _train): the point where the compiled step saves more than loading numba costs (docs/benchmarks.md).
 COMPILE_WORK = 6 * 10**8
 
 
@@ -84,8 +82,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray, *, X_valid: np.ndarray | None = None,
             y_valid: np.ndarray | None = None, log: EpochLog | None = None) -> DenseHead:
         """Fit on X (n, D) float and y (n,) labels of any kind; X_valid/y_valid are only scored, for the log."""
-        # Finiteness comes free with the standardization statistics (see _set_stats); sklearn's own check of a
-        # pool5 array (1.25 GB) took longer than the statistics.
+        # Finiteness comes free with the standardization statistics (see _set_stats), sparing sklearn's own pass.
         X, y = validate_data(self, X, y, dtype=FLOATS, ensure_all_finite=not self.standardize)
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
@@ -244,9 +241,8 @@ class _AdamHead(DenseHead):
         product = Product(large)
         # A softmax head on a large batch (pool5) takes its rows through a compiled loop instead, shared among the
         # cores: each row's float16 values are widened in the vector registers and used from the core's cache by
-        # the forward and the backward pass, where numpy's products read the widened batch back from memory twice
-        # (8.75 GB an epoch of 25,000 pool5 rows, whose float16 values are 1.25 GB). With numba loaded for it,
-        # Adam's update is compiled too.
+        # the forward and the backward pass, where numpy's products read the widened batch back from memory twice.
+        # With numba loaded for it, Adam's update is compiled too.
         compiled = fold and len(sizes) == 2 and large and len(y) * self.epochs * d >= COMPILE_WORK
         adam = Adam([p for layer in init for p in layer], decay=[self.l2, 0.0] * len(init),  # weights, not biases
                     compiled=compiled)
@@ -334,7 +330,7 @@ class Adam:
 
     From PARALLEL parameters on (a pool5 MLP's first layer has 6.4M weights, updated every step), the update is
     one compiled pass over the weights, their gradient and moments, where numpy takes ten, shared out among the
-    cores; below that, loading numba (0.5 s) would cost more than it saves, unless the caller loads it anyway
+    cores; below that, loading numba would cost more than it saves, unless the caller loads it anyway
     (`compiled`). The moments are kept scaled, as m / (1 - b1) and v / (1 - b2), which saves a pass over each.
     """
 

@@ -1,4 +1,4 @@
-"""Benchmarks: measured numbers behind the README's claims. Each returns rows for a table and JSON."""
+"""Benchmarks: the measured numbers behind docs/benchmarks.md. Each returns rows for a table and JSON."""
 
 from __future__ import annotations
 

@@ -396,7 +396,7 @@ class CacheWriter:
         self.replace = replace
         self.dims = dims
         self.dtype = dtype
-        self.sync_seconds = 0.0  # time spent flushing to disk, for the README's measured cost
+        self.sync_seconds = 0.0  # time spent flushing to disk, which `bench extract` reports
         settings = {"fingerprint": fingerprint, "dtype": dtype,
                     "model": {k: model.get(k) for k in ("weights_source", "weights_sha256", "trained")}}
         self.folder.make()

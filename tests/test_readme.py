@@ -5,7 +5,7 @@ import sys
 
 import click
 from click.testing import CliRunner
-from conftest import REPO, generated_images
+from conftest import REPO
 
 from headstart.pipeline.cli import main
 
@@ -34,27 +34,6 @@ def test_readme_cli_reference_matches_help():
     assert block, "README.md lacks the cli-reference markers"
     stale = "README's CLI reference is stale: run python tests/test_readme.py"
     assert block.group(1).strip() == reference().strip(), stale
-
-
-def test_readme_python_api_runs_as_written(tmp_path, random_model, monkeypatch):
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    section = section[:section.index("\n## ", 1)]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert blocks and "from headstart." in blocks[0]
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "vgg16.onnx").write_bytes(random_model.read_bytes())
-    generated_images(tmp_path / "data" / "catsdogs", 12, "train", classes=("cats", "dogs"))
-    generated_images(tmp_path / "data" / "catsdogs", 4, "valid", classes=("cats", "dogs"), seed=1)
-    monkeypatch.chdir(tmp_path)
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
-    assert (tmp_path / "models" / "catsdogs.head").is_file()
-
-
-def test_readme_names_the_two_setup_commands():
-    readme = (REPO / "README.md").read_text()
-    assert "bash .ci/run" in readme and "dvc repro" in readme
 
 
 if __name__ == "__main__":
