@@ -550,12 +550,13 @@ def data() -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--replace", is_flag=True, help="Delete OUT first when it holds an earlier digits folder (only that).")
 @friendly
-def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
+def data_digits(out: Path, valid_fraction: float, seed: int, replace: bool) -> None:
     """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
     from .data import write_digits
 
-    counts = write_digits(out, valid_fraction, seed)
+    counts = write_digits(out, valid_fraction, seed, replace)
     click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid digits, 10 classes")
 
 

@@ -46,7 +46,11 @@ _NAMES = {
 }
 _SUBPACKAGES = ("export", "heads", "pipeline")
 
-__all__ = ["__version__", *_NAMES]
+__all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
+    "CacheError", "DeviceError", "FeatureCache", "HeadFileError", "IncompatibleError", "LogisticHead", "MLPHead",
+    "Predictions", "SoftmaxHead", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
+    "predict", "save_head", "train_head",
+]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
     from headstart.export.fingerprint import IncompatibleError
