@@ -82,5 +82,5 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the names above
 
 
 def __dir__() -> list[str]:
-    """The public names, for ``dir()`` and tab completion."""
+    """List the public names, for ``dir()`` and tab completion."""
     return sorted({*globals(), *__all__, *_SUBPACKAGES})
