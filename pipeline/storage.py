@@ -226,8 +226,11 @@ class FileLock:
                 holder = ""
             raise BusyError(holder or "another process") from None
         partial = self._note.with_name(f"{self._note.name}.{os.getpid()}")
-        partial.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        os.replace(partial, self._note)  # readers see the whole note or the previous one
+        try:
+            partial.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            os.replace(partial, self._note)  # readers see the whole note or the previous one
+        except OSError:  # the note is only shown (Windows refuses to replace a file open for reading)
+            partial.unlink(missing_ok=True)
 
     def check(self) -> None:
         """Still held (an OS lock cannot be lost while its file is open)."""

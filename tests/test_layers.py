@@ -1,6 +1,7 @@
 """The package's structure: one import name, layers that import only downward, VGG16 written once as data."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,35 @@ def test_installed_package_has_one_import_name(tmp_path):
     assert found == "[]"
     assert Path(root.strip()).parent.name in ("_root", "headstart")  # editable: pipeline/_root; a wheel: headstart/
     assert not (REPO / "headstart").exists()  # nothing in the checkout can shadow the installed name
+
+
+def test_a_built_wheel_holds_the_root_package_and_runs_from_it(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and egg-info beside the sources
+    for name in ("export", "heads", "pipeline"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "build_backend.py"):
+        shutil.copy(REPO / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist")], cwd=src, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"headstart/__init__.py", "headstart/__main__.py", "headstart/pipeline/cli.py",
+            "headstart/heads/models.py", "headstart/export/vgg.py"} <= set(names)
+    assert not [n for n in names if "_root" in n]  # the folder's name stays in the checkout
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure wheel: unpacked is installed, for an import
+    code = ("import headstart, headstart.pipeline.cli as cli, importlib.metadata as m; "
+            "print(headstart.__file__, cli.__file__, headstart.__version__ == m.version('headstart'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
+    root, cli, same = done.stdout.split()
+    assert Path(root) == site / "headstart" / "__init__.py" and Path(cli) == site / "headstart" / "pipeline" / "cli.py"
+    assert same == "True"
 
 
 def test_vgg16_is_written_once_as_data():

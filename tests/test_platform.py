@@ -170,6 +170,12 @@ def test_the_runtime_markers_pick_one_onnxruntime_per_platform():
         assert names == [runtime], (platform, names)
     assert [r for r in dependencies(marker_env("manylinux_2_28_x86_64") | {"platform_machine": "aarch64"})
             if r.startswith("onnxruntime")][0].startswith("onnxruntime>=")
+    import tomllib
+    from packaging.requirements import Requirement
+
+    (cuda,) = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cuda"]
+    assert {p for p in TARGETS if Requirement(cuda).marker.evaluate(marker_env(p))} == {"win_amd64",
+                                                                                         "manylinux_2_28_x86_64"}
 
 
 @pytest.fixture(scope="module")
