@@ -236,9 +236,6 @@ def bundle(body: str | Path, head: str | Path | DenseHead, output: str | Path, *
             raise ValueError(f"the head was trained on layer {known.get('layer')!r}, not {layer!r}")
         if "fingerprint" not in known:
             head = with_provenance(head, cache, layer)
-    elif "fingerprint" not in known:
-        raise ValueError("this head does not say which features it was fitted on: pass cache= and layer= (the "
-                         "cache and layer of the X it was fitted on), or train it with hs.train_head")
     return save(build(body, head, dtype), output)
 
 

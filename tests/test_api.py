@@ -223,7 +223,7 @@ def test_xy_gives_float32_features_and_label_names_of_one_split(project, tmp_pat
 def test_bundle_needs_to_know_the_features_of_a_head_fitted_on_arrays(project, tmp_path):
     root, body, cache = project
     head = hs.LogisticHead().fit(*cache.xy("gap"))
-    with pytest.raises(ValueError, match="pass cache= and layer="):
+    with pytest.raises(ValueError, match="does not say which body features .* pass hs.bundle the cache= and layer="):
         hs.bundle(body, head, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="reads 512 features, and layer 'pool5'"):
         hs.bundle(body, head, tmp_path / "x.onnx", cache=cache, layer="pool5")
