@@ -65,7 +65,8 @@ def bundle(model_path: str | Path, head: DenseHead | TunedHead, dtype: str | Non
     info = getattr(head, "meta_", {})
     if "fingerprint" not in info or "layer" not in info:
         raise ValueError("this head does not say which body features it was trained on; train it with "
-                         "`headstart train`")
+                         "`headstart train` (in Python: pass hs.bundle the cache= and layer= of the features it was "
+                         "fitted on)")
     layer = info["layer"]
     compatible(info["fingerprint"], body_fingerprint(meta), str(model_path), layer)
     model = onnx.load(str(model_path))

@@ -26,7 +26,25 @@ class HeadFileError(ValueError):
 
 
 def save_head(head: DenseHead | TunedHead, path: str | Path) -> Path:
-    """Write a fitted head, atomically."""
+    """Write a fitted head as a head file, atomically: an .npz of plain arrays plus JSON, never a pickle.
+
+    Parameters
+    ----------
+    head : DenseHead or TunedHead
+        A fitted head; its `meta_` (what `train_head` recorded: layer, features' fingerprint, metrics) is kept.
+    path : str or Path
+        Where to write it.
+
+    Returns
+    -------
+    Path
+        `path`.
+
+    Examples
+    --------
+    >>> hs.save_head(hs.train_head("cache/features.zarr", "gap", "logistic"), "models/digits.head")  # doctest: +SKIP
+    PosixPath('models/digits.head')
+    """
     kind = "tuned" if isinstance(head, TunedHead) else next(k for k, cls in KINDS.items() if type(head) is cls)
     meta = {"format": FORMAT, "kind": kind, "params": head.get_params(), "classes": head.classes_.tolist(),
             "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {})}
@@ -43,10 +61,26 @@ def save_head(head: DenseHead | TunedHead, path: str | Path) -> Path:
 
 
 def load_head(path: str | Path) -> DenseHead:
-    """The fitted estimator of a head file, of its own class and parameters; `meta_` holds the trainer's info.
+    """Read a head file back as the fitted estimator, of its own class and parameters.
 
-    Everything is checked before use: a file whose arrays disagree with its metadata is refused here, not
-    later inside onnxruntime.
+    Everything is checked before use: a file whose arrays disagree with its metadata is refused here
+    (`HeadFileError`), not later inside onnxruntime.
+
+    Parameters
+    ----------
+    path : str or Path
+        A head file written by `save_head` or ``headstart train``.
+
+    Returns
+    -------
+    DenseHead or TunedHead
+        The fitted head; its `meta_` holds what the trainer recorded (task, layer, fingerprint, metrics).
+
+    Examples
+    --------
+    >>> head = hs.load_head("models/digits.head")  # doctest: +SKIP
+    >>> head.meta_["layer"]  # doctest: +SKIP
+    'gap'
     """
     path = Path(path)
     if not path.is_file():

@@ -324,9 +324,10 @@ class _AdamHead(DenseHead):
 
 
 class Adam:
-    """Adam's update over parameters it keeps in one flat vector: `params[i]` and `grads[i]` are views of it
-    shaped like the arrays given. Write a step's gradients into `grads`, then call `step` (which then leaves them
-    changed).
+    """Adam's update over parameters it keeps in one flat vector.
+
+    `params[i]` and `grads[i]` are views of it shaped like the arrays given. Write a step's gradients into
+    `grads`, then call `step` (which then leaves them changed).
 
     From PARALLEL parameters on (a pool5 MLP's first layer has 6.4M weights, updated every step), the update is
     one compiled pass over the weights, their gradient and moments, where numpy takes ten, shared out among the
@@ -338,8 +339,10 @@ class Adam:
 
     def __init__(self, params: list[np.ndarray], b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
                  decay: list[float] | None = None, compiled: bool = False) -> None:
-        """`decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty). `compiled`: the compiled
-        update at any size."""
+        """Keep `params` in one vector; `decay[i]`: added to params[i]'s gradient times params[i] (an l2 penalty).
+
+        `compiled`: the compiled update at any size.
+        """
         self.b1, self.b2, self.eps, self.t = b1, b2, eps, 0
         decay = decay or [0.0] * len(params)
         n = sum(p.size for p in params)
@@ -405,26 +408,31 @@ def _share(jobs: list[Callable[[], object]]) -> None:
 
 
 def _cores() -> int:
-    """The cores this process may run on, at most 8 (past that, memory, not cores, bounds the loops)."""
+    """Count the cores this process may run on, at most 8 (past that, memory, not cores, bounds the loops)."""
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @functools.cache
 def _pool(pid: int) -> ThreadPoolExecutor:
-    """Threads that share the compiled loops' work out among the cores (the loops let go of the GIL); one pool
-    per process, since a forked child's copy of its parent's pool has no threads and would wait forever."""
+    """Threads that share the compiled loops' work out among the cores (the loops let go of the GIL).
+
+    One pool per process, since a forked child's copy of its parent's pool has no threads and would wait forever.
+    """
     return ThreadPoolExecutor(max(1, _cores() - 1), thread_name_prefix="headstart-heads")
 
 
 class Widen:
-    """`source[rows]` as float32, into a buffer: a minibatch gathered and widened in one pass. float16 goes
-    through onnxruntime's Gather and Cast on every core (numpy's take, then its float16 widening at about 0.6
-    billion values/s on this project's CPUs, take three times as long)."""
+    """`source[rows]` as float32, into a buffer: a minibatch gathered and widened in one pass.
+
+    float16 goes through onnxruntime's Gather and Cast on every core (numpy's take, then its float16 widening at
+    about 0.6 billion values/s on this project's CPUs, take three times as long).
+    """
 
     def __init__(self, d: int) -> None:
         self.d, self.session, self.bound = d, None, None
 
     def __call__(self, source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Gather `source[rows]` into `out` as float32; returns `out`."""
         if source.dtype == np.float32:  # "clip" since rows are valid: "raise" goes through a temporary copy
             return np.take(source, rows, axis=0, out=out, mode="clip")
         if source.dtype != np.float16 or not source.flags.c_contiguous:
@@ -465,15 +473,19 @@ def _session(model):  # noqa: ANN001, ANN202 - an onnx ModelProto, an onnxruntim
 
 
 class Product:
-    """(a.T if trans_a else a) @ (b.T if trans_b else b), into `out` where given: by onnxruntime's Gemm for large
-    operands, else numpy. Its threads sleep between calls, so the cores are free for the threads that run in
-    between (Adam's, the widening's), where OpenBLAS's spin on for a while after each call."""
+    """(a.T if trans_a else a) @ (b.T if trans_b else b), into `out` where given.
+
+    By onnxruntime's Gemm for large operands, else numpy. Its threads sleep between calls, so the cores are free
+    for the threads that run in between (Adam's, the widening's), where OpenBLAS's spin on for a while after each
+    call.
+    """
 
     def __init__(self, large: bool) -> None:
         self.sessions: dict[tuple[bool, bool], object] | None = {} if large else None
 
     def __call__(self, a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
                  out: np.ndarray | None = None) -> np.ndarray:
+        """Multiply, into `out` where given; returns the product."""
         if out is None:
             out = np.empty((a.shape[1 if trans_a else 0], b.shape[0 if trans_b else 1]), np.float32)
         if self.sessions is None:
@@ -508,7 +520,52 @@ def _shuffled_batches(X: np.ndarray, batch_size: int, rng: np.random.Generator):
 
 
 class MLPHead(_AdamHead):
-    """Hidden Dense+ReLU+dropout layers, then Dense(n_classes) with softmax, trained by minibatch Adam."""
+    """Hidden Dense+ReLU+dropout layers, then Dense(n_classes) with softmax, trained by minibatch Adam.
+
+    Parameters
+    ----------
+    hidden : tuple of int
+        The hidden layers' sizes.
+    dropout : float
+        The fraction of each hidden layer's outputs dropped while training, in [0, 1).
+    epochs : int
+        Passes over the training rows.
+    lr : float
+        Adam's learning rate.
+    batch_size : int
+        Rows per Adam step (the command line's ``--minibatch``).
+    l2 : float
+        Penalty on the mean loss: `l2` times the sum of the weights' squares.
+    standardize : bool
+        Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    class_weight : {None, "balanced"}
+        "balanced" weighs each row inversely to its class's frequency.
+    random_state : int or None
+        Seed of the initial weights, the shuffling and dropout; None for a fresh one each fit.
+
+    Attributes
+    ----------
+    classes_ : numpy.ndarray
+        (k,) the class labels seen in ``fit``, the columns of ``predict_proba``.
+    n_features_in_ : int
+        The number of features ``fit`` saw.
+    mean_, scale_ : numpy.ndarray
+        (D,) float32, the standardization.
+    layers_ : list of tuple
+        The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
+    history_ : list of dict
+        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+    meta_ : dict
+        What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
+
+    Examples
+    --------
+    >>> import numpy as np, headstart as hs
+    >>> X, y = np.random.default_rng(0).normal(size=(40, 8)), np.repeat(["cat", "dog"], 20)
+    >>> head = hs.MLPHead(hidden=(16,), epochs=5).fit(X, y)
+    >>> head.predict_proba(X).shape
+    (40, 2)
+    """
 
     def __init__(self, hidden: tuple[int, ...] = (256,), dropout: float = 0.5, epochs: int = 20, lr: float = 1e-3,
                  batch_size: int = 64, l2: float = 1e-4, standardize: bool = True, class_weight: str | None = None,
@@ -525,7 +582,48 @@ class MLPHead(_AdamHead):
 
 
 class SoftmaxHead(_AdamHead):
-    """Multinomial logistic regression by minibatch Adam: Keras' Dense(n_classes, softmax) on frozen features."""
+    """Multinomial logistic regression by minibatch Adam: Keras' Dense(n_classes, softmax) on frozen features.
+
+    Parameters
+    ----------
+    epochs : int
+        Passes over the training rows.
+    lr : float
+        Adam's learning rate.
+    batch_size : int
+        Rows per Adam step (the command line's ``--minibatch``).
+    l2 : float
+        Penalty on the mean loss: `l2` times the sum of the weights' squares.
+    standardize : bool
+        Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    class_weight : {None, "balanced"}
+        "balanced" weighs each row inversely to its class's frequency.
+    random_state : int or None
+        Seed of the initial weights, the shuffling and dropout; None for a fresh one each fit.
+
+    Attributes
+    ----------
+    classes_ : numpy.ndarray
+        (k,) the class labels seen in ``fit``, the columns of ``predict_proba``.
+    n_features_in_ : int
+        The number of features ``fit`` saw.
+    mean_, scale_ : numpy.ndarray
+        (D,) float32, the standardization.
+    layers_ : list of tuple
+        The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
+    history_ : list of dict
+        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+    meta_ : dict
+        What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
+
+    Examples
+    --------
+    >>> import numpy as np, headstart as hs
+    >>> X, y = np.random.default_rng(0).normal(size=(40, 8)), np.repeat(["cat", "dog"], 20)
+    >>> head = hs.SoftmaxHead(epochs=5).fit(X, y)
+    >>> head.predict(X[:2]).tolist() in (["cat", "cat"], ["cat", "dog"], ["dog", "cat"], ["dog", "dog"])
+    True
+    """
 
     def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 64, l2: float = 1e-4,
                  standardize: bool = True, class_weight: str | None = None, random_state: int | None = 0) -> None:
@@ -541,7 +639,41 @@ class SoftmaxHead(_AdamHead):
 class LogisticHead(DenseHead):
     """scikit-learn's LogisticRegression (lbfgs, the exact optimum): binary, or multinomial for more classes.
 
-    `l2` is the penalty on the mean loss, so C = 1 / (l2 * n_samples), comparable with the other heads.
+    Parameters
+    ----------
+    l2 : float
+        Penalty on the mean loss, so C = 1 / (l2 * n_samples): comparable with the other heads' `l2`.
+    max_iter : int
+        lbfgs's iteration limit.
+    standardize : bool
+        Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    class_weight : {None, "balanced"}
+        "balanced" weighs each row inversely to its class's frequency.
+    random_state : int or None
+        Seed of the initial weights, the shuffling and dropout; None for a fresh one each fit.
+
+    Attributes
+    ----------
+    classes_ : numpy.ndarray
+        (k,) the class labels seen in ``fit``, the columns of ``predict_proba``.
+    n_features_in_ : int
+        The number of features ``fit`` saw.
+    mean_, scale_ : numpy.ndarray
+        (D,) float32, the standardization.
+    layers_ : list of tuple
+        The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
+    history_ : list of dict
+        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+    meta_ : dict
+        What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
+
+    Examples
+    --------
+    >>> import numpy as np, headstart as hs
+    >>> X, y = np.random.default_rng(0).normal(size=(40, 8)), np.repeat(["cat", "dog"], 20)
+    >>> X[y == "dog"] += 2
+    >>> hs.LogisticHead().fit(X, y).score(X, y)
+    1.0
     """
 
     def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True,

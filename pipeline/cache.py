@@ -144,11 +144,43 @@ def _attrs(group: zarr.Group) -> dict:
 
 
 class FeatureCache:
-    """Read-only view of one dataset of a cache; arrays are aligned and hold usable images only.
+    """Read-only view of one dataset of a feature cache; its arrays are aligned and hold usable images only.
 
-    `paths`, `splits` (N,) str, `labels` (N,) int (-1 unlabelled), `hashes` (N,) hex str,
-    `features(layer)` (N, D); `skipped` lists the files that could not be used, with their reason.
+    Parameters
+    ----------
+    path : str or Path
+        The cache written by ``headstart extract`` (or `headstart.extract`): a folder or a URL.
+    dataset : str, optional
+        The dataset inside the cache; needed only where it holds several.
+
+    Attributes
+    ----------
+    dataset : str
+        The dataset's name.
+    classes : list of str
+        Its class names; `labels` index them.
+    layers : list of str
+        The cached layers, such as gap and pool5.
+    paths, splits : numpy.ndarray
+        (N,) str: each entry's file and split.
+    labels : numpy.ndarray
+        (N,) int, an index into `classes`; -1 for an unlabelled image.
+    hashes : numpy.ndarray
+        (N,) str, the sha256 of each entry's image bytes.
+    skipped : list of dict
+        The files that could not be used, with the reason: ``{"path": ..., "reason": ...}``.
+    fingerprint : dict
+        What the features are: the body's weights, image size, preprocessing, dtype and resize policy.
+    report : Report or None
+        The extract run's counts, where this view came from `headstart.extract`.
+
+    Examples
+    --------
+    >>> cache = FeatureCache("cache/features.zarr")  # doctest: +SKIP
+    >>> X, y = cache.xy("gap")  # doctest: +SKIP
     """
+
+    report = None  # set by headstart.extract
 
     def __init__(self, path: str | Path, dataset: str | None = None) -> None:
         self.folder = Folder(path)
@@ -287,6 +319,44 @@ class FeatureCache:
         except Exception as e:  # a damaged chunk fails its checksum or decompression inside zarr
             raise self._damaged(e) from None
         return out
+
+    def xy(self, layer: str, split: str | None = "train", dataset: str | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+        """Features and label names of the labelled images of one split, ready for a head's ``fit``.
+
+        Parameters
+        ----------
+        layer : str
+            A cached layer (see `layers`), such as gap or pool5.
+        split : str or None
+            The split, such as train or valid; None for every split.
+        dataset : str, optional
+            Another dataset of the same cache (default: this view's).
+
+        Returns
+        -------
+        X : numpy.ndarray
+            (n, D) float32 features, in the order of the dataset's entries.
+        y : numpy.ndarray
+            (n,) str, each image's class name.
+
+        Examples
+        --------
+        >>> X, y = cache.xy("gap")  # doctest: +SKIP
+        >>> head = hs.LogisticHead().fit(X, y)  # doctest: +SKIP
+        >>> head.score(*cache.xy("gap", "valid"))  # doctest: +SKIP
+        0.97
+        """
+        if dataset is not None and dataset != self.dataset:
+            return FeatureCache(self.path, dataset).xy(layer, split)
+        if layer not in self.layers:
+            raise CacheError(f"{self.path}: no layer {layer!r}; it holds {', '.join(self.layers)}")
+        index = np.flatnonzero((self.labels >= 0) & (True if split is None else self.splits == split))
+        if len(index) == 0:
+            raise CacheError(f"{self.path}: dataset {self.dataset!r} has no labelled images in "
+                             + ("any split" if split is None else f"split {split!r} (splits: "
+                                f"{', '.join(sorted(set(self.splits))) or 'none'})"))
+        return self.features(layer, index, np.float32), np.array(self.classes, dtype=str)[self.labels[index]]
 
     def chunk_blocks(self, layer: str, index: np.ndarray, max_rows: int) -> list[np.ndarray]:
         """Positions into `index`, grouped so that each group reads whole chunks of `layer` and holds at most

@@ -113,24 +113,22 @@ def main() -> None:
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
            dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
     """Build the frozen VGG16 body as an ONNX model."""
-    from headstart.export import build_body, load_weights, save
+    from headstart.export import save
+
+    from .api import body_model
 
     if quantize == "int8" and (calibrate is None or dtype != "float32"):
         raise click.UsageError("--quantize int8 needs --calibrate DIR (static quantization, calibrated on real "
                                "photos; dynamic quantization runs convolutions slower than float32) and "
                                "--dtype float32")
-    w = load_weights(weights, source, seed)
-    model = build_body(w, image_size, tuple(x.strip() for x in layers.split(",") if x.strip()), dtype)
+    model = body_model(weights=weights, source=source, random_weights=seed, image_size=image_size,
+                       layers=tuple(x.strip() for x in layers.split(",") if x.strip()), dtype=dtype,
+                       quantize=quantize, calibrate=calibrate, calibrate_count=calibrate_count)
+    meta = {p.key.removeprefix("headstart."): p.value for p in model.metadata_props}
     if quantize == "int8":
-        from headstart.export.quantize import quantize_int8
-
-        from .reader import sample_images
-
-        images, hashes = sample_images(calibrate, calibrate_count, image_size)
-        model = quantize_int8(model, images, hashes)
-        dtype = f"int8 (calibrated on {len(images)} photos of {calibrate})"
+        dtype = f"int8 (calibrated on {json.loads(meta['quantization'])['calibration']['count']} photos of {calibrate})"
     save(model, output)
-    click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): VGG16 body, {w.source}, "
+    click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): VGG16 body, {meta['weights_source']}, "
                f"{image_size}px, layers {layers}, {dtype}")
 
 
@@ -485,14 +483,12 @@ def evaluate(cache: str, head_path: Path, split: str | None, metrics: Path | Non
 @friendly
 def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> None:
     """Bundle body and head into one fine-tuned ONNX classifier: images in, probabilities and label out."""
-    from headstart.export import save
-    from headstart.heads.bundle import bundle_files
+    from headstart.heads.bundle import classifier_metadata
 
-    onnx_model = bundle_files(model, head_path, dtype)
-    save(onnx_model, output)
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    click.echo(f"wrote {output}: {meta['headstart.task']} classifier, classes {meta['headstart.classes']}, "
-               f"{meta['headstart.dtype']}")
+    from .api import bundle as run
+
+    meta = classifier_metadata(run(model, head_path, output, dtype=dtype))
+    click.echo(f"wrote {output}: {meta['task']} classifier, classes {json.dumps(meta['classes'])}, {meta['dtype']}")
 
 
 @main.command()
@@ -511,7 +507,7 @@ def predict(images: str, model: Path, output: Path, batch_size: int, jobs: int, 
     """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
     from headstart.heads.bundle import classifier_metadata
 
-    from .predict import predict as run
+    from .api import prediction_rows
     from .predict import write_csv
 
     bounds = None
@@ -525,12 +521,13 @@ def predict(images: str, model: Path, output: Path, batch_size: int, jobs: int, 
         bounds = (lo, hi)
     classes = classifier_metadata(model)["classes"]
     if dask_address:
-        from .distributed import dask_client, predict_on
+        from .distributed import dask_client
 
         with dask_client(dask_address) as client:
-            n, bad, shared = write_csv(predict_on(client, images, model, batch_size, device, bounds), output, classes)
+            n, bad, shared = write_csv(prediction_rows(images, model, batch_size, jobs, device, bounds, client),
+                                       output, classes)
     else:
-        n, bad, shared = write_csv(run(images, model, batch_size, jobs, device, bounds), output, classes)
+        n, bad, shared = write_csv(prediction_rows(images, model, batch_size, jobs, device, bounds), output, classes)
     for row in bad:
         click.echo(f"skipped {row['path']}: {row['error']}", err=True)
     for key, paths in list(shared.items())[:5]:
@@ -550,12 +547,13 @@ def data() -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--replace", is_flag=True, help="Delete OUT first when it holds an earlier digits folder (only that).")
 @friendly
-def data_digits(out: Path, valid_fraction: float, seed: int) -> None:
+def data_digits(out: Path, valid_fraction: float, seed: int, replace: bool) -> None:
     """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
     from .data import write_digits
 
-    counts = write_digits(out, valid_fraction, seed)
+    counts = write_digits(out, valid_fraction, seed, replace)
     click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid digits, 10 classes")
 
 

@@ -21,21 +21,34 @@ PETS_MD5 = {"images.tar.gz": "5c4f3ee8e5d25df40f4fd59a7f44e54c",
 PARITY = {str(d): "even" if d % 2 == 0 else "odd" for d in range(10)}
 
 
+DIGITS_LAYOUT = {"train", "valid", "parity.yaml"}  # what write_digits writes in its folder, and nothing else
+
+
 def _fresh(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; pick a new folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
 
 
-def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
+def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0, replace: bool = False
+                 ) -> dict[str, int]:
     """scikit-learn's 1,797 8x8 digits as PNGs: out/{train,valid}/<digit>/<index>.png, stratified split.
 
-    Also writes out/parity.yaml, the classes map of the odd/even task. Returns images per split.
+    Also writes out/parity.yaml, the classes map of the odd/even task. Returns images per split. `replace`:
+    an earlier digits folder in `out` (train/, valid/ and parity.yaml, nothing else) is deleted first; any
+    other content is refused, never deleted.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     out = Path(out)
+    if replace and out.is_dir() and any(out.iterdir()):
+        found = {p.name for p in out.iterdir()}
+        if "parity.yaml" not in found or not found <= DIGITS_LAYOUT:
+            raise FileExistsError(f"{out} holds {', '.join(sorted(found - DIGITS_LAYOUT) or sorted(found))}, not "
+                                  "only a digits folder written by `headstart data digits`; refusing to delete it: "
+                                  "pick a new folder")
+        shutil.rmtree(out)
     _fresh(out)
     digits = load_digits()
     index = np.arange(len(digits.target))

@@ -19,7 +19,8 @@ from .reader import read_batches
 def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: int = 2, device: str = "auto",
             clip: tuple[float, float] | None = None, quiet: bool = False) -> Iterator[dict]:
     """One dict per file of `images` (a folder in any headstart layout, or a CSV manifest), in scan order:
-    id, path, label, error (the reason a file could not be used, else '') and `proba` {class: probability}.
+    id, path, label, error (the reason a file could not be used, else '') and `proba` {class: probability}
+    (floats; None where the file could not be used).
 
     Images are decoded as the classifier's fingerprint says (its image size and resize policy).
     """
@@ -41,14 +42,14 @@ def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: 
         for path, x, _ in batch:
             row = {"id": display(Path(path).stem), "path": display(path), "label": "", "error": ""}
             if isinstance(x, str):
-                row.update(proba={c: "" for c in classes}, error=x)
+                row.update(proba=dict.fromkeys(classes), error=x)
             else:
                 p = proba[k].astype(np.float64)
                 k += 1
                 row["label"] = classes[int(p.argmax())]
                 if clip:
                     p = np.clip(p, *clip)
-                row["proba"] = {c: f"{v:.6f}" for c, v in zip(classes, p, strict=True)}
+                row["proba"] = {c: float(v) for c, v in zip(classes, p, strict=True)}
             yield row
 
 
@@ -79,7 +80,8 @@ def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str]
         w = csv.DictWriter(f, ["id", "label", *columns.values(), "path", "error"])
         w.writeheader()
         for row in rows:
-            w.writerow({**{k: row[k] for k in FIXED}, **{columns[c]: v for c, v in row["proba"].items()}})
+            w.writerow({**{k: row[k] for k in FIXED},
+                        **{columns[c]: "" if v is None else f"{v:.6f}" for c, v in row["proba"].items()}})
             seen.setdefault(row["id"], []).append(row["path"])
             n += 1
             if row["error"]:

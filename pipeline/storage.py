@@ -1,14 +1,14 @@
 """Where caches and images live: a local folder, or an fsspec URL (s3://, gs://, memory://; file:// is local).
 
 A cache needs little of its folder: whether a file is there, its text, a listing, removal, durability before a
-commit, and one writer at a time. On a disk these are os calls, fsync and flock. In an object store a PUT is
+commit, and one writer at a time. On a disk these are os calls, fsync and an OS file lock (filelock: flock on
+POSIX, LockFileEx on Windows). In an object store a PUT is
 durable when it returns and there is no flock, so the lock is a lease: an object created only if absent
 (S3's conditional write), renewed while its holder lives, and taken over once it expires.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -206,29 +206,39 @@ def _holder_text(holder: dict) -> str:
 
 
 class FileLock:
-    """flock on a local file: the kernel releases it when its holder dies, however it dies."""
+    """The writer's lock on a local file, through `filelock` (flock on POSIX, LockFileEx on Windows): the system
+    releases it when its holder dies, however it dies. Who holds it is noted in a file beside (LOCK.holder),
+    since a locked file cannot be read on Windows; the note is only ever shown, never trusted."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "a+")
+        from filelock import FileLock as OSLock
+        from filelock import Timeout
+
+        self._note = Path(path + ".holder")
+        # Not thread-local: a writer may be closed by another thread than the one that opened it.
+        self._lock = OSLock(path, timeout=0, thread_local=False)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise BusyError(holder) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        self._file.flush()
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = self._note.read_text().strip()
+            except OSError:
+                holder = ""
+            raise BusyError(holder or "another process") from None
+        partial = self._note.with_name(f"{self._note.name}.{os.getpid()}")
+        try:
+            partial.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            os.replace(partial, self._note)  # readers see the whole note or the previous one
+        except OSError:  # the note is only shown (Windows refuses to replace a file open for reading)
+            partial.unlink(missing_ok=True)
 
     def check(self) -> None:
-        """Still held (a flock cannot be lost while the file is open)."""
+        """Still held (an OS lock cannot be lost while its file is open)."""
 
     def release(self) -> None:
-        if not self._file.closed:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+        if self._lock.is_locked:
+            self._note.unlink(missing_ok=True)
+            self._lock.release()
 
 
 class Lease:

@@ -113,19 +113,62 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, 
                drop_duplicates: bool = False, memory: int | None = None, augmented: bool = False,
                log: EpochLog | None = None,
                say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
-    """Fit a head of `kind` (KINDS) on the cached `layer` features, with the estimator's `params`.
+    """Fit a head on cached features, as ``headstart train`` does, recording what it was trained on.
 
-    Returns the fitted estimator, labels being the task's class names, with `meta_`: task, layer, the
-    features' fingerprint, the row selection, row counts and the last epoch's metrics. `say` receives notes
-    for the user: rows a classes map leaves out, duplicates found. Where the training features exceed `memory`
-    bytes (default: half the memory available), softmax and mlp heads stream them from the cache in blocks.
-    `augmented`: each epoch trains on one of each image's cached views (plain or augmented), drawn at random;
-    validation always uses the plain view.
+    Parameters
+    ----------
+    cache : str, Path or FeatureCache
+        The feature cache (a folder or URL), or an open view of one of its datasets.
+    layer : str
+        The cached layer to train on: gap, pool5, ...
+    kind : str
+        The head: one of `headstart.heads.KINDS` (softmax, logistic, mlp).
+    dataset : str, optional
+        The dataset inside the cache, where it holds several.
+    task : str, optional
+        The task's name, kept in the head (default: the dataset's name).
+    classes_map : dict, optional
+        Cache class name -> task label, or None to leave a class out.
+    train_split, valid_split : str
+        The splits to train and to validate on.
+    valid_fraction : float
+        Held out of the train split where the dataset has no valid split, chosen by each image's content hash
+        (and `seed`), so adding images never moves one between train and valid.
+    seed : int
+        The estimator's random_state and the hold-out's seed.
+    drop_duplicates : bool
+        Leave out images whose bytes are also in another split, or under another label.
+    memory : int, optional
+        Bytes the training features may take (default: half the memory available); softmax and mlp heads
+        stream larger ones from the cache in blocks.
+    augmented : bool
+        Each epoch, train on one of each image's cached views (plain or augmented), drawn at random;
+        validation always uses the plain view.
+    log : callable, optional
+        Called with each epoch's record (losses, accuracies, milliseconds).
+    say : callable, optional
+        Receives notes for the user: rows a classes map leaves out, duplicates found.
+    **params
+        The estimator's own parameters (epochs, lr, l2, hidden, ...).
+
+    Returns
+    -------
+    DenseHead
+        The fitted estimator, its labels the task's class names, with `meta_`: task, layer, the features'
+        fingerprint, the row selection, row counts and the last epoch's metrics (what `save_head` keeps and
+        `bundle` checks).
+
+    Examples
+    --------
+    >>> head = hs.train_head("cache/features.zarr", "gap", "logistic")  # doctest: +SKIP
+    >>> head.meta_["metrics"]["valid_accuracy"]  # doctest: +SKIP
+    0.97
     """
     if kind not in KINDS:
         raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
     say = say or (lambda _: None)
-    fc = FeatureCache(cache, dataset)
+    fc = cache if isinstance(cache, FeatureCache) and dataset in (None, cache.dataset) else \
+        FeatureCache(getattr(cache, "path", cache), dataset)
     classes, y, selection, train, valid = task_rows(
         fc, classes_map=classes_map, train_split=train_split, valid_split=valid_split,
         valid_fraction=valid_fraction, seed=seed, drop_duplicates=drop_duplicates, say=say)

@@ -1,6 +1,7 @@
 """The package's structure: one import name, layers that import only downward, VGG16 written once as data."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,20 @@ from headstart.export import vgg
 
 # The folders in their order, bottom first: a module may import its own layer or the ones below it.
 LAYERS = ("export", "heads", "pipeline")
+ROOT = REPO / "pipeline" / "_root"  # the root package `headstart` (pyproject's package-dir): above every layer
 
 
 def modules() -> dict[str, Path]:
-    return {f"headstart.{p.parent.name}" + ("" if p.stem == "__init__" else f".{p.stem}"): p
-            for folder in LAYERS for p in sorted((REPO / folder).glob("*.py"))}
+    layered = {f"headstart.{p.parent.name}" + ("" if p.stem == "__init__" else f".{p.stem}"): p
+               for folder in LAYERS for p in sorted((REPO / folder).glob("*.py"))}
+    root = {"headstart" + ("" if p.stem == "__init__" else f".{p.stem}"): p for p in sorted(ROOT.glob("*.py"))}
+    return layered | root
+
+
+def rank(name: str) -> int:
+    """A module's layer, bottom first; the root package's modules rank above all three."""
+    parts = name.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else len(LAYERS)
 
 
 def imports(name: str, path: Path) -> set[str]:
@@ -40,9 +50,8 @@ def imports(name: str, path: Path) -> set[str]:
 
 def test_layers_import_only_downward_and_without_cycles():
     graph = {name: imports(name, path) for name, path in modules().items()}
-    assert len(graph) > 15 and "headstart.pipeline.cli" in graph
-    rank = {name: LAYERS.index(name.split(".")[1]) for name in graph}
-    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if rank[b] > rank[a]]
+    assert len(graph) > 15 and {"headstart.pipeline.cli", "headstart", "headstart.__main__"} <= set(graph)
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if rank(b) > rank(a)]
     assert not upward, f"upward imports: {upward}"
     # A module importing its own package's __init__ is not a cycle between modules: leave those edges out.
     cycle = find_cycle({a: {b for b in deps if b != ".".join(a.split(".")[:2])} for a, deps in graph.items()})
@@ -66,6 +75,21 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return next((c for n in sorted(edges) if n not in state and (c := visit(n, [n]))), None)
 
 
+def test_the_root_package_is_the_top_layer_and_nothing_imports_it():
+    graph = {name: imports(name, path) for name, path in modules().items()}
+    assert rank("headstart") == rank("headstart.__main__") == len(LAYERS) > rank("headstart.pipeline.cli")
+    assert graph["headstart.__main__"] == {"headstart.pipeline.cli"}
+    importers = [a for a, deps in graph.items() if a != "headstart.__main__" and deps & {"headstart",
+                                                                                        "headstart.__main__"}]
+    assert not importers, f"modules importing the root package: {importers}"
+
+
+def test_the_walker_sees_an_import_of_the_root_package(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text("import headstart\nfrom headstart import SoftmaxHead\n")
+    assert imports("headstart.pipeline.train", path) == {"headstart"}
+
+
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
@@ -79,12 +103,44 @@ def test_the_walker_sees_imports_inside_functions(tmp_path):
 
 
 def test_installed_package_has_one_import_name(tmp_path):
-    code = ("import importlib.util, headstart.heads, headstart.pipeline.cli, headstart.export; "
-            "print([m for m in ('export', 'heads', 'pipeline') if importlib.util.find_spec(m)])")
+    code = ("import importlib.util, headstart, headstart.heads, headstart.pipeline.cli, headstart.export; "
+            "print([m for m in ('export', 'heads', 'pipeline', '_root') if importlib.util.find_spec(m)], "
+            "headstart.__file__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    found, root = done.stdout.split(" ", 1)
+    assert found == "[]"
+    assert Path(root.strip()).parent.name in ("_root", "headstart")  # editable: pipeline/_root; a wheel: headstart/
     assert not (REPO / "headstart").exists()  # nothing in the checkout can shadow the installed name
+
+
+def test_a_built_wheel_holds_the_root_package_and_runs_from_it(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building writes build/ and egg-info beside the sources
+    for name in ("export", "heads", "pipeline"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "build_backend.py"):
+        shutil.copy(REPO / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist")], cwd=src, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("headstart-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"headstart/__init__.py", "headstart/__main__.py", "headstart/pipeline/cli.py",
+            "headstart/heads/models.py", "headstart/export/vgg.py"} <= set(names)
+    assert not [n for n in names if "_root" in n]  # the folder's name stays in the checkout
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure wheel: unpacked is installed, for an import
+    code = ("import headstart, headstart.pipeline.cli as cli, importlib.metadata as m; "
+            "print(headstart.__file__, cli.__file__, headstart.__version__ == m.version('headstart'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
+    root, cli, same = done.stdout.split()
+    assert Path(root) == site / "headstart" / "__init__.py" and Path(cli) == site / "headstart" / "pipeline" / "cli.py"
+    assert same == "True"
 
 
 def test_vgg16_is_written_once_as_data():

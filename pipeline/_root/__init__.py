@@ -1,0 +1,86 @@
+"""Headstart: transfer learning on images, fast.
+
+Run the frozen ImageNet body (VGG16, as ONNX) once, cache its activations, train heads on the cache in seconds,
+and bundle body and head back into one ONNX classifier.
+
+Everything a notebook needs is here, imported on first use so that ``import headstart`` stays quick:
+
+- ``export_body``, ``extract``, ``FeatureCache``: the body and the feature cache.
+- ``SoftmaxHead``, ``LogisticHead``, ``MLPHead``, ``train_head``, ``save_head``, ``load_head``: heads.
+- ``bundle``, ``predict``, ``Predictions``: the classifier file and its predictions.
+- ``CacheError``, ``HeadFileError``, ``IncompatibleError``, ``WeightsError``, ``DeviceError``: the errors a
+  caller may catch; each says what went wrong and what to do.
+
+Examples
+--------
+>>> import headstart as hs
+>>> hs.export_body("models/vgg16.onnx")  # doctest: +SKIP
+>>> cache = hs.extract("data/digits", "models/vgg16.onnx", "cache/features.zarr")  # doctest: +SKIP
+>>> X, y = cache.xy("gap")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module defining it; nothing is imported until a name is first asked for (PEP 562).
+_NAMES = {
+    "export_body": "headstart.pipeline.api",
+    "extract": "headstart.pipeline.api",
+    "bundle": "headstart.pipeline.api",
+    "predict": "headstart.pipeline.api",
+    "Predictions": "headstart.pipeline.api",
+    "FeatureCache": "headstart.pipeline.cache",
+    "CacheError": "headstart.pipeline.cache",
+    "train_head": "headstart.pipeline.train",
+    "SoftmaxHead": "headstart.heads.models",
+    "LogisticHead": "headstart.heads.models",
+    "MLPHead": "headstart.heads.models",
+    "save_head": "headstart.heads.headfile",
+    "load_head": "headstart.heads.headfile",
+    "HeadFileError": "headstart.heads.headfile",
+    "IncompatibleError": "headstart.export.fingerprint",
+    "WeightsError": "headstart.export.weights",
+    "DeviceError": "headstart.export.runtime",
+}
+_SUBPACKAGES = ("export", "heads", "pipeline")
+
+__all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
+    "CacheError", "DeviceError", "FeatureCache", "HeadFileError", "IncompatibleError", "LogisticHead", "MLPHead",
+    "Predictions", "SoftmaxHead", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
+    "predict", "save_head", "train_head",
+]
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
+    from headstart.export.fingerprint import IncompatibleError
+    from headstart.export.runtime import DeviceError
+    from headstart.export.weights import WeightsError
+    from headstart.heads.headfile import HeadFileError, load_head, save_head
+    from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
+    from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict
+    from headstart.pipeline.cache import CacheError, FeatureCache
+    from headstart.pipeline.train import train_head
+
+    __version__: str
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the names above
+    """Import a public name, a subpackage or ``__version__`` on first use."""
+    if name == "__version__":
+        from importlib.metadata import version
+
+        value = version("headstart")
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # asked once: the next lookup is a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    """List the public names, for ``dir()`` and tab completion."""
+    return sorted({*globals(), *__all__, *_SUBPACKAGES})
