@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import onnxruntime as ort
+
+from .progress import LOG
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -24,7 +25,7 @@ def _options(threads: int | None) -> ort.SessionOptions:
 
 def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None,
                  quiet: bool = False) -> ort.InferenceSession:
-    """An InferenceSession on `device` (auto|cpu|cuda); prints one line naming the provider in use.
+    """An InferenceSession on `device` (auto|cpu|cuda); logs one line naming the provider in use.
 
     onnxruntime-gpu lists CUDA as available even where its libraries cannot load, then falls back to the
     CPU after printing raw error lines; so the session's real providers are checked, with that noise muted.
@@ -56,7 +57,7 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
     if not quiet:
         used = session_device(session).upper()
         note = f" (CUDA unusable: {why})" if why and used == "CPU" else ""
-        print(f"onnxruntime: running on {used}{note}", file=sys.stderr)
+        LOG.info(f"onnxruntime: running on {used}{note}")
     return session
 
 
