@@ -128,7 +128,8 @@ def _value(v: Any) -> str:  # noqa: ANN401
 
 
 def per_kind(param: str) -> Callable[[], str]:
-    """Each head kind's own default for `param`, as users write it: '20 (softmax, mlp)' or '0.0001 (softmax, mlp), 0.01 (logistic)'."""
+    """Each head kind's own default for `param`, as users write it: '20 (softmax, mlp)' or
+    '0.0001 (softmax, mlp), 0.01 (logistic)'."""
 
     def text() -> str:
         from headstart.heads.models import KINDS
