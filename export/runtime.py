@@ -54,6 +54,8 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
             raise DeviceError(f"--device cuda is unusable here: {why}; "
                               "install the cuda extra (pip install 'headstart[cuda]') or use --device cpu")
         session = ort.InferenceSession(source, _options(threads), providers=["CPUExecutionProvider"])
+    LOG.debug(f"onnxruntime {ort.__version__}: providers available {ort.get_available_providers()}, "
+              f"session on {session.get_providers()}")
     if not quiet:
         used = session_device(session).upper()
         note = f" (CUDA unusable: {why})" if why and used == "CPU" else ""
