@@ -72,6 +72,10 @@ class Weights:
                                    f"expected ({o}, {i})")
 
 
+DEPRECATED = "HEADSTART_CACHE is deprecated: name the weights folder with HEADSTART_WEIGHTS"
+_said: list[bool] = []
+
+
 def weights_dir() -> Path:
     """Where downloaded weights are kept: $HEADSTART_WEIGHTS, else the XDG user cache (not created here).
 
@@ -80,9 +84,10 @@ def weights_dir() -> Path:
     env = os.environ.get("HEADSTART_WEIGHTS")
     if not env and os.environ.get("HEADSTART_CACHE"):
         env = os.environ["HEADSTART_CACHE"]
-        warnings.warn("HEADSTART_CACHE is deprecated: name the weights folder with HEADSTART_WEIGHTS",
-                      DeprecationWarning, stacklevel=2)
-        LOG.warning("HEADSTART_CACHE is deprecated: name the weights folder with HEADSTART_WEIGHTS")
+        warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+        if not _said:  # one line per process, however often the folder is asked for
+            LOG.warning(DEPRECATED)
+            _said.append(True)
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headstart"
 
 
