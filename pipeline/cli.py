@@ -518,11 +518,13 @@ def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[flo
                      [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=parallel, dataset=dataset,
                      classes_map=read_classes_map(classes_map or None))
     shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
-    if not _json(rows, json_out):
+    to_stdout = _json(rows, json_out)
+    if not to_stdout:
         click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
     if save_best:
         save_head(best, save_best)
-        LOG.info(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}")
+        click.echo(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}",
+                   err=to_stdout)
 
 
 @main.command()
@@ -794,7 +796,8 @@ def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, 
             f"Seconds per epoch, VGG16 at {image_size} px, head on {layer}")
     plot.parent.mkdir(parents=True, exist_ok=True)
     plot_epochs(rows, plot)
-    LOG.info(f"wrote {plot}" + (f" and {json_out}" if json_out and str(json_out) != "-" else ""))
+    to_file = json_out is not None and str(json_out) != "-"
+    click.echo(f"wrote {json_out} and {plot}" if to_file else f"wrote {plot}", err=json_out is not None and not to_file)
 
 
 if __name__ == "__main__":

@@ -319,3 +319,14 @@ def test_photo_tests_skip_without_the_photos_and_fail_in_strict_mode(tmp_path):
     assert f"no photos: {tmp_path / 'catsdogs'} is missing (set HEADSTART_DATA" in skipped.stdout
     failed = photo_test(tmp_path, strict=True)
     assert failed.returncode == 1 and "1 failed" in failed.stdout and "HEADSTART_STRICT_DATA=1" in failed.stdout
+
+
+def test_json_dash_prints_only_json_on_stdout(cache, tmp_path):
+    out = CliRunner().invoke(main, ["sweep", "--cache", str(cache / "c.zarr"), "--layers", "gap", "--heads", "logistic",
+                                    "--l2", "1e-2,1e-1", "--json", "-", "--save-best", str(tmp_path / "b.head")])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert [r["params"]["l2"] for r in sorted(rows, key=lambda r: r["params"]["l2"])] == [1e-2, 1e-1]
+    assert "best: logistic on gap" in out.stderr and (tmp_path / "b.head").is_file()
+    info = json.loads(CliRunner().invoke(main, ["info", str(cache / "c.zarr"), "--json", "-"]).stdout)
+    assert info["rows"] == 28 and info["classes"] == "a, b"
