@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import onnxruntime as ort
+
+from .progress import LOG
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,7 +34,7 @@ def _options(threads: int | None) -> ort.SessionOptions:
 
 def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None,
                  quiet: bool = False) -> ort.InferenceSession:
-    """An InferenceSession on `device` (auto|cpu|cuda); prints one line naming the provider in use.
+    """An InferenceSession on `device` (auto|cpu|cuda); logs one line naming the provider in use.
 
     onnxruntime-gpu lists CUDA as available even where its libraries cannot load, then falls back to the
     CPU after printing raw error lines; so the session's real providers are checked, with that noise muted.
@@ -62,12 +63,14 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
             raise DeviceError(f"--device cuda is unusable here: {why}; "
                               "install the cuda extra (pip install 'headstart[cuda]') or use --device cpu")
         session = ort.InferenceSession(source, _options(threads), providers=["CPUExecutionProvider"])
+    LOG.debug(f"onnxruntime {ort.__version__}: providers available {ort.get_available_providers()}, "
+              f"session on {session.get_providers()}")
     if session_device(session) == "cpu":
         _check_int8(session, source if isinstance(source, str) else "this model")
     if not quiet:
         used = session_device(session).upper()
         note = f" (CUDA unusable: {why})" if why and used == "CPU" else ""
-        print(f"onnxruntime: running on {used}{note}", file=sys.stderr)
+        LOG.info(f"onnxruntime: running on {used}{note}")
     return session
 
 

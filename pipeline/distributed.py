@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
+
+from headstart.export.progress import LOG, bar
 
 from .cache import CacheWriter, write_features
 from .dataset import scan
@@ -80,11 +81,11 @@ def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int
     futures = {client.submit(_hash_block, paths[i:i + block], max_bytes, pure=False, retries=3): i
                for i in range(0, len(paths), block)}
     out: list = [None] * len(paths)
-    with tqdm(total=len(paths), desc="hashing", unit="file", disable=not progress, leave=False) as bar:
+    with bar(total=len(paths), desc="hashing", unit="file", disable=not progress, leave=False) as shown:
         for future in as_completed(futures):
             i, found = futures[future], future.result()
             out[i:i + len(found)] = found
-            bar.update(len(found))
+            shown.update(len(found))
     return out
 
 
@@ -164,13 +165,13 @@ def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tupl
     from distributed import as_completed
 
     if progress and client.dashboard_link:
-        print(f"dask dashboard: {client.dashboard_link}")
+        LOG.info(f"dask dashboard: {client.dashboard_link}")
     done, changed = {}, set()
-    with tqdm(total=len(keys), desc="extracting", unit="img", disable=not progress) as bar:
+    with bar(total=len(keys), desc="extracting", unit="img", disable=not progress) as shown:
         for future in as_completed(futures):
             result = future.result()
             done[result["start"]] = result
-            bar.update(len(result["keys"]))
+            shown.update(len(result["keys"]))
             # Commits go in row order: readers see a prefix of finished blocks, never a hole.
             while writer.rows in done:
                 r = done.pop(writer.rows)

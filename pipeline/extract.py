@@ -7,17 +7,16 @@ writer: CacheWriter appends rows and commits after every batch, so a killed run 
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from headstart.export.fingerprint import features_fingerprint
 from headstart.export.graph import read_metadata
+from headstart.export.progress import LOG, bar
 from headstart.export.runtime import open_session
 from headstart.export.vgg import layer_shape
 
@@ -67,7 +66,7 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                          "must be at least 1")
     ds = scan(data, name)
     if progress:
-        print(ds.describe(), file=sys.stderr)
+        LOG.info(ds.describe())
     meta = read_metadata(model)
     if meta.get("kind") != "body":
         raise ValueError(f"{model}: not a headstart body model (kind {meta.get('kind')!r}); "
@@ -85,7 +84,7 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
 
             hashed = hash_on(client, ds.paths, max_bytes, progress)
         else:  # reading from an object store waits on the network, not the CPU: more requests in flight
-            hashed = list(tqdm(hash_files(ds.paths, max_bytes, max(jobs, 16) if is_url(data) else jobs),
+            hashed = list(bar(hash_files(ds.paths, max_bytes, max(jobs, 16) if is_url(data) else jobs),
                                total=len(ds), desc="hashing", unit="file", disable=not progress, leave=False))
         hashes = [h for h, _ in hashed]
         unreadable = {p: why for p, (_, why) in zip(ds.paths, hashed, strict=True) if why}
@@ -124,7 +123,7 @@ def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, 
              max_bytes: int) -> set[str]:
     """Compute and append the rows of `todo`; returns the keys whose file changed since it was hashed."""
     session = open_session(model, device, quiet=not progress)
-    bar = tqdm(total=len(todo), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
+    shown = bar(total=len(todo), desc="extracting", unit="img", disable=not progress, smoothing=0.1)
     changed: set[str] = set()
     # The writer runs one batch behind inference, in order, so that compressing and writing a batch
     # overlaps the next forward pass; each append still commits before the next one starts.
@@ -146,11 +145,11 @@ def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, 
                     feats = dict(zip(layers, outs, strict=True))
                 if pending is not None:
                     pending.result()
-                    bar.update(batch_size)
+                    shown.update(batch_size)
                 pending = write_pool.submit(writer.append, [h for h, _ in batch], feats, bad)
             if pending is not None:
                 pending.result()
-                bar.update(bar.total - bar.n)
+                shown.update(shown.total - shown.n)
         finally:
-            bar.close()
+            shown.close()
     return changed

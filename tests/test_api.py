@@ -50,7 +50,6 @@ def test_import_headstart_loads_none_of_the_heavy_libraries_until_a_name_is_used
     assert "'sklearn'" in after_head  # the name was really imported on first use
 
 
-@pytest.mark.xfail(reason="the CLI's own imports become lazy in the CLI half of issue 19", strict=True)
 def test_importing_the_cli_loads_none_of_the_heavy_libraries(tmp_path):
     out = run_python(f"import sys, headstart.pipeline.cli; print([m for m in {HEAVY} if m in sys.modules])",
                      cwd=tmp_path)
@@ -249,7 +248,7 @@ def test_a_trained_head_file_bundles_and_predicts_as_the_cli_does(project, tmp_p
     np.testing.assert_allclose(result.probabilities.sum(1), 1, atol=1e-5)
     assert list(result.labels) == [result.classes[i] for i in result.probabilities.argmax(1)]
     assert [s["path"] for s in result.skipped] == [str(root / "data" / "valid" / "1" / "broken.png")]
-    cli = CliRunner().invoke(main, ["predict", str(root / "data"), "--model", str(classifier), "-o",
+    cli = CliRunner().invoke(main, ["predict", str(root / "data"), "--classifier", str(classifier), "-o",
                                     str(tmp_path / "cli.csv")])
     assert cli.exit_code == 0, cli.output
     assert (tmp_path / "api.csv").read_text() == (tmp_path / "cli.csv").read_text()

@@ -50,7 +50,7 @@ def test_views_are_rows_reused_by_content_and_raising_k_computes_only_new_ones(t
 def test_kill_9_while_computing_views_then_resume_equals_an_uninterrupted_run(tmp_path, random_model):
     data = tmp_path / "d"
     generated_images(data, 40)
-    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--model", str(random_model),
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--body", str(random_model),
            "--batch-size", "4", "--jobs", "1", "--augment", "2"]
     subprocess.run([*cmd, "--cache", str(tmp_path / "whole.zarr")], check=True, capture_output=True)
     cache = tmp_path / "killed.zarr"
@@ -90,6 +90,6 @@ def test_train_on_augmented_views(tmp_path, random_model):
 @pytest.mark.parametrize("k", [-1])
 def test_a_negative_number_of_views_is_refused(tmp_path, random_model, k):
     generated_images(tmp_path / "d", 1)
-    out = CliRunner().invoke(main, ["extract", str(tmp_path / "d"), "--model", str(random_model),
+    out = CliRunner().invoke(main, ["extract", str(tmp_path / "d"), "--body", str(random_model),
                                     "--cache", str(tmp_path / "c.zarr"), "--augment", str(k)])
     assert out.exit_code == 2 and "--augment" in out.output

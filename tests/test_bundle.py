@@ -26,7 +26,8 @@ def mlp_head(photo_cache, tmp_path_factory):
 
 def test_bundle_equals_head_on_cached_features(photo_model, mlp_head, tmp_path):
     out = tmp_path / "catsdogs.onnx"
-    result = CliRunner().invoke(main, ["bundle", "--model", str(photo_model), "--head", str(mlp_head), "-o", str(out)])
+    result = CliRunner().invoke(main, ["bundle", "--body", str(photo_model), "--head-file", str(mlp_head),
+                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert 'classes ["cats", "dogs"]' in result.output
     # float32 features of photos the head never saw, cached, then the same files through the bundle.
@@ -34,7 +35,7 @@ def test_bundle_equals_head_on_cached_features(photo_model, mlp_head, tmp_path):
     extract(data, photo_model, tmp_path / "f32.zarr", dtype="float32", progress=False)
     fc = FeatureCache(tmp_path / "f32.zarr")
     want = load_head(mlp_head).predict_proba(fc.features("pool5"))
-    result = CliRunner().invoke(main, ["predict", str(data), "--model", str(out), "-o", str(tmp_path / "p.csv")])
+    result = CliRunner().invoke(main, ["predict", str(data), "--classifier", str(out), "-o", str(tmp_path / "p.csv")])
     assert result.exit_code == 0, result.output
     rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
     got = np.array([[float(rows[p]["cats"]), float(rows[p]["dogs"])] for p in fc.paths])
@@ -79,7 +80,7 @@ def test_predict_lists_bad_images_and_clips(photo_model, mlp_head, tmp_path):
     for i, p in enumerate(photos("valid", 3), start=1):
         (test1 / f"{i}.jpg").symlink_to(p)
     (test1 / "7.jpg").write_bytes(b"")
-    result = CliRunner().invoke(main, ["predict", str(test1), "--model", str(model), "-o", str(tmp_path / "s.csv"),
+    result = CliRunner().invoke(main, ["predict", str(test1), "--classifier", str(model), "-o", str(tmp_path / "s.csv"),
                                        "--clip", "0.02,0.98"])
     assert result.exit_code == 0, result.output
     assert "6 predicted, 1 skipped" in result.output and "7.jpg: zero-byte file" in result.output
@@ -88,12 +89,12 @@ def test_predict_lists_bad_images_and_clips(photo_model, mlp_head, tmp_path):
     probs = np.array([[float(r["cats"]), float(r["dogs"])] for r in rows[:6]])
     assert probs.min() >= 0.02 and probs.max() <= 0.98
     assert rows[6]["label"] == "" and rows[6]["error"] == "zero-byte file"
-    bad = CliRunner().invoke(main, ["predict", str(test1), "--model", str(model), "--clip", "0.9,0.1"])
+    bad = CliRunner().invoke(main, ["predict", str(test1), "--classifier", str(model), "--clip", "0.9,0.1"])
     assert bad.exit_code != 0 and "--clip" in bad.output
 
 
 def test_bundle_refuses_a_head_of_another_model(tiny_model, mlp_head, tmp_path):
-    result = CliRunner().invoke(main, ["bundle", "--model", str(tiny_model), "--head", str(mlp_head),
+    result = CliRunner().invoke(main, ["bundle", "--body", str(tiny_model), "--head-file", str(mlp_head),
                                        "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"{tiny_model} holds features of another body or setting: image_size 32 (expected 96)" in result.output

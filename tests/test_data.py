@@ -72,7 +72,7 @@ def test_pets_download_is_verified_and_laid_out(pets_server, tmp_path):
 
 def test_pets_archive_with_another_checksum_is_refused(pets_server, tmp_path, monkeypatch):
     url, _ = pets_server
-    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HEADSTART_WEIGHTS", str(tmp_path / "cache"))
     result = CliRunner().invoke(main, ["data", "pets", str(tmp_path / "pets"), "--mirror", url])
     assert result.exit_code != 0
     assert "does not match the expected 5c4f3ee8e5d25df40f4fd59a7f44e54c; refusing the download" in result.output

@@ -129,7 +129,7 @@ def _wait_rows(cache, rows):
 
 def test_a_killed_client_is_resumed_by_the_same_command(photos, random_model, tmp_path):
     cache = tmp_path / "c.zarr"
-    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(photos / "d"), "--model",
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(photos / "d"), "--body",
            str(random_model), "--cache", str(cache), "--batch-size", "16", "--dask", "local:2"]
     killed_at = kill_9_after(cmd, cache, 16, group=True)
     assert 16 <= killed_at < 160, "the kill must land mid-run"

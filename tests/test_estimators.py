@@ -249,7 +249,7 @@ def test_crafted_head_files_are_refused_at_load(tmp_path, change, message):
     with pytest.raises(HeadFileError, match="not a usable head file") as e:
         load_head(bad)
     assert message in str(e.value) and str(bad) in str(e.value)
-    result = CliRunner().invoke(main, ["bundle", "--head", str(bad), "-o", str(tmp_path / "x.onnx")])
+    result = CliRunner().invoke(main, ["bundle", "--head-file", str(bad), "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 1 and "not a usable head file" in result.output and "Traceback" not in result.output
     (tmp_path / "junk.head").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(HeadFileError, match="junk.head: not a usable head file"):
@@ -269,10 +269,10 @@ def two_caches(random_model, tmp_path_factory):
 
 def test_a_head_of_squash_features_is_refused_on_a_center_crop_cache(two_caches, tmp_path):
     head = save_head(train_head(two_caches / "squash.zarr", "gap", "logistic"), tmp_path / "h.head")
-    ok = CliRunner().invoke(main, ["evaluate", "--cache", str(two_caches / "squash.zarr"), "--head", str(head)])
+    ok = CliRunner().invoke(main, ["evaluate", "--cache", str(two_caches / "squash.zarr"), "--head-file", str(head)])
     assert ok.exit_code == 0, ok.output
     other = two_caches / "center-crop.zarr"
-    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head", str(head)])
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head-file", str(head)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{other} holds features of another body or setting: resize 'center-crop' (expected 'squash')" \
         in result.output
@@ -287,7 +287,7 @@ def test_cli_takes_head_defaults_from_the_estimators(two_caches, tmp_path):
                                        "-o", str(tmp_path / "x.head")])
     assert result.exit_code == 2 and "--head logistic takes no --epochs" in result.output
     help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
-    assert "softmax 0.0001, logistic 0.01, mlp 0.0001" in help_text and "mlp (256,)" in help_text
+    assert "0.0001 (softmax, mlp), 0.01 (logistic)" in help_text and "256 (mlp)" in help_text
 
 
 def test_a_bug_keeps_its_traceback(two_caches, monkeypatch, tmp_path):

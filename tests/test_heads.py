@@ -35,10 +35,10 @@ def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path)
     assert lines[-1].startswith("catsdogs: softmax head on gap (512 features, 2 classes), 800 train / 200 valid")
     assert len(json.loads((tmp_path / "hist.json").read_text())) == 5
 
-    args = ["evaluate", "--cache", str(photo_cache), "--head", str(out), "--metrics", str(tmp_path / "m.json"),
+    args = ["evaluate", "--cache", str(photo_cache), "--head-file", str(out), "--metrics", str(tmp_path / "m.json"),
             "--details", str(tmp_path / "d.json"), "--confusion", str(tmp_path / "cm.csv"),
             "--plot", str(tmp_path / "cm.png")]
-    result = CliRunner().invoke(main, [*args, "--json"])
+    result = CliRunner().invoke(main, [*args, "--json", "-"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
     saved = json.loads((tmp_path / "m.json").read_text())
@@ -99,7 +99,7 @@ def test_head_on_features_of_another_model_is_refused(photo_cache, tiny_model, t
     other = tmp_path / "other.zarr"
     extract(link_photos(photos("valid", 3), tmp_path / "d", "valid"), tiny_model, other, name="catsdogs",
             progress=False)
-    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head", str(head)])
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(other), "--head-file", str(head)])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert f"{other} holds features of another body or setting: image_size 32 (expected 96)" in result.output
 
@@ -170,8 +170,8 @@ def test_grid_search_and_a_pca_pipeline_over_a_head_on_cached_photos(photo_cache
 @pytest.mark.slow
 def test_evaluate_shows_the_most_confident_errors(photo_cache, tmp_path):
     head = save_head(train_head(photo_cache, "gap", "softmax", epochs=5), tmp_path / "h.head")
-    result = CliRunner().invoke(main, ["evaluate", "--cache", str(photo_cache), "--head", str(head), "--errors", "4",
-                                       "--errors-plot", str(tmp_path / "e.png"),
+    result = CliRunner().invoke(main, ["evaluate", "--cache", str(photo_cache), "--head-file", str(head),
+                                       "--errors", "4", "--errors-plot", str(tmp_path / "e.png"),
                                        "--errors-csv", str(tmp_path / "e.csv")])
     assert result.exit_code == 0, result.output
     import csv

@@ -52,20 +52,20 @@ def test_images_and_cache_on_s3_give_the_local_features_and_train(s3, data, rand
     bucket = s3()
     fsspec.filesystem("s3").put(str(data), f"{bucket}/photos", recursive=True)
     cache = f"{bucket}/features.zarr"
-    out = cli("extract", f"{bucket}/photos", "--model", random_model, "--cache", cache, "--batch-size", 8)
+    out = cli("extract", f"{bucket}/photos", "--body", random_model, "--cache", cache, "--batch-size", 8)
     assert "32 files, 0 reused, 32 computed" in out
     extract(data, random_model, tmp_path / "local.zarr", batch_size=8, progress=False)
     same(cache, tmp_path / "local.zarr", 32)
     assert FeatureCache(cache).paths[0].startswith(f"{bucket}/photos/train/a/")
-    assert "32 committed rows verified, no problems" in cli("verify", cache)
-    assert "32 files, 32 reused, 0 computed" in cli("extract", f"{bucket}/photos", "--model", random_model,
+    assert "32 committed rows verified, no problems" in cli("verify", "--cache", cache)
+    assert "32 files, 32 reused, 0 computed" in cli("extract", f"{bucket}/photos", "--body", random_model,
                                                      "--cache", cache)
     # The lock lives beside the store, not in it: plain zarr tools see only their own objects there.
     fs = fsspec.filesystem("s3")
     inside = [k for k in fs.find(f"{bucket}/features.zarr") if not k.endswith("zarr.json") and "/c/" not in k]
     assert inside == [] and fs.ls(f"{bucket}/features.zarr.lock")
     cli("train", "--cache", cache, "--head", "logistic", "-o", tmp_path / "h.head")
-    assert "accuracy" in cli("evaluate", "--cache", cache, "--head", tmp_path / "h.head")
+    assert "accuracy" in cli("evaluate", "--cache", cache, "--head-file", tmp_path / "h.head")
     # Streamed from the bucket block by block, as from a disk: the same head.
     streamed = cli("train", "--cache", cache, "--layer", "pool5", "--head", "softmax", "--memory", "2KB", "-o",
                    tmp_path / "s.head")
@@ -76,8 +76,8 @@ def test_images_and_cache_on_s3_give_the_local_features_and_train(s3, data, rand
     weights = [k for k in a.files if k != "meta"]  # meta records times and the cache's name
     assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in weights)
     assert "rows: 32" in cli("info", cache)
-    cli("bundle", "--model", random_model, "--head", tmp_path / "h.head", "-o", tmp_path / "c.onnx")
-    out = cli("predict", f"{bucket}/photos", "--model", tmp_path / "c.onnx", "-o", tmp_path / "p.csv")
+    cli("bundle", "--body", random_model, "--head-file", tmp_path / "h.head", "-o", tmp_path / "c.onnx")
+    out = cli("predict", f"{bucket}/photos", "--classifier", tmp_path / "c.onnx", "-o", tmp_path / "p.csv")
     assert "32 predicted, 0 skipped" in out
     assert (tmp_path / "p.csv").read_text().count(f"{bucket}/photos/") == 32
 
@@ -149,7 +149,7 @@ def test_a_killed_extract_into_s3_is_resumed_by_the_same_command(s3, random_mode
     bucket = s3()
     data = tmp_path / "d"
     generated_images(data, 60)
-    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--model", str(random_model),
+    cmd = [sys.executable, "-m", "headstart.pipeline.cli", "extract", str(data), "--body", str(random_model),
            "--batch-size", "4", "--jobs", "1"]
     cache = f"{bucket}/killed.zarr"
     killed_at = kill_9_after([*cmd, "--cache", cache], cache, 24)
@@ -166,12 +166,12 @@ def test_a_killed_extract_into_s3_is_resumed_by_the_same_command(s3, random_mode
 
 
 def test_store_mistakes_are_one_line_errors(s3, data, random_model, monkeypatch):
-    out = cli("extract", data, "--model", random_model, "--cache", "s3://no-such-bucket/c.zarr", ok=False)
+    out = cli("extract", data, "--body", random_model, "--cache", "s3://no-such-bucket/c.zarr", ok=False)
     assert "Error: s3://no-such-bucket/c.zarr: cannot take the writer's lock (The specified bucket does not exist)" \
         in out and "Traceback" not in out
-    out = cli("extract", data, "--model", random_model, "--cache", "s3://some-bucket/", ok=False)
+    out = cli("extract", data, "--body", random_model, "--cache", "s3://some-bucket/", ok=False)
     assert "Error: s3://some-bucket/: name a folder inside the bucket, such as s3://some-bucket/features.zarr" in out
-    out = cli("extract", "nope://photos", "--model", random_model, "--cache", "memory://c.zarr", ok=False)
+    out = cli("extract", "nope://photos", "--body", random_model, "--cache", "memory://c.zarr", ok=False)
     assert "Error: nope://photos: not a usable location" in out
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
@@ -188,9 +188,9 @@ def test_store_mistakes_are_one_line_errors(s3, data, random_model, monkeypatch)
 def test_a_missing_chunk_in_a_store_is_found_by_listing_not_read_as_zeros(data, random_model):
     cache = f"memory://gone-{time.time_ns()}.zarr"
     extract(data, random_model, cache, batch_size=8, progress=False)
-    assert "32 committed rows verified, no problems" in cli("verify", cache)
+    assert "32 committed rows verified, no problems" in cli("verify", "--cache", cache)
     fsspec.filesystem("memory").rm(f"{cache.removeprefix('memory://')}/features/gap/c/1/0")
-    out = cli("verify", cache, ok=False)
+    out = cli("verify", "--cache", cache, ok=False)
     assert "features/gap rows 16-31: chunk missing" in out and "1 problems in 32 committed rows" in out
     with pytest.raises(CacheError, match=r"chunk features/gap/c/1/0 \(rows 16-31\) is missing"):
         FeatureCache(cache).features("gap")

@@ -130,14 +130,14 @@ def test_data_digits_replaces_its_own_folder_and_nothing_else(tmp_path):
     first = CliRunner().invoke(main, ["data", "digits", str(out)])
     assert first.exit_code == 0, first.output
     (out / "train" / "0" / "stray.png").write_bytes(b"left from before")
-    again = CliRunner().invoke(main, ["data", "digits", str(out), "--replace"])
+    again = CliRunner().invoke(main, ["data", "digits", str(out), "--overwrite"])
     assert again.exit_code == 0, again.output
     assert not (out / "train" / "0" / "stray.png").exists() and (out / "parity.yaml").is_file()
     assert sum(1 for _ in out.rglob("*.png")) == 1797
     photos = tmp_path / "photos"
     (photos / "train").mkdir(parents=True)
     (photos / "holiday.jpg").write_bytes(b"not ours")
-    refused = CliRunner().invoke(main, ["data", "digits", str(photos), "--replace"])
+    refused = CliRunner().invoke(main, ["data", "digits", str(photos), "--overwrite"])
     assert refused.exit_code != 0 and "holiday.jpg" in refused.output and "refusing to delete it" in refused.output
     assert (photos / "holiday.jpg").read_bytes() == b"not ours"
 

@@ -130,12 +130,12 @@ def test_int8_features_never_mix_with_float32_ones(tmp_path, int8_model, random_
     data = tmp_path / "d"
     generated_images(data, 3)
     extract(data, random_model, tmp_path / "c.zarr", progress=False)
-    result = CliRunner().invoke(main, ["extract", str(data), "--model", str(int8_model[0]),
+    result = CliRunner().invoke(main, ["extract", str(data), "--body", str(int8_model[0]),
                                        "--cache", str(tmp_path / "c.zarr")])
     assert result.exit_code == 1 and "dtype 'float32' (expected 'int8')" in result.output
     extract(data, int8_model[0], tmp_path / "q.zarr", progress=False)
     head = save_head(train_head(tmp_path / "q.zarr", "gap", "logistic", valid_fraction=0), tmp_path / "h.head")
-    refused = CliRunner().invoke(main, ["evaluate", "--cache", str(tmp_path / "c.zarr"), "--head", str(head)])
+    refused = CliRunner().invoke(main, ["evaluate", "--cache", str(tmp_path / "c.zarr"), "--head-file", str(head)])
     assert refused.exit_code == 1 and "dtype 'float32' (expected 'int8')" in refused.output
     bundled = bundle_files(int8_model[0], head)  # an int8 body with its own head bundles like any other
     p = open_session(bundled.SerializeToString(), quiet=True).run(["probabilities"], {"images": pixels(

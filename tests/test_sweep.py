@@ -26,8 +26,8 @@ def test_the_sweeps_best_equals_the_same_single_train(tmp_path, random_model):
     generated_images(data, 6, "valid", ("a", "b", "c"), seed=1)
     cache = tmp_path / "c.zarr"
     extract(data, random_model, cache, progress=False)
-    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--layer", "gap,pool5",
-                                       "--head", "softmax,logistic", "--l2", "1e-3,1e-1", "--lr", "1e-3,1e-2",
+    result = CliRunner().invoke(main, ["sweep", "--cache", str(cache), "--layers", "gap,pool5",
+                                       "--heads", "softmax,logistic", "--l2", "1e-3,1e-1", "--lr", "1e-3,1e-2",
                                        "--json", str(tmp_path / "s.json"), "--save-best", str(tmp_path / "b.head")])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "s.json").read_text())

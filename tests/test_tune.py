@@ -43,7 +43,7 @@ def test_a_tuned_head_bundles_to_the_torch_model_and_evaluates(tune_cache, tmp_p
     import torch
 
     cache, model = tune_cache
-    out = CliRunner().invoke(main, ["tune", "--cache", str(cache), "--model", str(model), "--unfreeze", "3",
+    out = CliRunner().invoke(main, ["tune", "--cache", str(cache), "--body", str(model), "--unfreeze", "3",
                                     "--pooling", "flatten", "--head", "mlp", "--hidden", "32", "--epochs", "2",
                                     "-o", str(tmp_path / "t.head")])
     assert out.exit_code == 0, out.output
@@ -57,7 +57,7 @@ def test_a_tuned_head_bundles_to_the_torch_model_and_evaluates(tune_cache, tmp_p
     with torch.no_grad():
         want = torch.softmax(to_torch(head)(torch.from_numpy(pool4)), 1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
-    ev = CliRunner().invoke(main, ["evaluate", "--cache", str(cache), "--head", str(tmp_path / "t.head")])
+    ev = CliRunner().invoke(main, ["evaluate", "--cache", str(cache), "--head-file", str(tmp_path / "t.head")])
     assert ev.exit_code == 0 and "TunedHead on pool4, valid, n=100" in ev.output, ev.output
 
 
