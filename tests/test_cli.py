@@ -288,7 +288,9 @@ def test_doctor_reports_versions_providers_cpu_and_folders(monkeypatch, tmp_path
                     .split(":", 1)[1].split())
         sets = data["cpu"]["instruction_sets"]
         assert sets["AVX2"] == ("avx2" in flags) and sets["AVX-512 VNNI"] == ("avx512_vnni" in flags)
-        assert sets["AMX"] == ("amx_tile" in flags) and sets["AVX-VNNI"] == ("avx_vnni" in flags)
+        assert sets["AMX"] == ("amx_int8" in flags) and sets["AVX-VNNI"] == ("avx_vnni" in flags)
+        assert data["cpu"]["int8_with_8_bit_weights"] == ("exact" if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
+                                                          or "avx2" not in flags else "saturates (no VNNI)")
     CliRunner().invoke(main, ["doctor", "--json", str(tmp_path / "d.json")])
     assert json.loads((tmp_path / "d.json").read_text())["versions"] == data["versions"]
 
