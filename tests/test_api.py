@@ -12,24 +12,25 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from conftest import REPO, generated_images
 
 import headstart as hs
 from headstart.pipeline.cli import main
 
 # The README's Python section, exactly as README.md shows it (the docs' test reads it from there). Here the
 # export takes random weights: the same lines, no download.
-README_PYTHON = '''\
-import headstart as hs
 
-hs.export_body("models/vgg16.onnx", image_size=64)  # the ImageNet weights, downloaded once
-cache = hs.extract("data/digits", "models/vgg16.onnx", "cache/features.zarr")
-X, y = cache.xy("gap")  # (1437, 512) float32 features and the digits' names
-head = hs.LogisticHead().fit(X, y)
-print(f"valid accuracy {head.score(*cache.xy('gap', 'valid')):.3f}")
-hs.bundle("models/vgg16.onnx", head, "models/digits.onnx", cache=cache, layer="gap")
-result = hs.predict("models/digits.onnx", "data/digits/valid", output="predictions.csv")
-'''
+
+def readme_python() -> str:
+    """The README's one Python block, as a user copies it."""
+    text = (REPO / "README.md").read_text()
+    part = text[text.index("\n## Python\n"):]
+    part = part[:part.index("\n## ", 5)]
+    blocks = re.findall(r"```python\n(.*?)```", part, re.S)
+    assert len(blocks) == 1, "the README's Python section holds one block"
+    return blocks[0]
+
+
 HEAVY = ("onnx", "onnxruntime", "zarr", "sklearn", "numba")
 
 
@@ -152,11 +153,11 @@ def digits_like(root, per_class=6) -> None:
 
 def test_the_readme_python_section_runs(tmp_path, monkeypatch, capsys):
     export = 'hs.export_body("models/vgg16.onnx", image_size=64)'
-    assert README_PYTHON.count(export) == 1 and len([x for x in README_PYTHON.splitlines() if x]) <= 8
+    assert readme_python().count(export) == 1 and len([x for x in readme_python().splitlines() if x]) <= 8
     digits_like(tmp_path / "data" / "digits")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(README_PYTHON.replace(export, export[:-1] + ", random_weights=0)"), ns)  # noqa: S102
+    exec(readme_python().replace(export, export[:-1] + ", random_weights=0)"), ns)  # noqa: S102
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and re.fullmatch(r"valid accuracy [01]\.\d{3}", printed[0]), printed
     assert ns["X"].shape == (18, 512) and ns["X"].dtype == np.float32 and sorted(set(ns["y"])) == ["0", "1", "2"]

@@ -4,11 +4,9 @@ quickstart and Python run as written."""
 from __future__ import annotations
 
 import csv
-import inspect
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,32 +165,7 @@ def digits_like(root: Path) -> None:
     generated_images(root, 4, "valid", classes=("0", "1", "2"), seed=1)
 
 
-def test_readme_python_runs_as_written(tmp_path, random_model, monkeypatch, capsys):
-    """The README's block runs as written, but for the one download: its export_body call is checked against
-    the real function's signature and writes the random-weight body where it asks."""
-    import headstart as hs
-
-    blocks = code_blocks(section(README.read_text(), "## Python"), "python")
-    assert len(blocks) == 1 and "import headstart as hs" in blocks[0] and "hs.export_body(" in blocks[0]
-    real = hs.export_body
-    calls = []
-
-    def export_random(*args, **kwargs):
-        bound = inspect.signature(real).bind(*args, **kwargs)
-        output = Path(next(iter(bound.arguments.values())))
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(random_model, output)
-        calls.append(output)
-        return output
-
-    monkeypatch.setattr(hs, "export_body", export_random)
-    digits_like(tmp_path / "data" / "digits")
-    monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "README.md", "exec"), {})
-    assert calls == [Path("models/vgg16.onnx")]
-    score = float(capsys.readouterr().out.strip().splitlines()[-1])
-    assert 0.0 <= score <= 1.0
-    assert sorted(hs.load_head("models/digits.head").classes_) == ["0", "1", "2"]
+# The README's Python block runs in tests/test_api.py (test_the_readme_python_section_runs).
 
 
 def test_guide_python_runs_as_written(tmp_path, random_model, monkeypatch):
