@@ -3,7 +3,13 @@
 Nothing here knows the feature cache; `headstart.pipeline` feeds these estimators from it.
 """
 
+from .models import KINDS, LogisticHead, MLPHead, SoftmaxHead  # isort: skip (KINDS first, then filled)
+from .auto import AutoHead
 from .headfile import HeadFileError, load_head, save_head
-from .models import KINDS, LogisticHead, MLPHead, SoftmaxHead
+from .knn import KNNHead
 
-__all__ = ["KINDS", "HeadFileError", "LogisticHead", "MLPHead", "SoftmaxHead", "load_head", "save_head"]
+# Registered here, where every import of this layer passes first: models cannot import the modules built on it.
+KINDS.update(knn=KNNHead, auto=AutoHead)
+
+__all__ = ["KINDS", "AutoHead", "HeadFileError", "KNNHead", "LogisticHead", "MLPHead", "SoftmaxHead", "load_head",
+           "save_head"]

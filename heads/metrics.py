@@ -14,6 +14,16 @@ def loss_and_accuracy(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
     return float(log_loss(y, proba, labels=labels)), float(accuracy_score(y, proba.argmax(1)))
 
 
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval (low, high) of an accuracy of `correct` out of `n`: honest at few rows."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def metrics(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, log loss, n, per-class precision/recall/support, and the confusion matrix (rows: actual)."""
     labels = np.arange(len(classes))

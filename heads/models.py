@@ -36,6 +36,8 @@ LARGE = 2**20
 # (see _train): they save about 0.9 ns a value read, and loading numba and the compiled loops costs 0.4-0.6 s
 # a process. The catsdogs pool5 softmax (1,999 rows, 20 epochs: 1e9) trains in 2.1-2.3 s so, 2.7-2.9 s without.
 COMPILE_WORK = 6 * 10**8
+# The smallest row length l2_normalize divides by (the bundle's graph divides by the same).
+NORM_EPS = 1e-12
 
 
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
@@ -63,6 +65,12 @@ def _mean_std(blocks: Iterable[np.ndarray], d: int) -> tuple[np.ndarray, np.ndar
             mean += delta * (k / n)
             m2 += np.einsum("ij,ij->j", b, b) + delta**2 * (k * (n - k) / n)
     return mean, np.sqrt(m2 / n)
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Rows (n, D) scaled to unit length, as float32; an all-zero row stays zero."""
+    X = np.asarray(X, np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), NORM_EPS)
 
 
 def softmax(z: np.ndarray, flush: float | None = None) -> np.ndarray:
@@ -116,7 +124,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def _stats(self, X: np.ndarray) -> None:
         d = X.shape[1]
-        if self.standardize:
+        if self.standardize and getattr(self, "normalize", False):
+            self._set_stats(*_mean_std([l2_normalize(X)], d))
+        elif self.standardize:
             self._set_stats(*_mean_std([X], d))
         else:
             self._set_stats(np.zeros(d), np.ones(d))
@@ -138,7 +148,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         out = np.empty((len(X), len(self.classes_)), np.float32)
         batch = _rows_per_block(X.shape[1], 4)
         for i in range(0, len(X), batch):
-            h = (X[i:i + batch].astype(np.float32) - self.mean_) / self.scale_
+            h = X[i:i + batch].astype(np.float32)
+            if getattr(self, "normalize", False):
+                h = l2_normalize(h)
+            h = (h - self.mean_) / self.scale_
             for j, (W, b) in enumerate(self.layers_):
                 h = h @ W + b
                 if j < len(self.layers_) - 1:
@@ -543,16 +556,20 @@ class SoftmaxHead(_AdamHead):
 
 
 class LogisticHead(DenseHead):
-    """scikit-learn's LogisticRegression (lbfgs, the exact optimum): binary, or multinomial for more classes.
+    """scikit-learn's LogisticRegression objective solved by L-BFGS (the exact optimum; heads.linear): binary, or
+    multinomial for more classes.
 
     `l2` is the penalty on the mean loss, so C = 1 / (l2 * n_samples), comparable with the other heads.
+    `normalize`: each row is scaled to unit length first (then standardized, where `standardize`), the linear
+    probe of CLIP and DINOv2; the head file and the bundle do the same.
     """
 
-    def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True,
+    def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True, normalize: bool = False,
                  class_weight: str | None = None, random_state: int | None = 0) -> None:
         self.l2 = l2
         self.max_iter = max_iter
         self.standardize = standardize
+        self.normalize = normalize
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -563,21 +580,17 @@ class LogisticHead(DenseHead):
                              f"max_iter={self.max_iter}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
-        from sklearn.linear_model import LogisticRegression
+        from .linear import as_layer, fit_logistic
 
         t0 = time.perf_counter()
-        Z = (X.astype(np.float32) - self.mean_) / self.scale_
-        model = LogisticRegression(C=1.0 / (self.l2 * len(X)), max_iter=self.max_iter,
-                                   class_weight=self.class_weight, random_state=self.random_state)
-        model.fit(Z, y)
-        coef, intercept = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
-        if len(self.classes_) == 2:  # sigmoid(z) == softmax([0, z])[1]
-            coef = np.vstack([np.zeros_like(coef), coef])
-            intercept = np.array([0.0, intercept[0]], np.float32)
-        self.layers_ = [(np.ascontiguousarray(coef.T), intercept)]
+        Z = l2_normalize(X) if self.normalize else X.astype(np.float32)
+        Z = (Z - self.mean_) / self.scale_
+        k = len(self.classes_)
+        weight = self._sample_weight(y) if self.class_weight else None
+        theta, iterations = fit_logistic(Z, y, k, self.l2, weight, max_iter=self.max_iter)
+        self.layers_ = [as_layer(theta, Z.shape[1], k)]
         ms = (time.perf_counter() - t0) * 1000
-        self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid,
-                  iterations=int(np.max(model.n_iter_)))
+        self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid, iterations=iterations)
 
 
-KINDS: dict[str, type[DenseHead]] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead}
+KINDS: dict[str, type] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead}
