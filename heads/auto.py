@@ -3,9 +3,10 @@
 The linear-probe protocol of CLIP's and DINOv2's evaluations: L-BFGS logistic regression over a log grid of its
 penalty (warm-started along the path, from the strongest penalty down), on standardized and on L2-normalized
 features; weighted k-NN on normalized features (DINOv2); the Adam heads once the data are large enough to need
-them. Every candidate is scored on the same folds of the training rows (out-of-fold log loss, accuracy as the
-tie-break), the winner is refit on all of them, and a temperature fitted on its out-of-fold logits calibrates its
-probabilities. Validation rows are never read for the choice: `fit` takes them only to log the refit winner.
+them. Every candidate is scored on the same folds of the training rows (out-of-fold log loss); the winner, the
+first candidate in a fixed order of preference within one standard error of the least loss, is refit on all
+rows, and a temperature fitted on its out-of-fold logits calibrates its probabilities.
+Validation rows are never read for the choice: `fit` takes them only to log the refit winner.
 """
 
 from __future__ import annotations
@@ -111,8 +112,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):
                                      "accuracy": accuracy, "correct": correct, "n": int(len(tested)),
                                      "low": low, "high": high})
             oof.append(logits)
-        best = min(range(len(oof)), key=lambda i: (round(self.cv_results_[i]["log_loss"], 6),
-                                                   -self.cv_results_[i]["accuracy"], i))
+        best = choose(self.cv_results_, [_row_losses(yi[tested], z[tested], weight[tested]) for z in oof])
         win = self.cv_results_[best]
         self.winner_ = win["name"]
         self.temperature_ = (fit_temperature(oof[best][tested], yi[tested], weight[tested])
@@ -288,6 +288,32 @@ def _vote_weights(y: np.ndarray, k: int, class_weight: str | None) -> np.ndarray
         return np.ones(k, np.float32)
     counts = np.bincount(y, minlength=k)
     return (len(y) / (k * np.maximum(counts, 1))).astype(np.float32)
+
+
+def choose(results: list[dict], losses: list[np.ndarray]) -> int:
+    """The candidate chosen: the first, in order of preference, whose out-of-fold loss is within one standard
+    error of the least (the one-standard-error rule: differences within the noise of a few rows do not count).
+
+    Preference: logistic on normalized rows (strongest penalty first; the best on little data), k-NN, logistic
+    on standardized rows (strongest first), the Adam heads. Among exact ties in loss, the higher accuracy."""
+    def order(i: int) -> tuple:
+        r = results[i]
+        group = {"logistic": 2, "knn": 1, "softmax": 3, "mlp": 3}[r["kind"]]
+        if r["kind"] == "logistic" and r["params"]["normalize"]:
+            group = 0
+        return group, -r["params"].get("l2", 0.0), i
+    least = min(range(len(results)), key=lambda i: (results[i]["log_loss"], -results[i]["accuracy"], i))
+    for i in sorted(range(len(results)), key=order):
+        diff = losses[i] - losses[least]
+        if diff.mean() <= diff.std() / np.sqrt(len(diff)):
+            return i
+    return least
+
+
+def _row_losses(y: np.ndarray, logits: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Each out-of-fold row's log loss, times its weight over the mean weight."""
+    logp = log_softmax(logits.astype(np.float64), axis=1)
+    return -logp[np.arange(len(y)), y] * weight / weight.mean()
 
 
 def _scores(y: np.ndarray, logits: np.ndarray, weight: np.ndarray) -> tuple[float, float]:

@@ -244,7 +244,11 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @DATASET
 @click.option("--layer", default=_default(_train_head, "layer"), show_default=True,
               help="Cached layer to train on: gap, pool5, ...")
-@click.option("--head", "kind", type=click.Choice(list(KINDS)), default=next(iter(KINDS)), show_default=True)
+@click.option("--head", "kind", type=click.Choice(list(KINDS)), default="auto", show_default=True,
+              help="auto: chosen by cross-validation on the training rows among logistic, k-NN and (on large data) "
+                   "the Adam heads, then refit on all of them.")
+@click.option("--calibrate", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
+              help="auto: temperature scaling fitted on the winner's out-of-fold logits.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Head file to write (npz + JSON).")
 @click.option("--epochs", type=POSITIVE, help=_defaults("Passes over the training rows", "epochs"))
@@ -272,7 +276,7 @@ DATASET = click.option("--dataset", help="Dataset inside the cache, where it hol
 @click.option("--task", help="Name of the task (default: the dataset's name).")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-epoch log as JSON.")
 @friendly
-def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
+def train(cache: str, dataset: str | None, layer: str, kind: str, calibrate: str, output: Path, epochs: int | None,
           lr: float | None, batch_size: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
@@ -289,7 +293,8 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
     except ValueError:
         raise Failure(f"--hidden {hidden!r}: expected comma-separated layer sizes such as 256 or 512,128") from None
     given = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2, "hidden": sizes, "dropout": dropout,
-             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
+             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight,
+             "calibrate": calibrate}
     accepted = inspect.signature(KINDS[kind]).parameters
     ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
                and click.get_current_context().get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
@@ -304,6 +309,8 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
                       log=_epoch_line, say=click.echo, **params)
     save_head(head, output)
     _write_history(head, history)
+    if hasattr(head, "cv_results_"):
+        _print_choice(head)
     m, rows = head.meta_["metrics"], head.meta_["rows"]
     click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.n_features_in_} features, "
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
@@ -358,6 +365,16 @@ def tune(cache: str, dataset: str | None, model: Path, layer: str, unfreeze: int
     m = head.meta_["metrics"]
     click.echo(f"{head.meta_['task']}: conv5 (last {unfreeze}) + {kind} head on {layer}: valid accuracy "
                f"{m.get('valid_accuracy', float('nan')):.4f} -> {output}")
+
+
+def _print_choice(head) -> None:  # noqa: ANN001 - a fitted AutoHead
+    from .bench import table
+
+    cv = head.cv_
+    click.echo(f"auto: {cv['method']} of {cv['rows']} training rows (seed {cv['seed']}); out-of-fold scores, "
+               "accuracy with its 95% interval:")
+    click.echo(table(head.table(), ["candidate", "cv_log_loss", "cv_accuracy", "chosen"]))
+    click.echo(f"auto: {head.winner_}, refit on all training rows, temperature {head.temperature_:.3g}")
 
 
 def _write_history(head, path: Path | None) -> None:  # noqa: ANN001 - any fitted head
