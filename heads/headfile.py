@@ -144,7 +144,7 @@ def _restore(kind: str, params: dict, classes: list, d: int, meta: dict, arrays:
     sizes = [width, *(int(h) for h in getattr(head, "hidden", ())), len(classes)]
     for i in range(n_layers):
         expected[f"W{i}"], expected[f"b{i}"] = (sizes[i], sizes[i + 1]), (sizes[i + 1],)
-    floats = set(expected)
+    floats = list(expected)  # checked in this order: the first disagreement is the one named
     if kind == "knn":
         expected["labels"] = (m,)
     if set(arrays) != set(expected):
