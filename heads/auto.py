@@ -252,6 +252,22 @@ def _make(kind: str, params: dict, class_weight: str | None, seed: int | None) -
     return cls(**params, class_weight=class_weight, random_state=seed)
 
 
+def cross_val_logits(make, X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:  # noqa: ANN001
+    """Out-of-fold logits (n, k) of the estimators `make()` fitted on each fold's training rows (class indices y);
+    rows in no fold's test part stay 0."""
+    k = int(y.max()) + 1
+    logits = np.zeros((len(X), k), np.float32)
+    for tr, te in folds:
+        logits[te] = _fold_logits(make(), X, y, tr, te, k)
+    return logits
+
+
+def oof_scores(y: np.ndarray, logits: np.ndarray, folds: list) -> tuple[float, float]:
+    """(log loss, accuracy) over the rows of the folds' test parts."""
+    tested = np.concatenate([te for _, te in folds])
+    return _scores(y[tested], logits[tested], np.ones(len(tested)))
+
+
 def _fold_logits(head: DenseHead, X: np.ndarray, y: np.ndarray, tr: np.ndarray, te: np.ndarray, k: int
                  ) -> np.ndarray:
     present = np.unique(y[tr])

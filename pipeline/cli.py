@@ -425,10 +425,14 @@ def _floats(text: str | None, option: str) -> list[float]:
 @click.option("--classes-map", default="", help="As for `headstart train`.")
 @click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Write the table as JSON.")
 @click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path), help="Save the best head here.")
+@click.option("--select-on", help="Rank on this split's rows (default: 5-fold cross-validation on the training "
+                                  "rows); never the split that evaluate reports.")
 @friendly
 def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: str | None, lr: str | None,
-          epochs: str | None, jobs: int, classes_map: str, out: Path | None, save_best: Path | None) -> None:
-    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy."""
+          epochs: str | None, jobs: int, classes_map: str, out: Path | None, save_best: Path | None,
+          select_on: str | None) -> None:
+    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by the
+    cross-validated accuracy on the training rows (the validation scores beside it are not used to rank)."""
     from headstart.heads.headfile import save_head
 
     from .bench import table
@@ -439,9 +443,12 @@ def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: str | No
             "epochs": [int(e) for e in _floats(epochs, "--epochs")]}
     rows, best = run(cache, [x.strip() for x in layers.split(",") if x.strip()],
                      [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=jobs, dataset=dataset,
-                     classes_map=read_classes_map(classes_map or None))
+                     classes_map=read_classes_map(classes_map or None), select_on=select_on)
     shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
-    click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
+    click.echo(f"ranked on {'split ' + repr(select_on) if select_on else 'out-of-fold scores of the training rows'}"
+               "; valid_* are the refit heads' scores on the validation rows, not used to rank")
+    click.echo(table(shown, ["layer", "head", "params", "select_accuracy", "select_loss", "valid_accuracy",
+                             "valid_loss", "seconds"]))
     if out:
         with atomic_write(out) as tmp:
             tmp.write_text(json.dumps(rows, indent=2) + "\n")
