@@ -138,8 +138,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         grid = sorted(L2_GRID if self.l2_grid is None else self.l2_grid, reverse=True)
         k = len(self.classes_)
         for normalize in (False, True):
-            # Unit rows are sqrt(D) times shorter than standardized ones: the same grid, scaled, spans the same fits.
-            scaled = [l2 / X.shape[1] for l2 in grid] if normalize else grid
+            scaled = grid  # unit rows are fitted at a standardized row's length (LogisticHead), so one grid
             paths = [LogisticPath(X[tr], y[tr], X[te], k, normalize, self.class_weight) for tr, te in folds]
             best, worse = np.inf, 0
             for l2 in scaled:
@@ -216,8 +215,9 @@ class LogisticPath:
 
     def __init__(self, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, k: int, normalize: bool,
                  class_weight: str | None) -> None:
-        if normalize:
-            self.Z, self.Z_test = l2_normalize(X), l2_normalize(X_test)
+        if normalize:  # at the length of a standardized row, as LogisticHead fits them
+            length = np.float32(np.sqrt(X.shape[1]))
+            self.Z, self.Z_test = l2_normalize(X) * length, l2_normalize(X_test) * length
         else:
             mean, std = X.mean(0), X.std(0)
             std[std < 1e-6] = 1.0

@@ -561,7 +561,8 @@ class LogisticHead(DenseHead):
 
     `l2` is the penalty on the mean loss, so C = 1 / (l2 * n_samples), comparable with the other heads.
     `normalize`: each row is scaled to unit length first (then standardized, where `standardize`), the linear
-    probe of CLIP and DINOv2; the head file and the bundle do the same.
+    probe of CLIP and DINOv2; the head file and the bundle do the same. Without standardization, `l2` applies
+    as if the rows had the length of standardized ones (sqrt(D)), so the same penalty suits both.
     """
 
     def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True, normalize: bool = False,
@@ -585,10 +586,14 @@ class LogisticHead(DenseHead):
         t0 = time.perf_counter()
         Z = l2_normalize(X) if self.normalize else X.astype(np.float32)
         Z = (Z - self.mean_) / self.scale_
+        # Unit rows are fitted at the length of a standardized row, sqrt(D): `l2` means the same for both, and
+        # the solver's tolerance is met at the same precision. The factor goes into the weights.
+        length = np.float32(np.sqrt(Z.shape[1])) if self.normalize and not self.standardize else np.float32(1)
         k = len(self.classes_)
         weight = self._sample_weight(y) if self.class_weight else None
-        theta, iterations = fit_logistic(Z, y, k, self.l2, weight, max_iter=self.max_iter)
-        self.layers_ = [as_layer(theta, Z.shape[1], k)]
+        theta, iterations = fit_logistic(Z * length, y, k, self.l2, weight, max_iter=self.max_iter)
+        W, b = as_layer(theta, Z.shape[1], k)
+        self.layers_ = [(W * length, b)]
         ms = (time.perf_counter() - t0) * 1000
         self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid, iterations=iterations)
 

@@ -80,8 +80,8 @@ def test_folds_follow_the_smallest_class():
 
 
 def test_the_choice_never_reads_the_validation_rows():
-    X, y = blobs(n=90)
-    Xv, yv = blobs(n=40, seed=1)
+    X, y = blobs(n=130)
+    X, y, Xv, yv = X[:90], y[:90], X[90:], y[90:]
     clean = AutoHead().fit(X, y, X_valid=Xv, y_valid=yv)
     poisoned = AutoHead().fit(X, y, X_valid=Xv * 100 + 5, y_valid=np.roll(yv, 1))
     assert clean.winner_ == poisoned.winner_ and clean.cv_results_ == poisoned.cv_results_
@@ -105,8 +105,8 @@ def test_our_logistic_solver_reaches_scikit_learns_optimum():
                                   lambda: LogisticHead(normalize=True, l2=1e-3),
                                   lambda: LogisticHead(normalize=True, standardize=False, l2=1e-4), AutoHead])
 def test_head_files_and_onnx_graphs_give_the_estimators_probabilities(make, tmp_path):
-    X, y = blobs(n=150, k=3, spread=0.8)
-    Xt, _ = blobs(n=40, k=3, spread=0.8, seed=2)
+    X, y = blobs(n=190, k=3, spread=0.8)
+    X, y, Xt = X[:150], y[:150], X[150:]
     head = make().fit(X, y)
     head.meta_ = {"task": "t", "layer": "gap"}
     want = head.predict_proba(Xt)
