@@ -680,6 +680,24 @@ def bench_heads(rows: int, epochs: int, mlp_rows: int, out: Path | None) -> None
             "Head training, seconds (fit, standardization included)")
 
 
+@bench.command("fewshot")
+@CACHE
+@DATASET
+@click.option("--layer", default="gap", show_default=True)
+@click.option("--sizes", default="2,5,10,20,50,100", show_default=True, help="Training rows a class, comma-separated.")
+@click.option("--draws", type=POSITIVE, default=5, show_default=True, help="Random draws of the rows per size.")
+@click.option("--json", "out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows as JSON.")
+@friendly
+def bench_fewshot(cache: str, dataset: str | None, layer: str, sizes: str, draws: int, out: Path | None) -> None:
+    """Every head, and auto, trained on N rows a class drawn from the train split, scored on the valid split:
+    mean accuracy of the draws, with the 95% Wilson interval of one draw's."""
+    from .fewshot import fewshot
+
+    rows = fewshot(cache, layer, tuple(int(s) for s in sizes.split(",") if s.strip()), draws, dataset=dataset)
+    _report(rows, ["per_class", "head", "accuracy", "low", "high", "std", "seconds"], out,
+            f"Few-shot: valid accuracy by training rows a class ({layer}, mean of {draws} draws)")
+
+
 @bench.command("epochs")
 @click.option("--images", "n_images", type=int, default=256, show_default=True, help="Images per measured epoch.")
 @click.option("--image-size", type=int, default=224, show_default=True)

@@ -187,3 +187,21 @@ def test_wilson_interval():
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
     low, high = wilson(180, 200)
     assert low < 0.9 < high and 0.08 < high - low < 0.09
+
+
+def test_bench_fewshot_scores_every_head_on_the_valid_split(tmp_path, random_model):
+    data = tmp_path / "d"
+    generated_images(data, 6, "train")
+    generated_images(data, 4, "valid", seed=1)
+    cache = tmp_path / "c.zarr"
+    extract(data, random_model, cache, progress=False)
+    out = CliRunner().invoke(main, ["bench", "fewshot", "--cache", str(cache), "--sizes", "1,5", "--draws", "2",
+                                    "--json", str(tmp_path / "f.json")])
+    assert out.exit_code == 0, out.output
+    import json
+
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [(r["per_class"], r["head"]) for r in rows][:2] == [(1, "softmax"), (1, "logistic")]
+    assert len(rows) == 2 * 6 and {r["head"] for r in rows} >= {"auto", "knn5_cosine", "sklearn_lr_c1_normalized"}
+    assert all(r["low"] <= r["accuracy"] <= r["high"] for r in rows)
+    assert "| per_class | head | accuracy | low | high |" in out.output
