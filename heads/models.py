@@ -591,7 +591,10 @@ class LogisticHead(DenseHead):
         length = np.float32(np.sqrt(Z.shape[1])) if self.normalize and not self.standardize else np.float32(1)
         k = len(self.classes_)
         weight = self._sample_weight(y) if self.class_weight else None
-        theta, iterations = fit_logistic(Z * length, y, k, self.l2, weight, max_iter=self.max_iter)
+        # AutoHead hands its refit the folds' mean solution as a start (`_init`); the optimum is the same.
+        init = self.__dict__.pop("_init", None)
+        theta, iterations = fit_logistic(Z * length, y, k, self.l2, weight, init=init, max_iter=self.max_iter,
+                                         tol=1e-4)  # scikit-learn's default
         W, b = as_layer(theta, Z.shape[1], k)
         self.layers_ = [(W * length, b)]
         ms = (time.perf_counter() - t0) * 1000
