@@ -64,6 +64,24 @@ def test_auto_is_a_plain_estimator_that_records_its_choice():
     assert cross_val_score(make_pipeline(PCA(8), AutoHead()), X, y, cv=3).mean() > 0.9
 
 
+def test_the_adam_heads_are_candidates_only_on_enough_rows(tmp_path):
+    X, y = blobs(n=150)
+    assert not any(r["kind"] in ("softmax", "mlp") for r in AutoHead().fit(X, y).cv_results_)
+    head = AutoHead(adam_rows=150, l2_grid=(1e-2,), neighbors=(5,)).fit(X, y)
+    assert [r["name"] for r in head.cv_results_] == ["logistic l2=0.01 standardized", "logistic l2=0.01 normalized",
+                                                     "knn k=5", "softmax (defaults)", "mlp (defaults)"]
+    # On XOR, where no linear head and no wide vote can follow, the MLP wins; its file and graph hold it.
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (400, 4)).astype(np.float32) + 2
+    y = ((X[:, 0] > 2) ^ (X[:, 1] > 2)).astype(int)
+    head = AutoHead(adam_rows=100, neighbors=(300,)).fit(X, y)
+    assert head.winner_ == "mlp (defaults)" and head.score(X, y) > 0.9
+    head.meta_ = {}
+    loaded = load_head(save_head(head, tmp_path / "h.head"))
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    np.testing.assert_allclose(run_head_graph(loaded, X), head.predict_proba(X), atol=1e-5)
+
+
 def test_folds_follow_the_smallest_class():
     y = np.array([0] * 50 + [1] * 3)
     folds, how = make_folds(y, 5, 10_000, 0)
