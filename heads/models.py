@@ -234,8 +234,10 @@ class _AdamHead(DenseHead):
         rng = np.random.default_rng(self.random_state)
         k = len(self.classes_)
         sizes = [d, *(int(h) for h in self.hidden), k]
-        init = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
-                 .astype(np.float32), np.zeros(b, np.float32))
+        # A linear softmax layer starts at zero, as scikit-learn's solvers do: the problem is convex, and a random
+        # start is noise that a small dataset's few dozen steps cannot undo. Hidden layers need a random start.
+        init = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a)
+                  * (len(sizes) > 2)).astype(np.float32), np.zeros(b, np.float32))
                 for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
         # Standardizing a batch costs 2 passes over it; folding the standardization into the first layer
         # instead costs 2 passes over that layer's weights: fold when they are the smaller (softmax on pool5).

@@ -370,3 +370,17 @@ def test_adam_threads_work_in_a_forked_child_of_a_process_that_used_them():
     hung = child.is_alive()
     child.kill()
     assert not hung and child.exitcode == 0
+
+
+def test_a_linear_softmax_head_starts_at_zero_and_learns_a_linear_rule():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(int)
+    untrained = SoftmaxHead(epochs=1, lr=1e-9).fit(X, y)  # a random start would show here
+    np.testing.assert_allclose(untrained.predict_proba(X), 0.5, atol=1e-4)
+    from sklearn.model_selection import GridSearchCV
+
+    search = GridSearchCV(SoftmaxHead(epochs=500), {"l2": [1e-4, 1e-2]}, cv=3).fit(X, y)
+    assert search.best_score_ >= 0.9
+    mlp = MLPHead(epochs=1, lr=1e-9).fit(X, y)  # hidden layers keep their random start
+    assert np.abs(mlp.predict_proba(X) - 0.5).max() > 1e-3
