@@ -23,7 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from .knn import QUERY_ROWS, KNNHead, knn_log_proba
+from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
 from .linear import fit_logistic, logits_of
 from .metrics import wilson
 from .models import FLOATS, DenseHead, EpochLog, LogisticHead, MLPHead, SoftmaxHead, l2_normalize, softmax
@@ -169,8 +169,9 @@ class AutoHead(ClassifierMixin, BaseEstimator):
             for i in range(0, len(te), QUERY_ROWS):
                 rows = te[i:i + QUERY_ROWS]
                 sims = unit[rows] @ unit[tr].T
+                top = nearest(sims, ks[-1])  # one search for every k
                 for n in ks:
-                    knn[n][rows] = knn_log_proba(sims, y[tr], n, ref.tau, ref.alpha, w)
+                    knn[n][rows] = knn_log_proba(sims, y[tr], n, ref.tau, ref.alpha, w, top)
         for n in ks:
             yield f"knn k={n}", "knn", {"n_neighbors": n}, knn[n]
         if len(X) >= self.adam_rows:

@@ -18,12 +18,19 @@ from .models import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 QUERY_ROWS = 1024
 
 
-def knn_log_proba(sims: np.ndarray, labels: np.ndarray, k: int, tau: float, alpha: float,
-                  vote_weight: np.ndarray) -> np.ndarray:
-    """Smoothed log-probabilities (n, C) from similarities (n, m) to m rows of class indices `labels`."""
+def nearest(sims: np.ndarray, k: int) -> np.ndarray:
+    """(n, min(k, m)) column indices of each row's k largest similarities, largest first."""
     n, m = sims.shape
     k = min(k, m)
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < m else np.broadcast_to(np.arange(m), (n, m))
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable"), 1)
+
+
+def knn_log_proba(sims: np.ndarray, labels: np.ndarray, k: int, tau: float, alpha: float,
+                  vote_weight: np.ndarray, top: np.ndarray | None = None) -> np.ndarray:
+    """Smoothed log-probabilities (n, C) from similarities (n, m) to m rows of class indices `labels`; `top`:
+    nearest(sims, K) for some K >= k, so that several k share one search."""
+    top = (nearest(sims, k) if top is None else top)[:, :k]
     s = np.take_along_axis(sims, top, axis=1)
     w = np.exp((s - s.max(axis=1, keepdims=True)) / tau)  # the largest weight is 1: no overflow
     votes = (np.eye(len(vote_weight), dtype=np.float32)[labels[top]] * (w * vote_weight[labels[top]])[..., None]).sum(1)
