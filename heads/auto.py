@@ -123,7 +123,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):
                              if self.calibrate == "temperature" and len(tested) >= CALIBRATE_ROWS else 1.0)
         self.best_ = _make(win["kind"], win["params"], self.class_weight, self.random_state)
         if win["kind"] == "logistic":  # the refit starts from the folds' mean solution: the same optimum, sooner
-            found = [p.solutions.get(win["params"]["l2"]) for p in self._paths[win["params"]["normalize"]]]
+            found = [p.get(win["params"]["l2"]) for p in self._paths[win["params"]["normalize"]]]
             self.best_._init = None if any(t is None for t in found) else np.mean(found, axis=0)
         del self._paths
         self.best_.fit(X, y, X_valid=X_valid, y_valid=y_valid, log=log)
@@ -148,7 +148,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         for normalize in (False, True):
             scaled = grid  # unit rows are fitted at a standardized row's length (LogisticHead), so one grid
             paths = [LogisticPath(X[tr], y[tr], X[te], k, normalize, self.class_weight) for tr, te in folds]
-            self._paths[normalize] = paths
+            self._paths[normalize] = [p.solutions for p in paths]  # not their features: pool5's are large
             best, worse = np.inf, 0
             for l2 in scaled:
                 logits = np.zeros((len(X), k), np.float32)
