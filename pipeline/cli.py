@@ -281,7 +281,8 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, calibrate: str
           seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: str | None,
           augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
-    """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds."""
+    """Train a replacement head on cached features, in seconds: by default the best of several candidates, chosen
+    by cross-validation on the training rows."""
     import time
 
     from headstart.heads.headfile import save_head
