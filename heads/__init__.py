@@ -6,8 +6,9 @@ on first use (PEP 562), so reading a head file's metadata does not import scikit
 
 import importlib
 
-_WHERE = {"HeadFileError": "headfile", "load_head": "headfile", "save_head": "headfile", "KINDS": "models",
-          "LogisticHead": "models", "MLPHead": "models", "SoftmaxHead": "models"}
+_WHERE = {"HeadFileError": "headfile", "load_head": "headfile", "save_head": "headfile", "KINDS": "kinds",
+          "LogisticHead": "models", "MLPHead": "models", "SoftmaxHead": "models", "AutoHead": "auto",
+          "KNNHead": "knn"}
 
 __all__ = sorted(_WHERE)
 

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from headstart.export.fingerprint import body_fingerprint, compatible
 from headstart.export.graph import make_model, read_metadata
 
+from .auto import AutoHead
 from .headfile import load_head
+from .knn import KNNHead
 from .models import DenseHead
 from .tuned import TunedHead, dense_nodes
 
@@ -53,8 +55,11 @@ def _prune(graph: onnx.GraphProto, keep: list[str]) -> None:
     graph.initializer.extend(inits)
 
 
-def bundle(model_path: str | Path, head: DenseHead | TunedHead, dtype: str | None = None) -> onnx.ModelProto:
-    """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax.
+def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype: str | None = None
+           ) -> onnx.ModelProto:
+    """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax (a k-NN
+    head: its similarities to the stored rows, TopK and weighted votes; an auto head: its winner's, the logits
+    divided by its temperature).
 
     `head.meta_` says which layer it reads and carries the fingerprint of the features it was trained on.
     The head runs in float32 even in a float16 bundle: it is a few thousand FLOPs per image.
@@ -82,7 +87,7 @@ def bundle(model_path: str | Path, head: DenseHead | TunedHead, dtype: str | Non
     else:
         nodes = [helper.make_node("Flatten", [layer], ["head.flat"]),
                  helper.make_node("Cast", ["head.flat"], ["head.x"], to=TensorProto.FLOAT)]
-        more, inits, h = dense_nodes("head.x", head.mean_, head.scale_, head.layers_)
+        more, inits, h = head_nodes(head, "head.x")
     nodes += [*more, helper.make_node("Softmax", [h], ["probabilities"], axis=1),
               helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
     classes = [str(c) for c in head.classes_]
@@ -98,6 +103,21 @@ def bundle(model_path: str | Path, head: DenseHead | TunedHead, dtype: str | Non
         "head": type(head).__name__, "dtype": fingerprint["dtype"], "resize": fingerprint["resize"],
         "fingerprint": json.dumps(fingerprint), "head_metrics": json.dumps(info.get("metrics", {})),
     })
+
+
+def head_nodes(head: DenseHead | AutoHead, x: str) -> tuple[list, list, str]:
+    """ONNX nodes and initializers from `x`, (N, D) float32 features, to the head's logits (their name)."""
+    inner = head.best_ if isinstance(head, AutoHead) else head
+    if isinstance(inner, KNNHead):
+        nodes, inits, h = inner.onnx_nodes(x)
+    else:
+        nodes, inits, h = dense_nodes(x, inner.mean_, inner.scale_, inner.layers_,
+                                      normalize=bool(getattr(inner, "normalize", False)))
+    if isinstance(head, AutoHead) and head.temperature_ != 1.0:
+        inits.append(numpy_helper.from_array(np.array(head.temperature_, np.float32), "head.temperature"))
+        nodes.append(helper.make_node("Div", [h, "head.temperature"], ["head.calibrated"]))
+        h = "head.calibrated"
+    return nodes, inits, h
 
 
 def bundle_files(model_path: str | Path, head_path: str | Path, dtype: str | None = None) -> onnx.ModelProto:

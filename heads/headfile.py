@@ -1,8 +1,10 @@
 """The head file: an .npz of plain arrays plus JSON metadata, never a pickle, checked whole when loaded.
 
-Arrays: `mean`, `scale` (D,), then `W0`, `b0`, `W1`, `b1`, ... of the dense layers. JSON (`meta`): the
-estimator's kind, parameters and classes, and `info`, what the trainer recorded beside it (task, layer,
-the body's fingerprint, rows, metrics), which comes back as the estimator's `meta_`.
+Arrays: `mean`, `scale` (D,), then `W0`, `b0`, `W1`, `b1`, ... of the dense layers (a k-NN head: `rows` (m, D),
+`labels` (m,), `vote_weight` (n_classes,) instead). JSON (`meta`): the estimator's kind, parameters and classes,
+and `info`, what the trainer recorded beside it (task, layer, the body's fingerprint, rows, metrics), which comes
+back as the estimator's `meta_`. An auto head stores its winner's arrays, and in `auto` the winner's kind and
+parameters, the candidates' cross-validation table, how the folds were drawn (their seed) and the temperature.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import numpy as np
 
 from headstart.export.files import atomic_write
 
-from .models import KINDS, DenseHead
+from .auto import AutoHead
+from .kinds import KINDS
+from .knn import KNNHead
+from .models import DenseHead
 from .tuned import POOLINGS, TunedHead
 
 FORMAT = "headstart-head/2"
@@ -25,12 +30,12 @@ class HeadFileError(ValueError):
     """A head file that cannot be used."""
 
 
-def save_head(head: DenseHead | TunedHead, path: str | Path) -> Path:
+def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
     """Write a fitted head as a head file, atomically: an .npz of plain arrays plus JSON, never a pickle.
 
     Parameters
     ----------
-    head : DenseHead or TunedHead
+    head : DenseHead, AutoHead or TunedHead
         A fitted head; its `meta_` (what `train_head` recorded: layer, features' fingerprint, metrics) is kept.
     path : str or Path
         Where to write it.
@@ -45,19 +50,29 @@ def save_head(head: DenseHead | TunedHead, path: str | Path) -> Path:
     >>> hs.save_head(hs.train_head("cache/features.zarr", "gap", "logistic"), "models/digits.head")  # doctest: +SKIP
     PosixPath('models/digits.head')
     """
-    kind = "tuned" if isinstance(head, TunedHead) else next(k for k, cls in KINDS.items() if type(head) is cls)
-    meta = {"format": FORMAT, "kind": kind, "params": head.get_params(), "classes": head.classes_.tolist(),
+    meta = {"format": FORMAT, "kind": _kind(head), "params": head.get_params(), "classes": head.classes_.tolist(),
             "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {})}
-    arrays = {"mean": head.mean_, "scale": head.scale_}
+    inner = head
+    if isinstance(head, AutoHead):
+        inner = head.best_
+        meta["auto"] = {"winner": {"kind": _kind(inner), "params": inner.get_params()}, "name": head.winner_,
+                        "temperature": float(head.temperature_), "cv": head.cv_, "table": head.cv_results_}
+    arrays = {"mean": inner.mean_, "scale": inner.scale_}
     if isinstance(head, TunedHead):
         meta["side"] = head.side
         for i, (W, b) in enumerate(head.convs_, start=1):
             arrays[f"conv5_{i}.w"], arrays[f"conv5_{i}.b"] = W, b
-    for i, (W, b) in enumerate(head.layers_):
+    if isinstance(inner, KNNHead):
+        arrays |= {"rows": inner.rows_, "labels": inner.labels_, "vote_weight": inner.vote_weight_}
+    for i, (W, b) in enumerate(inner.layers_):
         arrays[f"W{i}"], arrays[f"b{i}"] = W, b
     with atomic_write(path) as partial, open(partial, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
     return Path(path)
+
+
+def _kind(head: object) -> str:
+    return "tuned" if isinstance(head, TunedHead) else next(k for k, cls in KINDS.items() if type(head) is cls)
 
 
 def load_head(path: str | Path) -> DenseHead:
@@ -102,19 +117,48 @@ def load_head(path: str | Path) -> DenseHead:
         raise bad(f"unknown head kind {kind!r}")
     if not isinstance(params, dict) or not isinstance(meta.get("info", {}), dict):
         raise bad("params and info must be mappings")
-    if "hidden" in params:
-        params["hidden"] = tuple(params["hidden"])
-    try:
-        head = TunedHead(**params) if kind == "tuned" else KINDS[kind](**params)
-    except TypeError as e:
-        raise bad(f"parameters {sorted(params)} do not fit a {kind} head ({e})") from None
     if (not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes)
             or not (all(isinstance(c, str) for c in classes) or all(isinstance(c, int) for c in classes))):
         raise bad(f"classes must be 2 or more distinct names, got {classes!r}")
     d = meta.get("n_features")
     if not isinstance(d, int) or d < 1:
         raise bad(f"n_features {d!r} is not a positive integer")
-    n_layers = len(getattr(head, "hidden", ())) + 1
+    if kind != "auto":
+        head = _restore(kind, params, classes, d, meta, arrays, bad)
+    else:
+        auto = meta.get("auto")
+        if not isinstance(auto, dict) or not isinstance(auto.get("winner"), dict):
+            raise bad("an auto head needs `auto`: its winner's kind and parameters")
+        winner, temperature = auto["winner"], auto.get("temperature")
+        if winner.get("kind") not in ("softmax", "logistic", "mlp", "knn") or not isinstance(winner.get("params"),
+                                                                                            dict):
+            raise bad(f"an auto head's winner must be a softmax, logistic, mlp or knn head, got {winner!r}")
+        if not isinstance(temperature, int | float) or not 0 < temperature < float("inf"):
+            raise bad(f"an auto head's temperature must be a positive number, got {temperature!r}")
+        for name in ("l2_grid", "neighbors"):
+            if isinstance(params.get(name), list):
+                params[name] = tuple(params[name])
+        try:
+            head = AutoHead(**params)
+        except TypeError as e:
+            raise bad(f"parameters {sorted(params)} do not fit an auto head ({e})") from None
+        head.best_ = _restore(winner["kind"], dict(winner["params"]), classes, d, meta, arrays, bad)
+        head.winner_, head.temperature_ = str(auto.get("name", winner["kind"])), float(temperature)
+        head.cv_, head.cv_results_ = auto.get("cv", {}), auto.get("table", [])
+        head.classes_, head.n_features_in_, head.history_ = head.best_.classes_, d, []
+    head.meta_ = meta.get("info", {})
+    return head
+
+
+def _restore(kind: str, params: dict, classes: list, d: int, meta: dict, arrays: dict, bad):  # noqa: ANN001, ANN202
+    """Rebuild the fitted head of `kind` from its checked arrays."""
+    if "hidden" in params:
+        params["hidden"] = tuple(params["hidden"])
+    try:
+        head = TunedHead(**params) if kind == "tuned" else KINDS[kind](**params)
+    except TypeError as e:
+        raise bad(f"parameters {sorted(params)} do not fit a {kind} head ({e})") from None
+    n_layers = 0 if kind == "knn" else len(getattr(head, "hidden", ())) + 1
     expected, width = {}, d
     if kind == "tuned":
         side = meta.get("side")
@@ -127,15 +171,29 @@ def load_head(path: str | Path) -> DenseHead:
         for i in (1, 2, 3):
             expected[f"conv5_{i}.w"], expected[f"conv5_{i}.b"] = (512, 512, 3, 3), (512,)
     expected |= {"mean": (width,), "scale": (width,)}
+    if kind == "knn":
+        m = arrays["rows"].shape[0] if "rows" in arrays and arrays["rows"].ndim == 2 else 0
+        if m < 1:
+            raise bad("a k-NN head needs its training rows, `rows` (m, n_features) with m >= 1")
+        expected |= {"rows": (m, d), "vote_weight": (len(classes),)}
     sizes = [width, *(int(h) for h in getattr(head, "hidden", ())), len(classes)]
     for i in range(n_layers):
         expected[f"W{i}"], expected[f"b{i}"] = (sizes[i], sizes[i + 1]), (sizes[i + 1],)
+    floats = list(expected)  # checked in this order: the first disagreement is the one named
+    if kind == "knn":
+        expected["labels"] = (m,)
     if set(arrays) != set(expected):
         raise bad(f"arrays {sorted(arrays)}, expected {sorted(expected)}")
-    for name, shape in expected.items():
-        a = arrays[name]
+    for name in floats:
+        a, shape = arrays[name], expected[name]
         if a.shape != shape or a.dtype.kind != "f" or not np.isfinite(a).all():
             raise bad(f"{name} is {a.dtype} {a.shape}, expected finite floats of shape {shape}")
+    if kind == "knn":
+        labels = arrays["labels"]
+        if labels.shape != (m,) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(classes):
+            raise bad(f"labels is {labels.dtype} {labels.shape}, expected ({m},) class indices below {len(classes)}")
+        head.rows_, head.labels_ = arrays["rows"].astype(np.float32), labels.astype(np.int64)
+        head.vote_weight_ = arrays["vote_weight"].astype(np.float32)
     if (arrays["scale"] <= 0).any():
         raise bad("scale has values <= 0")
     head.classes_ = np.array(classes)

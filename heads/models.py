@@ -34,6 +34,8 @@ LARGE = 2**20
 # Feature values a softmax head's training reads (rows x epochs x features) from which its steps run compiled
 # (see _train): the point where the compiled step saves more than loading numba costs (docs/benchmarks.md).
 COMPILE_WORK = 6 * 10**8
+# The smallest row length l2_normalize divides by (the bundle's graph divides by the same).
+NORM_EPS = 1e-12
 
 
 def _rows_per_block(d: int, itemsize: int, budget: int = 64 * 2**20) -> int:
@@ -61,6 +63,12 @@ def _mean_std(blocks: Iterable[np.ndarray], d: int) -> tuple[np.ndarray, np.ndar
             mean += delta * (k / n)
             m2 += np.einsum("ij,ij->j", b, b) + delta**2 * (k * (n - k) / n)
     return mean, np.sqrt(m2 / n)
+
+
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Rows (n, D) scaled to unit length, as float32; an all-zero row stays zero."""
+    X = np.asarray(X, np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), NORM_EPS)
 
 
 def softmax(z: np.ndarray, flush: float | None = None) -> np.ndarray:
@@ -113,7 +121,9 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def _stats(self, X: np.ndarray) -> None:
         d = X.shape[1]
-        if self.standardize:
+        if self.standardize and getattr(self, "normalize", False):
+            self._set_stats(*_mean_std([l2_normalize(X)], d))
+        elif self.standardize:
             self._set_stats(*_mean_std([X], d))
         else:
             self._set_stats(np.zeros(d), np.ones(d))
@@ -135,7 +145,10 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         out = np.empty((len(X), len(self.classes_)), np.float32)
         batch = _rows_per_block(X.shape[1], 4)
         for i in range(0, len(X), batch):
-            h = (X[i:i + batch].astype(np.float32) - self.mean_) / self.scale_
+            h = X[i:i + batch].astype(np.float32)
+            if getattr(self, "normalize", False):
+                h = l2_normalize(h)
+            h = (h - self.mean_) / self.scale_
             for j, (W, b) in enumerate(self.layers_):
                 h = h @ W + b
                 if j < len(self.layers_) - 1:
@@ -218,8 +231,10 @@ class _AdamHead(DenseHead):
         rng = np.random.default_rng(self.random_state)
         k = len(self.classes_)
         sizes = [d, *(int(h) for h in self.hidden), k]
-        init = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a))
-                 .astype(np.float32), np.zeros(b, np.float32))
+        # A linear softmax layer starts at zero, as scikit-learn's solvers do: the problem is convex, and a random
+        # start is noise that a small dataset's few dozen steps cannot undo. Hidden layers need a random start.
+        init = [((rng.standard_normal((a, b)) * np.sqrt((2.0 if i < len(sizes) - 2 else 1.0) / a)
+                  * (len(sizes) > 2)).astype(np.float32), np.zeros(b, np.float32))
                 for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))]
         # Standardizing a batch costs 2 passes over it; folding the standardization into the first layer
         # instead costs 2 passes over that layer's weights: fold when they are the smaller (softmax on pool5).
@@ -637,16 +652,23 @@ class SoftmaxHead(_AdamHead):
 
 
 class LogisticHead(DenseHead):
-    """scikit-learn's LogisticRegression (lbfgs, the exact optimum): binary, or multinomial for more classes.
+    """Logistic regression: scikit-learn's objective, solved exactly by L-BFGS (heads.linear).
+
+    Binary, or multinomial for more classes.
 
     Parameters
     ----------
     l2 : float
-        Penalty on the mean loss, so C = 1 / (l2 * n_samples): comparable with the other heads' `l2`.
+        Penalty on the mean loss, so C = 1 / (l2 * n_samples): comparable with the other heads' `l2`. Without
+        standardization it applies as if the rows had the length of standardized ones (sqrt(D)), so the same
+        penalty suits both.
     max_iter : int
-        lbfgs's iteration limit.
+        L-BFGS's iteration limit.
     standardize : bool
         Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    normalize : bool
+        Scale each row to unit length first (then standardize, where `standardize`): the linear probe of CLIP and
+        DINOv2; the head file and the bundle do the same.
     class_weight : {None, "balanced"}
         "balanced" weighs each row inversely to its class's frequency.
     random_state : int or None
@@ -676,11 +698,12 @@ class LogisticHead(DenseHead):
     1.0
     """
 
-    def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True,
+    def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True, normalize: bool = False,
                  class_weight: str | None = None, random_state: int | None = 0) -> None:
         self.l2 = l2
         self.max_iter = max_iter
         self.standardize = standardize
+        self.normalize = normalize
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -691,21 +714,21 @@ class LogisticHead(DenseHead):
                              f"max_iter={self.max_iter}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
-        from sklearn.linear_model import LogisticRegression
+        from .linear import as_layer, fit_logistic
 
         t0 = time.perf_counter()
-        Z = (X.astype(np.float32) - self.mean_) / self.scale_
-        model = LogisticRegression(C=1.0 / (self.l2 * len(X)), max_iter=self.max_iter,
-                                   class_weight=self.class_weight, random_state=self.random_state)
-        model.fit(Z, y)
-        coef, intercept = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
-        if len(self.classes_) == 2:  # sigmoid(z) == softmax([0, z])[1]
-            coef = np.vstack([np.zeros_like(coef), coef])
-            intercept = np.array([0.0, intercept[0]], np.float32)
-        self.layers_ = [(np.ascontiguousarray(coef.T), intercept)]
+        Z = l2_normalize(X) if self.normalize else X.astype(np.float32)
+        Z = (Z - self.mean_) / self.scale_
+        # Unit rows are fitted at the length of a standardized row, sqrt(D): `l2` means the same for both, and
+        # the solver's tolerance is met at the same precision. The factor goes into the weights.
+        length = np.float32(np.sqrt(Z.shape[1])) if self.normalize and not self.standardize else np.float32(1)
+        k = len(self.classes_)
+        weight = self._sample_weight(y) if self.class_weight else None
+        # AutoHead hands its refit the folds' mean solution as a start (`_init`); the optimum is the same.
+        init = self.__dict__.pop("_init", None)
+        theta, iterations = fit_logistic(Z * length, y, k, self.l2, weight, init=init, max_iter=self.max_iter,
+                                         tol=1e-4)  # scikit-learn's default
+        W, b = as_layer(theta, Z.shape[1], k)
+        self.layers_ = [(W * length, b)]
         ms = (time.perf_counter() - t0) * 1000
-        self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid,
-                  iterations=int(np.max(model.n_iter_)))
-
-
-KINDS: dict[str, type[DenseHead]] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead}
+        self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid, iterations=iterations)

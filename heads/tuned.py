@@ -11,15 +11,25 @@ from onnx import TensorProto, helper, numpy_helper
 
 from headstart.export.graph import IR_VERSION, OPSET
 
+from .models import NORM_EPS
+
 POOLINGS = ("gap", "flatten")  # after pool5: its global average (512), or all of it flattened (512 * s * s)
 
 
-def dense_nodes(x: str, mean: np.ndarray, scale: np.ndarray, layers: list, prefix: str = "head."
-                ) -> tuple[list, list, str]:
-    """ONNX nodes of a dense head on the 2-D float32 tensor `x`: standardize, Gemm (+ReLU between); the logits."""
+def dense_nodes(x: str, mean: np.ndarray, scale: np.ndarray, layers: list, prefix: str = "head.",
+                normalize: bool = False) -> tuple[list, list, str]:
+    """ONNX nodes of a dense head on the 2-D float32 tensor `x`: (L2-normalize rows,) standardize, Gemm (+ReLU
+    between); the logits."""
     inits = [numpy_helper.from_array(mean.astype(np.float32), f"{prefix}mean"),
              numpy_helper.from_array(scale.astype(np.float32), f"{prefix}scale")]
-    nodes = [helper.make_node("Sub", [x, f"{prefix}mean"], [f"{prefix}centered"]),
+    nodes = []
+    if normalize:  # x / max(|x|, eps), as models.l2_normalize
+        inits.append(numpy_helper.from_array(np.array(NORM_EPS, np.float32), f"{prefix}eps"))
+        nodes += [helper.make_node("ReduceL2", [x], [f"{prefix}norm"], axes=[1], keepdims=1),
+                  helper.make_node("Max", [f"{prefix}norm", f"{prefix}eps"], [f"{prefix}norm_eps"]),
+                  helper.make_node("Div", [x, f"{prefix}norm_eps"], [f"{prefix}unit"])]
+        x = f"{prefix}unit"
+    nodes += [helper.make_node("Sub", [x, f"{prefix}mean"], [f"{prefix}centered"]),
              helper.make_node("Div", [f"{prefix}centered", f"{prefix}scale"], [f"{prefix}h0"])]
     h = f"{prefix}h0"
     for i, (W, b) in enumerate(layers):

@@ -326,7 +326,9 @@ def verify(cache: str) -> None:
 @shared("cache", default="cache/features.zarr")
 @shared("dataset", shown="the only one")
 @shared("layer", lazy_default=default_of(TRAIN, "train_head", "layer"))
-@shared("head", lazy_default=lambda: LazyChoice(_kinds_list).choices[0])
+@shared("head", default="auto")
+@click.option("--calibration", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
+              help="auto: temperature scaling fitted on the winner's out-of-fold logits; none turns it off.")
 @shared("output", required=True)
 @shared("epochs", shown=per_kind("epochs"))
 @shared("lr", shown=per_kind("lr"))
@@ -352,12 +354,14 @@ def verify(cache: str) -> None:
 @shared("task")
 @shared("history")
 @friendly
-def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, epochs: int | None,
-          lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None,
+def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: str, output: Path,
+          epochs: int | None, lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None,
+          dropout: float | None,
           seed: int, class_weight: str,
           standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: int | None,
           augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
-    """Train a replacement head on cached features: Dense(n_classes, softmax) and friends, in seconds.
+    """Train a replacement head on cached features, in seconds: by default (auto) the best of several
+    candidates, chosen by cross-validation on the training rows and refit on all of them.
 
     The held-out valid share (--valid-fraction, where the cache has no valid split) is chosen by each image's
     content hash and --seed, so adding images never moves one between train and valid.
@@ -365,14 +369,15 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
     import time
 
     from headstart.heads.headfile import save_head
-    from headstart.heads.models import KINDS
+    from headstart.heads.kinds import KINDS
 
     from .train import read_classes_map, train_head
 
     sizes = _sizes(hidden)
     given = {"epochs": epochs, "lr": lr, "batch_size": minibatch, "l2": l2, "hidden": sizes, "dropout": dropout,
-             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight}
-    flags = {"batch_size": "minibatch"}
+             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight,
+             "calibrate": calibration}
+    flags = {"batch_size": "minibatch", "calibrate": "calibration"}
     accepted = inspect.signature(KINDS[kind]).parameters
     ctx = click.get_current_context()
     ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
@@ -389,6 +394,8 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
                       log=_epoch_line, say=_say, **params)
     save_head(head, output)
     _write_history(head, history)
+    if hasattr(head, "cv_results_"):
+        _print_choice(head)
     m, rows = head.meta_["metrics"], head.meta_["rows"]
     click.echo(f"{head.meta_['task']}: {kind} head on {layer} ({head.n_features_in_} features, "
                f"{len(head.classes_)} classes), {rows['train']} train / {rows['valid']} valid rows: "
@@ -397,7 +404,7 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, output: Path, 
 
 
 def _kinds_list() -> list[str]:
-    from headstart.heads.models import KINDS
+    from headstart.heads.kinds import KINDS
 
     return list(KINDS)
 
@@ -470,6 +477,16 @@ def _tuned():  # noqa: ANN202
     return m
 
 
+def _print_choice(head) -> None:  # noqa: ANN001 - a fitted AutoHead
+    from .bench import table
+
+    cv = head.cv_
+    click.echo(f"auto: {cv['method']} of {cv['rows']} training rows (seed {cv['seed']}); out-of-fold scores, "
+               "accuracy with its 95% interval:")
+    click.echo(table(head.table(), ["candidate", "cv_log_loss", "cv_accuracy", "chosen"]))
+    click.echo(f"auto: {head.winner_}, refit on all training rows, temperature {head.temperature_:.3g}")
+
+
 def _write_history(head, path: Path | None) -> None:  # noqa: ANN001 - any fitted head
     if path:
         from headstart.export.files import atomic_write
@@ -497,11 +514,14 @@ def _epoch_line(rec: dict) -> None:
 @shared("classes_map", default="")
 @shared("json")
 @click.option("--save-best", type=FILE, help="Save the best head here.")
+@click.option("--select-on", help="Rank on this split's rows (default: 5-fold cross-validation on the training "
+                                  "rows); never the split that evaluate reports.")
 @friendly
 def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[float] | None, lr: list[float] | None,
           epochs: list[int] | None, parallel: int, classes_map: str, json_out: Path | None,
-          save_best: Path | None) -> None:
-    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by accuracy.
+          save_best: Path | None, select_on: str | None) -> None:
+    """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by the
+    cross-validated accuracy on the training rows (the validation scores beside it are not used to rank).
 
     --l2, --lr and --epochs take comma-separated values to try (softmax and mlp heads take --lr and --epochs).
     """
@@ -514,11 +534,14 @@ def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[flo
     grid = {"l2": l2 or [], "lr": lr or [], "epochs": epochs or []}
     rows, best = run(cache, [x.strip() for x in layers.split(",") if x.strip()],
                      [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=parallel, dataset=dataset,
-                     classes_map=read_classes_map(classes_map or None))
+                     classes_map=read_classes_map(classes_map or None), select_on=select_on)
     shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
     to_stdout = _json(rows, json_out)
     if not to_stdout:
-        click.echo(table(shown, ["layer", "head", "params", "valid_accuracy", "valid_loss", "seconds"]))
+        ranked = f"split {select_on!r}" if select_on else "out-of-fold scores of the training rows"
+        click.echo(f"ranked on {ranked}; valid_* are the refit heads' scores on the validation rows, not used to rank")
+        click.echo(table(shown, ["layer", "head", "params", "select_accuracy", "select_loss", "valid_accuracy",
+                                 "valid_loss", "seconds"]))
     if save_best:
         save_head(best, save_best)
         click.echo(f"best: {shown[0]['head']} on {shown[0]['layer']} ({shown[0]['params']}) -> {save_best}",
@@ -770,6 +793,24 @@ def bench_heads(rows: int, epochs: int, mlp_rows: int, json_out: Path | None) ->
     _report(run(rows, epochs=epochs, mlp_rows=mlp_rows),
             ["head", "rows", "dim", "dtype", "epochs", "batch", "seconds", "ms_per_epoch", "first_epoch_ms"],
             json_out, "Head training, seconds (fit, standardization included)")
+
+
+@bench.command("fewshot")
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the only one")
+@shared("layer", default="gap")
+@click.option("--sizes", default="2,5,10,20,50,100", show_default=True, help="Training rows a class, comma-separated.")
+@click.option("--draws", type=POSITIVE, default=5, show_default=True, help="Random draws of the rows per size.")
+@shared("json")
+@friendly
+def bench_fewshot(cache: str, dataset: str | None, layer: str, sizes: str, draws: int, json_out: Path | None) -> None:
+    """Every head, and auto, trained on N rows a class drawn from the train split, scored on the valid split:
+    mean accuracy of the draws, with the 95% Wilson interval of one draw's."""
+    from .fewshot import fewshot
+
+    rows = fewshot(cache, layer, tuple(int(s) for s in sizes.split(",") if s.strip()), draws, dataset=dataset)
+    _report(rows, ["per_class", "head", "accuracy", "low", "high", "std", "seconds"], json_out,
+            f"Few-shot: valid accuracy by training rows a class ({layer}, mean of {draws} draws)")
 
 
 @bench.command("epochs")

@@ -132,7 +132,7 @@ def per_kind(param: str) -> Callable[[], str]:
     '0.0001 (softmax, mlp), 0.01 (logistic)'."""
 
     def text() -> str:
-        from headstart.heads.models import KINDS
+        from headstart.heads.kinds import KINDS
 
         kinds: dict[str, list[str]] = {}
         for k, cls in KINDS.items():
@@ -146,7 +146,7 @@ def per_kind(param: str) -> Callable[[], str]:
 
 
 def _kinds() -> list[str]:
-    from headstart.heads.models import KINDS
+    from headstart.heads.kinds import KINDS
 
     return list(KINDS)
 

@@ -1,4 +1,9 @@
-"""Hyper-parameter sweeps on one feature cache: every combination costs seconds, not a pass of the body."""
+"""Hyper-parameter sweeps on one feature cache: every combination costs seconds, not a pass of the body.
+
+Trials are ranked without reading the rows that `evaluate` reports: by cross-validation on the training rows
+(the folds of `AutoHead`, seeded), or on a split the user names (`select_on`); each trial's validation score,
+of its head refit on all training rows, is shown beside, never used.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from headstart.heads.models import KINDS, DenseHead
+import numpy as np
 
-from .train import train_head
+from headstart.heads.auto import cross_val_logits, make_folds, oof_scores
+from headstart.heads.kinds import KINDS
+from headstart.heads.metrics import loss_and_accuracy
+from headstart.heads.models import DenseHead
+
+from .cache import FeatureCache
+from .train import task_rows, train_head
 
 
 def trials(layers: list[str], kinds: list[str], grid: dict[str, list]) -> list[tuple[str, str, dict]]:
@@ -29,21 +40,41 @@ def trials(layers: list[str], kinds: list[str], grid: dict[str, list]) -> list[t
 
 
 def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str, list], *, jobs: int = 1,
-          **options: object) -> tuple[list[dict], DenseHead]:
+          select_on: str | None = None, folds: int = 5, seed: int = 0, **options: object
+          ) -> tuple[list[dict], DenseHead]:
     """Train every combination with `train_head` (the same as `headstart train`, `options` passed on).
 
-    Returns the rows sorted by validation accuracy, then log loss (layer, head, params, valid_accuracy,
-    valid_loss, seconds), and the best head.
+    Returns the rows sorted by the selection score, accuracy then log loss (layer, head, params, select_accuracy,
+    select_loss, valid_accuracy, valid_loss, seconds), and the best head refit on all training rows. The selection
+    score is out-of-fold on the training rows (`folds` stratified folds, seeded by `seed`), or, with `select_on`,
+    that split's score of the refit head.
     """
     plan = trials(layers, kinds, grid)
+    fc = FeatureCache(cache, options.get("dataset"))
+    _, y, _, train, _ = task_rows(fc, classes_map=options.get("classes_map"), seed=seed)
+    split, _ = make_folds(y[train], folds, 10**12, seed)
+    picked = None
+    if select_on is not None:
+        picked = np.flatnonzero((fc.splits == select_on) & (y >= 0))
+        if len(picked) == 0:
+            raise ValueError(f"{fc.path}: no labelled rows in split {select_on!r} to select on "
+                             f"(splits: {', '.join(sorted(set(fc.splits)))})")
+    features = {layer: fc.features(layer, train) for layer in layers} if select_on is None else {}
 
     def run(trial: tuple[str, str, dict]) -> tuple[dict, DenseHead]:
         layer, kind, params = trial
         t0 = time.perf_counter()
-        head = train_head(cache, layer, kind, **options, **params)
+        head = train_head(cache, layer, kind, seed=seed, **options, **params)
+        if select_on is None:
+            logits = cross_val_logits(lambda: KINDS[kind](random_state=seed, **params), features[layer], y[train],
+                                      split)
+            loss, accuracy = oof_scores(y[train], logits, split)
+        else:
+            loss, accuracy = loss_and_accuracy(y[picked], head.predict_proba(fc.features(layer, picked)))
         m = head.meta_["metrics"]
-        return {"layer": layer, "head": kind, "params": params, "valid_accuracy": m.get("valid_accuracy"),
-                "valid_loss": m.get("valid_loss"), "seconds": time.perf_counter() - t0}, head
+        return {"layer": layer, "head": kind, "params": params, "select_accuracy": accuracy, "select_loss": loss,
+                "valid_accuracy": m.get("valid_accuracy"), "valid_loss": m.get("valid_loss"),
+                "seconds": time.perf_counter() - t0}, head
 
     rows, best = [], None
     with ThreadPoolExecutor(jobs) as pool:
@@ -56,4 +87,4 @@ def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str
 
 
 def _rank(row: dict) -> tuple:
-    return (-(row["valid_accuracy"] or 0.0), row["valid_loss"] if row["valid_loss"] is not None else float("inf"))
+    return -row["select_accuracy"], row["select_loss"]

@@ -16,8 +16,9 @@ import numpy as np
 
 from headstart.export.files import atomic_write
 from headstart.export.fingerprint import compatible
+from headstart.heads.kinds import KINDS
 from headstart.heads.metrics import metrics, plot_confusion
-from headstart.heads.models import KINDS, DenseHead, EpochLog, MLPHead, SoftmaxHead
+from headstart.heads.models import DenseHead, EpochLog, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache, duplicates_line
 from .decode import BadImage, read_bytes
@@ -107,7 +108,7 @@ def task_rows(fc: FeatureCache, *, classes_map: dict[str, str | None] | None = N
     return classes, y, selection, train, valid
 
 
-def train_head(cache: str | Path, layer: str = "gap", kind: str = "softmax", *, dataset: str | None = None,
+def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", *, dataset: str | None = None,
                task: str | None = None, classes_map: dict[str, str | None] | None = None,
                train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
                drop_duplicates: bool = False, memory: int | None = None, augmented: bool = False,

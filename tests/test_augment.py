@@ -77,7 +77,7 @@ def test_train_on_augmented_views(tmp_path, random_model):
     assert out.exit_code == 1 and "has no augmented views; extract it with --augment K" in out.output
     cache = tmp_path / "c.zarr"
     extract(data, random_model, cache, augment=4, progress=False)
-    out = CliRunner().invoke(main, ["train", "--cache", str(cache), "--augmented", "--epochs", "5",
+    out = CliRunner().invoke(main, ["train", "--cache", str(cache), "--augmented", "--head", "softmax", "--epochs", "5",
                                     "-o", str(tmp_path / "h.head")])
     assert out.exit_code == 0, out.output
     assert "each epoch draws one of 5 cached views of every training image" in out.output

@@ -44,7 +44,7 @@ def project(tmp_path_factory, real_weights):
         shutil.copytree(REPO / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    set_params(root, **{"model.image-size": 32, "tasks.digit.epochs": 10})
+    set_params(root, **{"model.image-size": 32})
     return root
 
 
@@ -59,13 +59,13 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     details = json.loads((project / "metrics/digit/details.json").read_text())
     assert len(details["per_class"]) == 10
     assert set(json.loads((project / "metrics/parity/details.json").read_text())["per_class"]) == {"even", "odd"}
-    # Each task gets the options its head takes, no more: the logistic task carries no epochs or lr.
-    assert yaml.safe_load((project / "params.yaml").read_text())["tasks"]["parity"].keys() == {
-        "layer", "head", "l2", "classes-map"}
+    # Each task gets the options its head takes, no more: the auto heads carry no epochs, lr or l2.
+    tasks = yaml.safe_load((project / "params.yaml").read_text())["tasks"]
+    assert tasks["parity"].keys() == {"layer", "head", "classes-map"} and tasks["digit"]["head"] == "auto"
 
     assert "Running stage" not in dvc(project, "repro")
 
-    set_params(project, **{"tasks.parity.l2": 0.05})
+    set_params(project, **{"tasks.parity.calibration": "none"})
     out = dvc(project, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@parity", "evaluate@parity"}, out
@@ -99,8 +99,8 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=project, check=True, capture_output=True)
-    out = dvc(project, "exp", "run", "-S", "tasks.parity.l2=0.02")
+    out = dvc(project, "exp", "run", "-S", "tasks.parity.calibration=temperature")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@parity", "evaluate@parity"}, out
     shown = json.dumps(json.loads(dvc(project, "exp", "show", "--json")))
-    assert '"l2": 0.02' in shown and '"accuracy"' in shown
+    assert '"calibration": "temperature"' in shown and '"accuracy"' in shown

@@ -23,7 +23,10 @@ def blobs(n=300, d=6, seed=0):
     return X, np.array(["cat", "dog", "fox"])[y]
 
 
-@pytest.mark.parametrize("cls", list(KINDS.values()))
+DENSE = [SoftmaxHead, LogisticHead, MLPHead]  # the heads with an l2 penalty and standardization (knn, auto: test_auto)
+
+
+@pytest.mark.parametrize("cls", DENSE)
 def test_heads_follow_the_estimator_contract(cls):
     X, y = blobs()
     head = cls(random_state=3)
@@ -177,7 +180,7 @@ def test_training_keeps_subnormal_floats_out_of_the_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e300])
-@pytest.mark.parametrize("cls", list(KINDS.values()))
+@pytest.mark.parametrize("cls", DENSE)
 def test_training_features_that_are_not_finite_are_named_in_one_line(cls, bad):
     X, y = blobs(n=200, d=8)
     X = X.astype(np.float64)
@@ -306,7 +309,8 @@ def test_training_streams_a_cache_larger_than_the_memory_budget(two_caches, rand
     extract(two_caches / "d", random_model, tmp_path / "c.zarr", batch_size=16, progress=False)  # 16-row chunks
     cache = str(tmp_path / "c.zarr")
     out = CliRunner().invoke(main, ["train", "--cache", cache, "--layer", "pool5", "--memory", "20kB",
-                                    "--epochs", "30", "--lr", "0.01", "-o", str(tmp_path / "s.head")])
+                                    "--head", "softmax", "--epochs", "30", "--lr", "0.01",
+                                    "-o", str(tmp_path / "s.head")])
     assert out.exit_code == 0, out.output
     assert "exceed the 0.00 GiB memory budget: streaming them from the cache in 2 blocks of up to 16 rows" \
         in out.output  # never less than a chunk
@@ -366,3 +370,17 @@ def test_adam_threads_work_in_a_forked_child_of_a_process_that_used_them():
     hung = child.is_alive()
     child.kill()
     assert not hung and child.exitcode == 0
+
+
+def test_a_linear_softmax_head_starts_at_zero_and_learns_a_linear_rule():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(int)
+    untrained = SoftmaxHead(epochs=1, lr=1e-9).fit(X, y)  # a random start would show here
+    np.testing.assert_allclose(untrained.predict_proba(X), 0.5, atol=1e-4)
+    from sklearn.model_selection import GridSearchCV
+
+    search = GridSearchCV(SoftmaxHead(epochs=500), {"l2": [1e-4, 1e-2]}, cv=3).fit(X, y)
+    assert search.best_score_ >= 0.9
+    mlp = MLPHead(epochs=1, lr=1e-9).fit(X, y)  # hidden layers keep their random start
+    assert np.abs(mlp.predict_proba(X) - 0.5).max() > 1e-3

@@ -26,7 +26,8 @@ def test_every_head_separates_cats_from_dogs(photo_cache, kind, layer):
 @pytest.mark.slow
 def test_cli_logs_every_epoch_and_evaluate_writes_reports(photo_cache, tmp_path):
     out = tmp_path / "h.head"
-    result = CliRunner().invoke(main, ["train", "--cache", str(photo_cache), "--layer", "gap", "--epochs", "5",
+    result = CliRunner().invoke(main, ["train", "--cache", str(photo_cache), "--layer", "gap", "--head", "softmax",
+                                       "--epochs", "5",
                                        "-o", str(out), "--history", str(tmp_path / "hist.json")])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

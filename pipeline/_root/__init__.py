@@ -6,7 +6,8 @@ and bundle body and head back into one ONNX classifier.
 Everything a notebook needs is here, imported on first use so that ``import headstart`` stays quick:
 
 - ``export_body``, ``extract``, ``FeatureCache``: the body and the feature cache.
-- ``SoftmaxHead``, ``LogisticHead``, ``MLPHead``, ``train_head``, ``save_head``, ``load_head``: heads.
+- ``AutoHead``, ``SoftmaxHead``, ``LogisticHead``, ``MLPHead``, ``KNNHead``, ``train_head``, ``save_head``,
+  ``load_head``: heads.
 - ``bundle``, ``predict``, ``Predictions``: the classifier file and its predictions.
 - ``CacheError``, ``HeadFileError``, ``IncompatibleError``, ``WeightsError``, ``DeviceError``: the errors a
   caller may catch; each says what went wrong and what to do.
@@ -37,6 +38,8 @@ _NAMES = {
     "SoftmaxHead": "headstart.heads.models",
     "LogisticHead": "headstart.heads.models",
     "MLPHead": "headstart.heads.models",
+    "AutoHead": "headstart.heads.auto",
+    "KNNHead": "headstart.heads.knn",
     "save_head": "headstart.heads.headfile",
     "load_head": "headstart.heads.headfile",
     "HeadFileError": "headstart.heads.headfile",
@@ -47,16 +50,18 @@ _NAMES = {
 _SUBPACKAGES = ("export", "heads", "pipeline")
 
 __all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
-    "CacheError", "DeviceError", "FeatureCache", "HeadFileError", "IncompatibleError", "LogisticHead", "MLPHead",
-    "Predictions", "SoftmaxHead", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
-    "predict", "save_head", "train_head",
+    "AutoHead", "CacheError", "DeviceError", "FeatureCache", "HeadFileError", "IncompatibleError", "KNNHead",
+    "LogisticHead", "MLPHead", "Predictions", "SoftmaxHead", "WeightsError", "__version__", "bundle", "export_body",
+    "extract", "load_head", "predict", "save_head", "train_head",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
     from headstart.export.fingerprint import IncompatibleError
     from headstart.export.runtime import DeviceError
     from headstart.export.weights import WeightsError
+    from headstart.heads.auto import AutoHead
     from headstart.heads.headfile import HeadFileError, load_head, save_head
+    from headstart.heads.knn import KNNHead
     from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
     from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict
     from headstart.pipeline.cache import CacheError, FeatureCache
