@@ -91,6 +91,42 @@ def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), second
     return rows
 
 
+def bench_int8(data: str | Path, image_size: int = 224, calibrate_count: int = 32, unseen: int = 24,
+               batch: int = 16, seconds: float = 6.0, turns: int = 3, weights=None) -> list[dict]:  # noqa: ANN001
+    """int8 bodies with 8-bit and with 7-bit weights against float32: `gap` cosine to float32 on photos of
+    `data`'s valid split never used to calibrate (the train split calibrates), and images/s at `batch`, the
+    variants timed in alternating turns (median of `turns`). `weights`: the ImageNet ones unless given."""
+    import statistics
+
+    from headstart.export import build_body, load_weights
+    from headstart.export.quantize import WEIGHT_BITS, quantize_int8
+    from headstart.export.runtime import open_session
+
+    from .reader import sample_images
+
+    model = build_body(weights or load_weights(), image_size, ("gap",))
+    calib, hashes = sample_images(Path(data) / "train", calibrate_count, image_size)
+    photos, _ = sample_images(Path(data) / "valid", unseen, image_size)
+    models = {"float32": model} | {f"int8, {b}-bit weights": quantize_int8(model, calib, hashes, weight_bits=b)
+                                   for b in sorted(WEIGHT_BITS)}
+    sessions = {name: open_session(m.SerializeToString(), "cpu", quiet=True) for name, m in models.items()}
+    ref = sessions["float32"].run(["gap"], {"images": photos})[0]
+    x, speeds = random_images(batch, image_size), {name: [] for name in sessions}
+    for _ in range(turns):
+        for name, session in sessions.items():
+            speeds[name].append(rate(lambda s=session: s.run(["gap"], {"images": x}), batch, seconds))
+    rows = []
+    for name, session in sessions.items():
+        f = session.run(["gap"], {"images": photos})[0]
+        cos = (f * ref).sum(1) / np.maximum(np.linalg.norm(f, axis=1) * np.linalg.norm(ref, axis=1), 1e-30)
+        rows.append({"body": name, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                     "img_s": statistics.median(speeds[name]), "unseen": len(photos), "batch": batch,
+                     "cpu": cpu_features()})
+    for row in rows:
+        row["speedup"] = row["img_s"] / rows[0]["img_s"]
+    return rows
+
+
 def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_size: int = 32, jobs: int = 2,
                   bare_images: int = 256, seconds: float = 20.0) -> list[dict]:
     """End-to-end extract (scan, hash, decode, infer, write) beside the bare model on pre-decoded arrays."""

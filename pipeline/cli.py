@@ -122,8 +122,7 @@ def main(quiet: bool, verbose: bool) -> None:
               lazy_default=lambda: _quantize().QUANTIZE[0], show_default=True,
               help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
 @shared("calibrate")
-@click.option("--calibrate-count", type=POSITIVE, default=32, show_default=True,
-              help="How many of the --calibrate photos, spread evenly.")
+@shared("calibrate_count", default=32)
 @friendly
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
            dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
@@ -741,6 +740,23 @@ def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | 
     columns = ["image_size", "batch", "float32_img_s", "int8_img_s", "int8_speedup"]
     _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), json_out,
             f"VGG16 body, images/s ({rows[0]['versions']}; CPU: {rows[0]['cpu']})")
+
+
+@bench.command("int8")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@shared("image_size", default=224)
+@shared("calibrate_count", default=32)
+@click.option("--seconds", type=float, default=6.0, show_default=True, help="Timing per measurement.")
+@shared("json")
+@friendly
+def bench_int8(data: Path, image_size: int, calibrate_count: int, seconds: float, json_out: Path | None) -> None:
+    """int8 bodies with 8-bit and 7-bit weights against float32: gap cosine on DATA/valid photos, images/s."""
+    from .bench import bench_int8 as run
+
+    rows = run(data, image_size, calibrate_count, seconds=seconds)
+    _report(rows, ["body", "cos_mean", "cos_min", "img_s", "speedup"], json_out,
+            f"int8 against float32 at {image_size} px, batch {rows[0]['batch']}, {rows[0]['unseen']} unseen photos "
+            f"(CPU: {rows[0]['cpu']})")
 
 
 @bench.command("extract")

@@ -208,6 +208,8 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "image_size": (("--image-size",), {"type": int, "help": "Input side in pixels, a multiple of 32."}),
     "calibrate": (("--calibrate",), {"type": click.Path(exists=True, path_type=Path),
                                      "help": "Photos (a folder or CSV manifest) that calibrate the int8 body."}),
+    "calibrate_count": (("--calibrate-count",), {"type": POSITIVE, "help": "How many calibration photos (int8), "
+                                                                           "spread evenly over them."}),
     "plot": (("--plot",), {"type": FILE, "help": "Write the plot (PNG) here."}),
     "dask": (("--dask", "dask_address"), {"help": "Run on a Dask cluster: local:N (a LocalCluster of N worker "
                                                   "processes) or a scheduler's address (tcp://HOST:PORT)."}),

@@ -162,3 +162,15 @@ def test_int8_gap_is_close_to_float32_on_photos_not_used_to_calibrate(tmp_path):
     b = open_session(tmp_path / "q.onnx", quiet=True).run(["gap"], {"images": x})[0]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
+
+
+def test_bench_int8_compares_both_weight_ranges_with_float32_on_unseen_photos(tmp_path):
+    from headstart.pipeline.bench import bench_int8
+
+    generated_images(tmp_path / "d", 4, "train")
+    generated_images(tmp_path / "d", 3, "valid", seed=1)
+    rows = bench_int8(tmp_path / "d", image_size=32, calibrate_count=4, unseen=6, batch=2, seconds=0.01, turns=2,
+                      weights=random_weights(0))
+    assert [r["body"] for r in rows] == ["float32", "int8, 7-bit weights", "int8, 8-bit weights"]
+    assert rows[0]["cos_min"] == pytest.approx(1, abs=1e-6) and rows[0]["speedup"] == 1
+    assert all(r["unseen"] == 6 and 0 < r["cos_min"] <= r["cos_mean"] <= 1 + 1e-6 and r["img_s"] > 0 for r in rows)
