@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # onnx and the heads load only when a function runs: `import 
     from headstart.heads.models import DenseHead
 
     from .cache import FeatureCache
+    from .dataset import Dataset
 
 
 def body_model(*, weights: str | Path | None = None, source: str = "lpips", random_weights: int | None = None,
@@ -276,7 +277,7 @@ class Predictions:
         return len(self.paths)
 
 
-def prediction_rows(images: str | Path, classifier: str | Path, batch_size: int = 32, jobs: int = 2,
+def prediction_rows(images: str | Path | Dataset, classifier: str | Path, batch_size: int = 32, jobs: int = 2,
                     device: str = "auto", clip: tuple[float, float] | None = None, client: Any = None,  # noqa: ANN401
                     quiet: bool = False) -> Iterator[dict]:
     """Compute the rows of `headstart.pipeline.predict.predict`, here or on a Dask cluster.
@@ -284,7 +285,7 @@ def prediction_rows(images: str | Path, classifier: str | Path, batch_size: int 
     Parameters
     ----------
     images, classifier, batch_size, jobs, device, clip
-        As for `predict`.
+        As for `predict`; `images` may also be a `Dataset` already scanned.
     client : dask.distributed.Client, optional
         Run on this cluster's workers instead.
     quiet : bool

@@ -646,7 +646,8 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
             raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
         bounds = (lo, hi)
     classes = classifier_metadata(classifier)["classes"]
-    total = len(scan(images))
+    images = scan(images)  # once: its length sizes the bar, its paths are what is predicted
+    total = len(images)
     if dask_address:
         from .distributed import dask_client
 

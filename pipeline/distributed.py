@@ -22,7 +22,7 @@ import zarr
 from headstart.export.progress import LOG, bar
 
 from .cache import CacheWriter, write_features
-from .dataset import scan
+from .dataset import Dataset, scan
 from .predict import classifier_metadata, predict_paths
 from .reader import read_batches
 from .storage import Folder
@@ -133,11 +133,12 @@ def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
     return _SESSIONS[model]
 
 
-def predict_on(client, images: str | Path, model: str | Path, batch_size: int = 32, device: str = "auto",  # noqa: ANN001
+def predict_on(client, images: str | Path | Dataset, model: str | Path, batch_size: int = 32, device: str = "auto",  # noqa: ANN001
                clip: tuple[float, float] | None = None, block: int = 512):
     """predict's rows, in scan order, computed on the cluster's workers `block` files at a time."""
     classifier_metadata(model)  # a clear error here rather than on every worker
-    paths, model = scan(images).paths, str(Path(model).resolve())
+    paths = (images if isinstance(images, Dataset) else scan(images)).paths  # the caller may have scanned it
+    model = str(Path(model).resolve())
     futures = [client.submit(_predict_block, model, paths[i:i + block], batch_size, device, clip, pure=False,
                              retries=3) for i in range(0, len(paths), block)]
     for future in futures:

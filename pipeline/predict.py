@@ -12,20 +12,21 @@ from headstart.export.files import atomic_write
 from headstart.export.runtime import open_session
 from headstart.heads.bundle import classifier_metadata
 
-from .dataset import display, scan
+from .dataset import Dataset, display, scan
 from .reader import read_batches
 
 
-def predict(images: str | Path, model: str | Path, batch_size: int = 32, jobs: int = 2, device: str = "auto",
-            clip: tuple[float, float] | None = None, quiet: bool = False) -> Iterator[dict]:
-    """One dict per file of `images` (a folder in any headstart layout, or a CSV manifest), in scan order:
+def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 32, jobs: int = 2,
+            device: str = "auto", clip: tuple[float, float] | None = None, quiet: bool = False) -> Iterator[dict]:
+    """One dict per file of `images` (a folder in any headstart layout, a CSV manifest, or one already scanned
+    with `dataset.scan`), in scan order:
     id, path, label, error (the reason a file could not be used, else '') and `proba` {class: probability}
     (floats; None where the file could not be used).
 
     Images are decoded as the classifier's fingerprint says (its image size and resize policy).
     """
     meta = classifier_metadata(model)
-    paths = scan(images).paths
+    paths = (images if isinstance(images, Dataset) else scan(images)).paths
     yield from predict_paths(paths, open_session(model, device, quiet=quiet), meta, batch_size, jobs, clip)
 
 
