@@ -22,8 +22,9 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headstart.export.lazy import attach
 
 # name -> the module defining it; nothing is imported until a name is first asked for (PEP 562).
 _NAMES = {
@@ -70,22 +71,10 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     __version__: str
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the names above
-    """Import a public name, a subpackage or ``__version__`` on first use."""
-    if name == "__version__":
-        from importlib.metadata import version
+def _version() -> str:
+    from importlib.metadata import version
 
-        value = version("headstart")
-    elif name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name]), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # asked once: the next lookup is a plain module attribute
-    return value
+    return version("headstart")
 
 
-def __dir__() -> list[str]:
-    """List the public names, for ``dir()`` and tab completion."""
-    return sorted({*globals(), *__all__, *_SUBPACKAGES})
+__getattr__, __dir__ = attach(__name__, _NAMES, _SUBPACKAGES, {"__version__": _version})
