@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .files import atomic_write
+from .metadata import META_PREFIX, model_metadata
 from .vgg import DEFAULT_LAYERS, FC_SIZE, LAST, LAYERS, STAGES, check_image_size, layer_shape
 from .weights import Weights
 
@@ -20,7 +21,6 @@ STD = (0.229, 0.224, 0.225)
 DTYPES = ("float32", "float16")
 OPSET = 17
 IR_VERSION = 8  # onnxruntime 1.20+ reads it; newer onnx releases write IR versions it refuses
-META_PREFIX = "headstart."
 
 
 def headstart_version() -> str:
@@ -149,12 +149,8 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """Headstart's metadata_props of a model, without the prefix."""
+    """Headstart's metadata_props of a model, without the prefix, read without parsing its weights."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model; run `headstart export -o {path}` first")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    return model_metadata(path)

@@ -50,7 +50,8 @@ def _entry(data: bytes) -> tuple[str, str]:
 
 
 def model_metadata(path: str | Path) -> dict[str, str]:
-    """Headstart's metadata_props of an ONNX model, without the prefix (as export.graph.read_metadata)."""
+    """Headstart's metadata_props of an ONNX model, without the prefix: the fields of the file's ModelProto are
+    walked and every one but metadata_props skipped, so neither onnx nor the weights are loaded."""
     path = Path(path)
     out = {}
     try:

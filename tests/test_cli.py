@@ -178,10 +178,14 @@ def test_info_reads_head_and_tuned_files_and_writes_json(cache, tmp_path):
 
 
 def test_model_metadata_is_read_without_onnx_as_onnx_reads_it(random_model):
-    from headstart.export.graph import read_metadata
-    from headstart.export.metadata import model_metadata
+    import onnx
 
-    assert model_metadata(random_model) == read_metadata(random_model) and read_metadata(random_model)["kind"]
+    from headstart.export.graph import read_metadata
+    from headstart.export.metadata import META_PREFIX, model_metadata
+
+    props = onnx.load(str(random_model), load_external_data=False).metadata_props
+    want = {p.key[len(META_PREFIX):]: p.value for p in props if p.key.startswith(META_PREFIX)}
+    assert model_metadata(random_model) == want == read_metadata(random_model) and want["kind"]
 
 
 def test_evaluate_writes_a_row_per_scored_image(cache, tmp_path):
