@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .errors import IncompatibleError
+
 FORMAT = 1  # how features are laid out per image (stage outputs flattened (C, H, W)); bump on change
 CORE = ("format", "weights_sha256", "image_size", "preprocessing", "dtype")
 KEYS = (*CORE, "resize", "layers", "quantization")
-
-
-class IncompatibleError(ValueError):
-    """Features, heads or bodies that do not belong together."""
 
 
 def body_fingerprint(meta: dict[str, str]) -> dict:

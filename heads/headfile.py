@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import HeadFileError
 from headstart.export.files import atomic_write
 
 from .auto import AutoHead
@@ -24,10 +25,6 @@ from .models import DenseHead
 from .tuned import POOLINGS, TunedHead
 
 FORMAT = "headstart-head/2"
-
-
-class HeadFileError(ValueError):
-    """A head file that cannot be used."""
 
 
 def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:

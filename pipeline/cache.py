@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from headstart.export.errors import CacheError
 from headstart.export.fingerprint import IncompatibleError, compatible
 
 from . import augment
@@ -125,10 +126,6 @@ def write_features(root: zarr.Group, dims: dict[str, int], dtype: str, start: in
         arr[start:start + n] = block
         files += chunk_files(f"features/{layer}", arr.chunks[0], start, start + n, 2)
     return files
-
-
-class CacheError(ValueError):
-    """A cache that does not fit the request: another model, busy, missing, or not a cache."""
 
 
 def _stored_attrs(folder: Folder) -> dict:

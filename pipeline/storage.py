@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+from headstart.export.errors import BusyError
+
 LEASE_SECONDS = 60.0  # a killed remote writer's lease lapses after this; its holder renews it 4 times as often
 
 
@@ -169,10 +171,6 @@ class Folder:
     def lock(self) -> FileLock | Lease:
         """Hold the folder's writer lock (CACHE.lock beside it), or raise BusyError naming the holder."""
         return Lease(self.fs, self._beside(".lock"), self.text) if self.remote else FileLock(self._beside(".lock"))
-
-
-class BusyError(RuntimeError):
-    """Another writer holds the lock; the message names it."""
 
 
 def _me() -> dict:
