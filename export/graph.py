@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import ModelError, UsageError
 from .files import atomic_write
 from .metadata import META_PREFIX, model_metadata
 from .vgg import DEFAULT_LAYERS, FC_SIZE, LAST, LAYERS, STAGES, check_image_size, layer_shape
@@ -35,7 +36,7 @@ def _dtype(dtype: str) -> tuple[int, type]:
         return TensorProto.FLOAT, np.float32
     if dtype == "float16":
         return TensorProto.FLOAT16, np.float16
-    raise ValueError(f"dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
+    raise UsageError(f"dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
 
 
 def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype: str,
@@ -47,13 +48,13 @@ def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype
     check_image_size(image_size)
     unknown = [x for x in layers if x not in LAYERS]
     if unknown or not layers:
-        raise ValueError(f"unknown layer(s) {unknown or '(none)'}; choose from {', '.join(LAYERS)}")
+        raise UsageError(f"unknown layer(s) {unknown or '(none)'}; choose from {', '.join(LAYERS)}")
     if any(x in ("fc6", "fc7") for x in layers):
         if weights.fc is None:
-            raise ValueError(f"fc6/fc7 need the classifier layers, which {weights.source} does not have; "
+            raise UsageError(f"fc6/fc7 need the classifier layers, which {weights.source} does not have; "
                              "use --weights with torchvision or timm safetensors/npz, or --source hf")
         if image_size != FC_SIZE:
-            raise ValueError(f"fc6/fc7 need --image-size {FC_SIZE}: the classifier reads pool5 at that size")
+            raise UsageError(f"fc6/fc7 need --image-size {FC_SIZE}: the classifier reads pool5 at that size")
     elem, np_dtype = _dtype(dtype)
     p = prefix
     inits: list[onnx.TensorProto] = []
@@ -152,5 +153,5 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """Headstart's metadata_props of a model, without the prefix, read without parsing its weights."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model; run `headstart export -o {path}` first")
+        raise ModelError(f"{path}: no such model; run `headstart export -o {path}` first")
     return model_metadata(path)

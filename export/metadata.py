@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import ModelError
+
 META_PREFIX = "headstart."  # as export.graph writes them
 _METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}
 
@@ -78,5 +80,5 @@ def model_metadata(path: str | Path) -> dict[str, str]:
                 else:
                     raise ValueError(f"wire type {wire}")
     except (ValueError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
+        raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
     return out

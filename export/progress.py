@@ -27,7 +27,7 @@ def _in_notebook() -> bool:
 class _Lines:
     """A file for tqdm that turns its carriage-return frames into whole lines: logs get no '\\r' frames."""
 
-    def __init__(self, stream: Any) -> None:  # noqa: ANN401 - any text stream
+    def __init__(self, stream: Any) -> None:
         self.stream = stream
 
     def write(self, text: str) -> None:
@@ -43,7 +43,7 @@ class _Lines:
         return getattr(self.stream, "encoding", None) or "utf-8"
 
 
-def bar(iterable: Any = None, *, disable: bool = False, **kwargs: Any) -> Any:  # noqa: ANN401 - tqdm's own API
+def bar(iterable: Any = None, *, disable: bool = False, **kwargs: Any) -> Any:
     """A tqdm bar (tqdm.auto: a widget in notebooks) on a terminal; elsewhere a plain line every few seconds.
 
     Takes tqdm's arguments; off when `disable` or when the `headstart` logger is quieter than INFO.

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .errors import UsageError
 from .graph import META_PREFIX
 
 QUANTIZE = ("none", "int8")
@@ -37,13 +38,13 @@ def quantize_int8(model: onnx.ModelProto, images: np.ndarray, sources: list[str]
 
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     if meta.get("kind") != "body" or meta.get("dtype") != "float32":
-        raise ValueError(f"int8 quantization starts from a float32 body, not a {meta.get('dtype')} "
+        raise UsageError(f"int8 quantization starts from a float32 body, not a {meta.get('dtype')} "
                          f"{meta.get('kind')}; export with --dtype float32")
     if weight_bits not in WEIGHT_BITS:
-        raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}, not {weight_bits!r}")
+        raise UsageError(f"weight_bits must be one of {WEIGHT_BITS}, not {weight_bits!r}")
     size = int(meta["image_size"])
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8 or not len(images):
-        raise ValueError(f"calibration images must be uint8 (N, {size}, {size}, 3) with N >= 1, "
+        raise UsageError(f"calibration images must be uint8 (N, {size}, {size}, 3) with N >= 1, "
                          f"got {images.dtype} {images.shape}")
 
     class Photos(CalibrationDataReader):

@@ -29,7 +29,7 @@ class TorchVGG16:
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(STD).view(1, 3, 1, 1)
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - torch tensors
+    def forward(self, x):
         F = self.torch.nn.functional
         x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         i, pools = 0, []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import DeviceError
+from .errors import DeviceError, ModelError
 from .progress import LOG
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,7 +40,7 @@ def open_session(model: str | Path | bytes, device: str = "auto", threads: int |
         raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     source = model if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(model).is_file():
-        raise FileNotFoundError(f"{model}: no such model file")
+        raise ModelError(f"{model}: no such model file")
     session, why = None, ""
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         ort.set_default_logger_severity(4)  # the failed library loads print [E:]/[W:] lines otherwise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 # Configuration "D" of Simonyan & Zisserman (timm's cfgs["vgg16"]): the output channels of each 3x3 convolution
 # (padding 1, then ReLU), "M" a 2x2 max-pool of stride 2.
 CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -48,7 +50,7 @@ DEFAULT_LAYERS = ("gap", "pool5")
 
 def check_image_size(image_size: int) -> None:
     if image_size < LAST.stride or image_size % LAST.stride:
-        raise ValueError(f"image size {image_size} is not a multiple of {LAST.stride} from {LAST.stride} up "
+        raise UsageError(f"image size {image_size} is not a multiple of {LAST.stride} from {LAST.stride} up "
                          f"(VGG16 halves it {CFG.count('M')} times)")
 
 
@@ -60,7 +62,7 @@ def layer_shape(layer: str, image_size: int) -> tuple[int, ...]:
         return (FC[layer == "fc7"],)
     stage = next((s for s in STAGES if s.name == layer), None)
     if stage is None:
-        raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(LAYERS)}")
+        raise UsageError(f"unknown layer {layer!r}; choose from {', '.join(LAYERS)}")
     side = image_size // stage.stride
     return (stage.cout, side, side)
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from headstart.export.errors import UsageError
+
 if TYPE_CHECKING:  # onnx and the heads load only when a function runs: `import headstart` stays light
     import onnx
 
@@ -47,9 +49,9 @@ def body_model(*, weights: str | Path | None = None, source: str = "lpips", rand
     from headstart.export.vgg import DEFAULT_LAYERS
 
     if quantize not in ("none", "int8"):
-        raise ValueError(f"quantize {quantize!r}: use 'none' or 'int8'")
+        raise UsageError(f"quantize {quantize!r}: use 'none' or 'int8'")
     if quantize == "int8" and (calibrate is None or dtype != "float32"):
-        raise ValueError("quantize='int8' needs calibrate= photos (static quantization, calibrated on real photos) "
+        raise UsageError("quantize='int8' needs calibrate= photos (static quantization, calibrated on real photos) "
                          "and dtype='float32'")
     w = load_weights(weights, source, random_weights)
     model = build_body(w, image_size, tuple(layers or DEFAULT_LAYERS), dtype)
@@ -112,7 +114,7 @@ def export_body(output: str | Path = "models/vgg16.onnx", *, weights: str | Path
 
 
 def extract(data: str | Path, body: str | Path = "models/vgg16.onnx", cache: str | Path = "cache/features.zarr",
-            *, dataset: str | None = None, progress: bool = True, **options: Any) -> FeatureCache:  # noqa: ANN401
+            *, dataset: str | None = None, progress: bool = True, **options: Any) -> FeatureCache:
     """Run the body once over a dataset and cache its activations, as ``headstart extract`` does.
 
     Only images whose content the cache lacks are computed; an interrupted run resumes where it stopped.
@@ -183,7 +185,7 @@ def with_provenance(head: DenseHead, cache: FeatureCache, layer: str) -> DenseHe
         raise CacheError(f"{cache.path}: no layer {layer!r}; it holds {', '.join(cache.layers)}")
     width = int(cache.root[f"features/{layer}"].shape[1])
     if getattr(head, "n_features_in_", width) != width:
-        raise ValueError(f"the head reads {head.n_features_in_} features, and layer {layer!r} of {cache.path} has "
+        raise UsageError(f"the head reads {head.n_features_in_} features, and layer {layer!r} of {cache.path} has "
                          f"{width}: pass the layer it was fitted on")
     head.meta_ = {"task": cache.dataset, "layer": layer, "fingerprint": cache.fingerprint}
     return head
@@ -232,9 +234,9 @@ def bundle(body: str | Path, head: str | Path | DenseHead, output: str | Path, *
     known = getattr(head, "meta_", {})
     if cache is not None or layer is not None:
         if cache is None or layer is None:
-            raise ValueError("pass both cache= and layer= (the features the head was fitted on), or neither")
+            raise UsageError("pass both cache= and layer= (the features the head was fitted on), or neither")
         if "fingerprint" in known and known.get("layer") != layer:
-            raise ValueError(f"the head was trained on layer {known.get('layer')!r}, not {layer!r}")
+            raise UsageError(f"the head was trained on layer {known.get('layer')!r}, not {layer!r}")
         if "fingerprint" not in known:
             head = with_provenance(head, cache, layer)
     return save(build(body, head, dtype), output)
@@ -278,7 +280,7 @@ class Predictions:
 
 
 def prediction_rows(images: str | Path | Dataset, classifier: str | Path, batch_size: int = 32, jobs: int = 2,
-                    device: str = "auto", clip: tuple[float, float] | None = None, client: Any = None,  # noqa: ANN401
+                    device: str = "auto", clip: tuple[float, float] | None = None, client: Any = None,
                     quiet: bool = False) -> Iterator[dict]:
     """Compute the rows of `headstart.pipeline.predict.predict`, here or on a Dask cluster.
 
@@ -311,7 +313,7 @@ def prediction_rows(images: str | Path | Dataset, classifier: str | Path, batch_
 
 def predict(classifier: str | Path, images: str | Path, *, output: str | Path | None = None, batch_size: int = 32,
             jobs: int = 2, device: str = "auto", clip: tuple[float, float] | None = None,
-            client: Any = None) -> Predictions:  # noqa: ANN401
+            client: Any = None) -> Predictions:
     """Predict images with a bundled classifier, as ``headstart predict`` does.
 
     Parameters

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import UsageError
+
 
 def machine() -> str:
     from headstart.export.cpu import cpu_model
@@ -92,7 +94,7 @@ def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), second
 
 
 def bench_int8(data: str | Path, image_size: int = 224, calibrate_count: int = 32, unseen: int = 24,
-               batch: int = 16, seconds: float = 6.0, turns: int = 3, weights=None) -> list[dict]:  # noqa: ANN001
+               batch: int = 16, seconds: float = 6.0, turns: int = 3, weights=None) -> list[dict]:
     """int8 bodies with 8-bit and with 7-bit weights against float32: `gap` cosine to float32 on photos of
     `data`'s valid split never used to calibrate (the train split calibrates), and images/s at `batch`, the
     variants timed in alternating turns (median of `turns`). `weights`: the ImageNet ones unless given."""
@@ -150,7 +152,7 @@ def bench_extract(data: str | Path, model: str | Path, cache: str | Path, batch_
     before = bare()
     report = extract(data, model, cache, batch_size=batch_size, jobs=jobs, progress=False)
     if report.computed == 0:
-        raise ValueError(f"{cache} already held every image: pass a new --cache so that extract does the work")
+        raise UsageError(f"{cache} already held every image: pass a new --cache so that extract does the work")
     after = bare()
     end_to_end = report.computed / report.seconds
     mean = (before + after) / 2
@@ -221,7 +223,7 @@ def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap",
     return rows
 
 
-def _tune_rows(n_images: int, image_size: int, batch_size: int, classes: int, pixels, head_epoch: float,  # noqa: ANN001
+def _tune_rows(n_images: int, image_size: int, batch_size: int, classes: int, pixels, head_epoch: float,
                extrapolate: int) -> list[dict]:
     """Epochs of block-5 fine-tuning, from cached pool4 and the Keras way; none without torch."""
     try:
@@ -339,7 +341,7 @@ def bench_predict(data: str | Path, model: str | Path, counts: tuple[int, ...] =
 
     paths = scan(data).paths
     if max(counts) > len(paths):
-        raise ValueError(f"{data} holds {len(paths)} files; --counts asks for {max(counts)}")
+        raise UsageError(f"{data} holds {len(paths)} files; --counts asks for {max(counts)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:

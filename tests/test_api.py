@@ -97,7 +97,8 @@ def documented_parameters(doc: str) -> set[str]:
 
 
 def test_every_public_name_has_a_numpy_docstring():
-    errors = {"CacheError", "HeadFileError", "IncompatibleError", "WeightsError", "DeviceError"}
+    errors = {name for name in hs.__all__ if name.endswith("Error")}
+    assert all(issubclass(getattr(hs, name), hs.HeadstartError) for name in errors)
     for name in set(hs.__all__) - {"__version__"} - errors:
         obj = getattr(hs, name)
         found = sections(obj.__doc__)

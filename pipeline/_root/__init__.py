@@ -9,8 +9,9 @@ Everything a notebook needs is here, imported on first use so that ``import head
 - ``AutoHead``, ``SoftmaxHead``, ``LogisticHead``, ``MLPHead``, ``KNNHead``, ``train_head``, ``save_head``,
   ``load_head``: heads.
 - ``bundle``, ``predict``, ``Predictions``: the classifier file and its predictions.
-- ``CacheError``, ``HeadFileError``, ``IncompatibleError``, ``WeightsError``, ``DeviceError``: the errors a
-  caller may catch; each says what went wrong and what to do.
+- ``HeadstartError`` and its kinds (``CacheError``, ``HeadFileError``, ``IncompatibleError``, ``WeightsError``,
+  ``DeviceError``, ``UsageError``, ``DataError``, ``ModelError``, ``BusyError``): what a caller may catch; each
+  says what went wrong and what to do. Any other exception is a bug in headstart.
 
 Examples
 --------
@@ -34,7 +35,6 @@ _NAMES = {
     "predict": "headstart.pipeline.api",
     "Predictions": "headstart.pipeline.api",
     "FeatureCache": "headstart.pipeline.cache",
-    "CacheError": "headstart.pipeline.cache",
     "train_head": "headstart.pipeline.train",
     "SoftmaxHead": "headstart.heads.models",
     "LogisticHead": "headstart.heads.models",
@@ -43,29 +43,38 @@ _NAMES = {
     "KNNHead": "headstart.heads.knn",
     "save_head": "headstart.heads.headfile",
     "load_head": "headstart.heads.headfile",
-    "HeadFileError": "headstart.heads.headfile",
-    "IncompatibleError": "headstart.export.fingerprint",
-    "WeightsError": "headstart.export.weights",
-    "DeviceError": "headstart.export.runtime",
+    **{name: "headstart.export.errors" for name in (
+        "HeadstartError", "UsageError", "DataError", "ModelError", "CacheError", "HeadFileError", "IncompatibleError",
+        "WeightsError", "DeviceError", "BusyError")},
 }
 _SUBPACKAGES = ("export", "heads", "pipeline")
 
 __all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
-    "AutoHead", "CacheError", "DeviceError", "FeatureCache", "HeadFileError", "IncompatibleError", "KNNHead",
-    "LogisticHead", "MLPHead", "Predictions", "SoftmaxHead", "WeightsError", "__version__", "bundle", "export_body",
-    "extract", "load_head", "predict", "save_head", "train_head",
+    "AutoHead", "BusyError", "CacheError", "DataError", "DeviceError", "FeatureCache", "HeadFileError",
+    "HeadstartError", "IncompatibleError", "KNNHead", "LogisticHead", "MLPHead", "ModelError", "Predictions",
+    "SoftmaxHead", "UsageError", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
+    "predict", "save_head", "train_head",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
-    from headstart.export.fingerprint import IncompatibleError
-    from headstart.export.runtime import DeviceError
-    from headstart.export.weights import WeightsError
+    from headstart.export.errors import (
+        BusyError,
+        CacheError,
+        DataError,
+        DeviceError,
+        HeadFileError,
+        HeadstartError,
+        IncompatibleError,
+        ModelError,
+        UsageError,
+        WeightsError,
+    )
     from headstart.heads.auto import AutoHead
-    from headstart.heads.headfile import HeadFileError, load_head, save_head
+    from headstart.heads.headfile import load_head, save_head
     from headstart.heads.knn import KNNHead
     from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
     from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict
-    from headstart.pipeline.cache import CacheError, FeatureCache
+    from headstart.pipeline.cache import FeatureCache
     from headstart.pipeline.train import train_head
 
     __version__: str
