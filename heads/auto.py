@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -23,10 +24,11 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
+from .base import FLOATS, DenseHead, EpochLog, l2_normalize, softmax
 from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
 from .linear import fit_logistic, logits_of
 from .metrics import wilson
-from .models import FLOATS, DenseHead, EpochLog, LogisticHead, MLPHead, SoftmaxHead, l2_normalize, softmax
+from .models import LogisticHead, MLPHead, SoftmaxHead
 
 # The penalties on the mean loss tried, strongest first (the order of the warm-started path).
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -118,7 +120,8 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads cost more than they save
             return self._fit(X, y, yi, X_valid, y_valid, log)
 
-    def _fit(self, X, y, yi, X_valid, y_valid, log) -> AutoHead:  # noqa: ANN001
+    def _fit(self, X: np.ndarray, y: np.ndarray, yi: np.ndarray, X_valid: np.ndarray | None,
+             y_valid: np.ndarray | None, log: EpochLog | None) -> AutoHead:
         folds, self.cv_ = make_folds(yi, self.folds, self.holdout_rows, self.random_state)
         weight = _row_weights(yi, self.class_weight)
         tested = np.concatenate([test for _, test in folds])  # each row once, or the held-out tenth
@@ -281,7 +284,7 @@ def _make(kind: str, params: dict, class_weight: str | None, seed: int | None) -
     return cls(**params, class_weight=class_weight, random_state=seed)
 
 
-def cross_val_logits(make, X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:  # noqa: ANN001
+def cross_val_logits(make: Callable[[], DenseHead], X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:
     """Out-of-fold logits (n, k) of the estimators `make()` fitted on each fold's training rows (class indices y);
     rows in no fold's test part stay 0."""
     k = int(y.max()) + 1

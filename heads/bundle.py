@@ -16,9 +16,9 @@ from headstart.export.fingerprint import body_fingerprint, compatible
 from headstart.export.graph import make_model, read_metadata
 
 from .auto import AutoHead
+from .base import DenseHead
 from .headfile import load_head
 from .knn import KNNHead
-from .models import DenseHead
 from .tuned import TunedHead, dense_nodes
 
 

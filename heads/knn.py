@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from .base import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 from .metrics import loss_and_accuracy
-from .models import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 
 # Query rows scored at once: a (rows, n_train) block of similarities.
 QUERY_ROWS = 1024

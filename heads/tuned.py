@@ -6,12 +6,17 @@ trained by pipeline.tune (PyTorch); here it is plain arrays, and it runs as an O
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from headstart.export.graph import IR_VERSION, OPSET
 
-from .models import NORM_EPS
+from .base import NORM_EPS
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 POOLINGS = ("gap", "flatten")  # after pool5: its global average (512), or all of it flattened (512 * s * s)
 
@@ -81,7 +86,8 @@ class TunedHead:
         dense, dense_inits, logits = dense_nodes(f"{prefix}flat", self.mean_, self.scale_, self.layers_, prefix)
         return nodes + dense, inits + dense_inits, logits
 
-    def _session(self):  # noqa: ANN202 - an onnxruntime session, built once
+    def _session(self) -> onnxruntime.InferenceSession:
+        """The head as an onnxruntime session, built once."""
         if getattr(self, "_ort", None) is None:
             from headstart.export.runtime import open_session
 

@@ -10,7 +10,10 @@ from conftest import generated_images
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, models, save_head
+import headstart.heads.compute as compute
+import headstart.heads.optimizers as optimizers
+import headstart.heads.training as training
+from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.pipeline.cli import main
 from headstart.pipeline.extract import extract
 from headstart.pipeline.train import train_head
@@ -60,8 +63,8 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden,
     folded into the first layer (() and (3,): narrower than the batch) or applied to the batch ((300,)), and the
     first layer's products in numpy (a small batch) or onnxruntime or the compiled step (a large one)."""
     if batch == "large":
-        monkeypatch.setattr(models, "LARGE", 0)
-        monkeypatch.setattr(models, "COMPILE_WORK", 0)
+        monkeypatch.setattr(training, "LARGE", 0)
+        monkeypatch.setattr(training, "COMPILE_WORK", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
     a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
@@ -79,8 +82,8 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
     X, y = blobs(n=500, d=40)
     y[:300] = "cat"  # unbalanced, so that class weights matter
     small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
-    monkeypatch.setattr(models, "LARGE", 0)
-    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    monkeypatch.setattr(training, "LARGE", 0)
+    monkeypatch.setattr(training, "COMPILE_WORK", 0)
     large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
     np.testing.assert_allclose(small.history_[-1]["train_loss"], large.history_[-1]["train_loss"], rtol=1e-4)
     for (Wa, ba), (Wb, bb) in zip(small.layers_, large.layers_, strict=True):
@@ -101,8 +104,8 @@ def test_streamed_blocks_train_the_same_in_the_compiled_step(classes, monkeypatc
         return ((np.arange(i, i + 200), X[i:i + 200]) for i in starts)
 
     numpy_path = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
-    monkeypatch.setattr(models, "LARGE", 0)
-    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    monkeypatch.setattr(training, "LARGE", 0)
+    monkeypatch.setattr(training, "COMPILE_WORK", 0)
     from headstart.heads import kernels
 
     calls, original = [], kernels.linear_rows
@@ -139,7 +142,7 @@ def test_adam_takes_the_textbook_steps(shapes, compiled):
     rng = np.random.default_rng(0)
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
-    adam = models.Adam(start, decay=decay, compiled=compiled)
+    adam = optimizers.Adam(start, decay=decay, compiled=compiled)
     assert adam.compiled == (compiled or len(shapes) == 4)
     ref = [p.astype(np.float64) for p in start]
     m, v = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
@@ -164,17 +167,17 @@ def test_training_keeps_subnormal_floats_out_of_the_gradients(monkeypatch):
     y = rng.integers(0, 3, 500)
     X = (0.1 * rng.standard_normal((500, 40)) + np.eye(3, 40)[y]).astype(np.float32)  # far apart: confident
     seen = []
-    step = models.Adam.step
+    step = optimizers.Adam.step
 
     def check(self, lr):
         g = self.g[self.g != 0]
         seen.append(int((np.abs(g) < np.finfo(np.float32).tiny).sum()))
         step(self, lr)
 
-    monkeypatch.setattr(models.Adam, "step", check)
+    monkeypatch.setattr(optimizers.Adam, "step", check)
     MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
     assert sum(seen) == 0
-    monkeypatch.setattr(models, "FLUSH", None)
+    monkeypatch.setattr(training, "FLUSH", None)
     MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
     assert sum(seen) > 0  # the check sees them where they are not flushed
 
@@ -354,8 +357,8 @@ def test_bench_heads_times_softmax_and_mlp_on_the_caches_shapes(tmp_path):
 
 
 def _adam_steps() -> None:
-    adam = models.Adam([np.ones((1100, 1000), np.float32)])
-    assert len(adam.shares) > 1 or models._cores() == 1
+    adam = optimizers.Adam([np.ones((1100, 1000), np.float32)])
+    assert len(adam.shares) > 1 or compute.cores() == 1
     adam.grads[0][...] = 1.0
     adam.step(0.01)
 
