@@ -8,6 +8,7 @@ array.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -15,10 +16,13 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from headstart.export.errors import DataError, HeadstartError, UsageError
+
 from .compute import mean_std, rows_per_block
 from .metrics import loss_and_accuracy
 
 EpochLog = Callable[[dict], None]
+T = TypeVar("T")
 # float16 features stay float16 (pool5 at 224 px is 1.25 GB per 25,000 images); blocks are widened as used.
 FLOATS = [np.float32, np.float64, np.float16]
 # The smallest row length l2_normalize divides by (the bundle's graph divides by the same).
@@ -40,6 +44,29 @@ def softmax(z: np.ndarray, flush: float | None = None) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def margins(z: np.ndarray) -> np.ndarray:
+    """Decision values as scikit-learn has them: logits (n, k), or for k = 2 the second's margin (n,)."""
+    return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
+
+
+def checked(call: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """`call(*args, **kwargs)`, scikit-learn's own input checks among them, its ValueErrors about the data given
+    raised as DataError (a ValueError too, with the same message)."""
+    try:
+        return call(*args, **kwargs)
+    except ValueError as e:
+        if isinstance(e, HeadstartError):
+            raise
+        raise DataError(str(e)) from e
+
+
+def two_classes(classes: np.ndarray) -> None:
+    """Refuse training labels of fewer than 2 classes."""
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes to train a head, got {len(classes)} class"
+                        f"{'es' if len(classes) != 1 else ''}: {classes.tolist()}")
+
+
 class DenseHead(ClassifierMixin, BaseEstimator):
     """What every head shares once fitted: inference, bookkeeping and the epoch log. Subclasses implement `_fit`.
 
@@ -51,7 +78,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             y_valid: np.ndarray | None = None, log: EpochLog | None = None) -> DenseHead:
         """Fit on X (n, D) float and y (n,) labels of any kind; X_valid/y_valid are only scored, for the log."""
         # Finiteness comes free with the standardization statistics (see _set_stats), sparing sklearn's own pass.
-        X, y = validate_data(self, X, y, dtype=FLOATS, ensure_all_finite=not self.standardize)
+        X, y = checked(validate_data, self, X, y, dtype=FLOATS, ensure_all_finite=not self.standardize)
         y_index, valid = self._begin(y, X_valid, y_valid)
         self._stats(X)
         self._fit(X, y_index, valid, log or (lambda _: None))
@@ -63,14 +90,12 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
         Returns the training rows' class indices and (X_valid, their class indices) or None.
         """
-        check_classification_targets(y)
+        checked(check_classification_targets, y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to train a head, got {len(self.classes_)}: "
-                             f"{self.classes_.tolist()}")
+        two_classes(self.classes_)
         valid = None
         if X_valid is not None and len(X_valid):
-            X_valid = validate_data(self, X_valid, reset=False, dtype=FLOATS)
+            X_valid = checked(validate_data, self, X_valid, reset=False, dtype=FLOATS)
             valid = (X_valid, self._encode(np.asarray(y_valid), "validation"))
         self._check_params()
         self.history_ = []
@@ -78,13 +103,13 @@ class DenseHead(ClassifierMixin, BaseEstimator):
 
     def _check_params(self) -> None:
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+            raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
 
     def _encode(self, y: np.ndarray, what: str) -> np.ndarray:
         """Class indices of labels `y`; a label the head was not trained on is an error naming it."""
         unknown = sorted(set(np.unique(y).tolist()) - set(self.classes_.tolist()))
         if unknown:
-            raise ValueError(f"the {what} labels hold {unknown}, which the training labels "
+            raise DataError(f"the {what} labels hold {unknown}, which the training labels "
                              f"({self.classes_.tolist()}) do not have")
         return np.searchsorted(self.classes_, y)
 
@@ -100,7 +125,7 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     def _set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
         if len(bad):
-            raise ValueError(f"the training features hold NaN or infinite values (or values beyond float32's range) "
+            raise DataError(f"the training features hold NaN or infinite values (or values beyond float32's range) "
                              f"in {len(bad)} of {len(mean)} columns (first: {bad[:5].tolist()}); remove or repair "
                              "the rows that hold them")
         if not self.standardize:
@@ -125,18 +150,23 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             out[i:i + batch] = h
         return out
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Logits (n, n_classes)."""
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """Logits (n, n_classes), whose softmax is `predict_proba`: what the bundled graph computes."""
         check_is_fitted(self)
-        return self._logits(validate_data(self, X, reset=False, dtype=FLOATS))
+        return self._logits(checked(validate_data, self, X, reset=False, dtype=FLOATS))
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """scikit-learn's decision values: the logits (n, n_classes), or for 2 classes the margin of the second
+        class over the first, (n,)."""
+        return margins(self.logits(X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities (n, n_classes), columns in the order of `classes_`."""
-        return softmax(self.decision_function(X))
+        return softmax(self.logits(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Labels (n,), from `classes_`."""
-        index = self.decision_function(X).argmax(axis=1)
+        index = self.logits(X).argmax(axis=1)  # first: an unfitted head raises NotFittedError
         return self.classes_[index]
 
     def _log(self, log: EpochLog, epoch: int, ms: float, train: tuple[float, float],

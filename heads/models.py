@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from headstart.export.errors import UsageError
+
 from .base import FLOATS, NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 from .compute import mean_std
 from .metrics import loss_and_accuracy
@@ -32,7 +34,7 @@ class _AdamHead(DenseHead):
         super()._check_params()
         if not (all(int(h) >= 1 for h in self.hidden) and 0 <= self.dropout < 1 and self.epochs >= 1
                 and self.lr > 0 and self.batch_size >= 1 and self.l2 >= 0):
-            raise ValueError(f"{type(self).__name__}: need hidden sizes >= 1, 0 <= dropout < 1, epochs >= 1, "
+            raise UsageError(f"{type(self).__name__}: need hidden sizes >= 1, 0 <= dropout < 1, epochs >= 1, "
                              f"lr > 0, batch_size >= 1, l2 >= 0; got {self.get_params()}")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, valid: tuple | None, log: EpochLog) -> None:
@@ -217,6 +219,8 @@ class LogisticHead(DenseHead):
         (D,) float32, the standardization.
     layers_ : list of tuple
         The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
+    n_iter_ : int
+        L-BFGS's iterations (not restored from a head file).
     history_ : list of dict
         One record per epoch: train (and valid) loss and accuracy, milliseconds.
     meta_ : dict
@@ -243,7 +247,7 @@ class LogisticHead(DenseHead):
     def _check_params(self) -> None:
         super()._check_params()
         if self.l2 <= 0 or self.max_iter < 1:
-            raise ValueError(f"LogisticHead: need l2 > 0 and max_iter >= 1; got l2={self.l2}, "
+            raise UsageError(f"LogisticHead: need l2 > 0 and max_iter >= 1; got l2={self.l2}, "
                              f"max_iter={self.max_iter}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
@@ -263,5 +267,6 @@ class LogisticHead(DenseHead):
                                          tol=1e-4)  # scikit-learn's default
         W, b = as_layer(theta, Z.shape[1], k)
         self.layers_ = [(W * length, b)]
+        self.n_iter_ = iterations
         ms = (time.perf_counter() - t0) * 1000
         self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid, iterations=iterations)

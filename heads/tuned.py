@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from headstart.export.errors import DataError
 from headstart.export.graph import IR_VERSION, OPSET
 
 from .base import NORM_EPS
@@ -106,7 +107,7 @@ class TunedHead:
         """Class probabilities (n, n_classes) from pool4 features (n, 512 * side * side)."""
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has shape {X.shape}; this head reads pool4 as (n, {self.n_features_in_})")
+            raise DataError(f"X has shape {X.shape}; this head reads pool4 as (n, {self.n_features_in_})")
         session = self._session()
         return np.concatenate([session.run(["probabilities"], {"pool4": X[i:i + batch].astype(np.float32)})[0]
                                for i in range(0, len(X), batch)]) if len(X) else np.zeros((0, len(self.classes_)))

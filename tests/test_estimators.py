@@ -387,3 +387,42 @@ def test_a_linear_softmax_head_starts_at_zero_and_learns_a_linear_rule():
     assert search.best_score_ >= 0.9
     mlp = MLPHead(epochs=1, lr=1e-9).fit(X, y)  # hidden layers keep their random start
     assert np.abs(mlp.predict_proba(X) - 0.5).max() > 1e-3
+
+
+def test_every_error_a_user_can_cause_is_a_headstart_error(tmp_path):
+    """Bad parameters are UsageErrors, bad data DataErrors, a model that is not a body a ModelError: all
+    HeadstartErrors (which the CLI prints as one line), and still ValueErrors, as scikit-learn expects."""
+    from onnx import TensorProto, helper
+
+    from headstart.export.errors import DataError, HeadstartError, ModelError, UsageError
+    from headstart.heads import AutoHead, KNNHead
+    from headstart.heads.bundle import bundle, classifier_metadata
+
+    X, y = blobs(n=60)
+    bad_params = [SoftmaxHead(lr=-1), MLPHead(dropout=1.0), LogisticHead(l2=0), KNNHead(n_neighbors=0),
+                  AutoHead(folds=1), AutoHead(calibrate="platt"), SoftmaxHead(class_weight="heavy"),
+                  KNNHead(class_weight="heavy")]
+    for head in bad_params:
+        with pytest.raises(UsageError):
+            head.fit(X, y)
+    fitted = SoftmaxHead(epochs=1).fit(X, y)
+    bad_data = [lambda: SoftmaxHead().fit(np.zeros(3), np.zeros(3, int)),
+                lambda: LogisticHead().fit(X, np.zeros(60, int)),
+                lambda: AutoHead().fit(X, np.zeros(60, int)),
+                lambda: KNNHead().fit(X, np.linspace(0, 1, 60)),
+                lambda: MLPHead().fit(X, y, X_valid=X[:2], y_valid=np.array(["cat", "emu"])),
+                lambda: SoftmaxHead().fit(np.where(np.arange(6) == 2, np.nan, X), y),
+                lambda: fitted.predict(X[:, :4])]
+    for call in bad_data:
+        with pytest.raises(DataError) as e:
+            call()
+        assert isinstance(e.value, HeadstartError) and isinstance(e.value, ValueError)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    (tmp_path / "plain.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    fitted.meta_ = {"layer": "gap", "fingerprint": {}}
+    with pytest.raises(ModelError, match="plain.onnx: not a headstart body model"):
+        bundle(tmp_path / "plain.onnx", fitted)
+    with pytest.raises(ModelError, match="plain.onnx: not a headstart classifier"):
+        classifier_metadata(tmp_path / "plain.onnx")
