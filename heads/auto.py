@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -23,10 +24,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
+from headstart.export.errors import UsageError
+
+from .base import FLOATS, DenseHead, EpochLog, checked, l2_normalize, margins, softmax, two_classes
 from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
 from .linear import fit_logistic, logits_of
 from .metrics import wilson
-from .models import FLOATS, DenseHead, EpochLog, LogisticHead, MLPHead, SoftmaxHead, l2_normalize, softmax
+from .models import LogisticHead, MLPHead, SoftmaxHead
 
 # The penalties on the mean loss tried, strongest first (the order of the warm-started path).
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -107,18 +111,17 @@ class AutoHead(ClassifierMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray, *, X_valid: np.ndarray | None = None,
             y_valid: np.ndarray | None = None, log: EpochLog | None = None) -> AutoHead:
         """Choose on X (n, D), y (n,); X_valid/y_valid are only passed on to the refit winner, for its log."""
-        X, y = validate_data(self, X, y, dtype=FLOATS)
-        check_classification_targets(y)
+        X, y = checked(validate_data, self, X, y, dtype=FLOATS)
+        checked(check_classification_targets, y)
         self._check_params()
         self.classes_, yi = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to train a head, got {len(self.classes_)}: "
-                             f"{self.classes_.tolist()}")
+        two_classes(self.classes_)
         X = np.asarray(X, np.float32)
         with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads cost more than they save
             return self._fit(X, y, yi, X_valid, y_valid, log)
 
-    def _fit(self, X, y, yi, X_valid, y_valid, log) -> AutoHead:  # noqa: ANN001
+    def _fit(self, X: np.ndarray, y: np.ndarray, yi: np.ndarray, X_valid: np.ndarray | None,
+             y_valid: np.ndarray | None, log: EpochLog | None) -> AutoHead:
         folds, self.cv_ = make_folds(yi, self.folds, self.holdout_rows, self.random_state)
         weight = _row_weights(yi, self.class_weight)
         tested = np.concatenate([test for _, test in folds])  # each row once, or the held-out tenth
@@ -149,13 +152,13 @@ class AutoHead(ClassifierMixin, BaseEstimator):
 
     def _check_params(self) -> None:
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+            raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
         if self.calibrate not in ("temperature", "none"):
-            raise ValueError(f"calibrate must be 'temperature' or 'none', got {self.calibrate!r}")
+            raise UsageError(f"calibrate must be 'temperature' or 'none', got {self.calibrate!r}")
         grid = L2_GRID if self.l2_grid is None else self.l2_grid
         if (self.folds < 2 or not grid or min(grid) <= 0 or any(int(k) < 1 for k in self.neighbors)
                 or self.adam_rows < 1 or self.holdout_rows < 1):
-            raise ValueError(f"AutoHead: need folds >= 2, a grid of l2 > 0, neighbors >= 1, adam_rows and "
+            raise UsageError(f"AutoHead: need folds >= 2, a grid of l2 > 0, neighbors >= 1, adam_rows and "
                              f"holdout_rows >= 1; got {self.get_params()}")
 
     def _candidates(self, X: np.ndarray, y: np.ndarray, folds: list, tested: np.ndarray, weight: np.ndarray):
@@ -198,18 +201,23 @@ class AutoHead(ClassifierMixin, BaseEstimator):
                     logits[te] = _fold_logits(_make(kind, {}, self.class_weight, self.random_state), X, y, tr, te, k)
                 yield f"{kind} (defaults)", kind, {}, logits
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def logits(self, X: np.ndarray) -> np.ndarray:
         """The winner's logits (n, n_classes), divided by the temperature."""
         check_is_fitted(self)
-        return self.best_.decision_function(X) / np.float32(self.temperature_)
+        return self.best_.logits(X) / np.float32(self.temperature_)
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """scikit-learn's decision values: the logits, or for 2 classes the second class's margin (n,)."""
+        return margins(self.logits(X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities (n, n_classes), columns in the order of `classes_`."""
-        return softmax(self.decision_function(X))
+        return softmax(self.logits(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Labels (n,), from `classes_`."""
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        index = self.logits(X).argmax(axis=1)  # first: an unfitted head raises NotFittedError
+        return self.classes_[index]
 
     def table(self) -> list[dict]:
         """The candidates' CV scores as rows to print, the winner marked: accuracy with its 95% interval."""
@@ -281,7 +289,7 @@ def _make(kind: str, params: dict, class_weight: str | None, seed: int | None) -
     return cls(**params, class_weight=class_weight, random_state=seed)
 
 
-def cross_val_logits(make, X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:  # noqa: ANN001
+def cross_val_logits(make: Callable[[], DenseHead], X: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:
     """Out-of-fold logits (n, k) of the estimators `make()` fitted on each fold's training rows (class indices y);
     rows in no fold's test part stay 0."""
     k = int(y.max()) + 1
@@ -303,7 +311,7 @@ def _fold_logits(head: DenseHead, X: np.ndarray, y: np.ndarray, tr: np.ndarray, 
     if len(present) < 2:
         return _constant_logits(len(te), k, present)
     head.fit(X[tr], y[tr])
-    return _full_logits(head.decision_function(X[te]), head.classes_, k)
+    return _full_logits(head.logits(X[te]), head.classes_, k)
 
 
 def _full_logits(z: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:

@@ -12,13 +12,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from headstart.export.errors import ModelError, UsageError
 from headstart.export.fingerprint import body_fingerprint, compatible
 from headstart.export.graph import make_model, read_metadata
 
 from .auto import AutoHead
+from .base import DenseHead
 from .headfile import load_head
 from .knn import KNNHead
-from .models import DenseHead
 from .tuned import TunedHead, dense_nodes
 
 
@@ -66,10 +67,10 @@ def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype
     """
     meta = read_metadata(model_path)
     if meta.get("kind") != "body":
-        raise ValueError(f"{model_path}: not a headstart body model; use the model written by `headstart export`")
+        raise ModelError(f"{model_path}: not a headstart body model; use the model written by `headstart export`")
     info = getattr(head, "meta_", {})
     if "fingerprint" not in info or "layer" not in info:
-        raise ValueError("this head does not say which body features it was trained on; train it with "
+        raise UsageError("this head does not say which body features it was trained on; train it with "
                          "`headstart train` (in Python: pass hs.bundle the cache= and layer= of the features it was "
                          "fitted on)")
     layer = info["layer"]
@@ -78,7 +79,7 @@ def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype
     if dtype == "float16" and meta["dtype"] != "float16":
         model = to_float16(model)
     elif dtype == "float32" and meta["dtype"] != "float32":
-        raise ValueError(f"{model_path} is a float16 body; export a float32 one for a float32 bundle")
+        raise ModelError(f"{model_path} is a float16 body; export a float32 one for a float32 bundle")
     g = model.graph
     _prune(g, [layer])
     if isinstance(head, TunedHead):  # block 5 of its own, on the body's pool4
@@ -128,7 +129,7 @@ def classifier_metadata(path: str | Path) -> dict:
     """A bundled classifier's metadata, with `classes` and `fingerprint` decoded."""
     meta = read_metadata(path)
     if meta.get("kind") != "classifier":
-        raise ValueError(f"{path}: not a headstart classifier; build one with `headstart bundle`")
+        raise ModelError(f"{path}: not a headstart classifier; build one with `headstart bundle`")
     meta["classes"] = json.loads(meta["classes"])
     meta["fingerprint"] = json.loads(meta["fingerprint"])
     return meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,9 @@ from headstart.export.errors import HeadFileError
 from headstart.export.files import atomic_write
 
 from .auto import AutoHead
+from .base import DenseHead
 from .kinds import KINDS
 from .knn import KNNHead
-from .models import DenseHead
 from .tuned import POOLINGS, TunedHead
 
 FORMAT = "headstart-head/2"
@@ -147,7 +148,8 @@ def load_head(path: str | Path) -> DenseHead:
     return head
 
 
-def _restore(kind: str, params: dict, classes: list, d: int, meta: dict, arrays: dict, bad):  # noqa: ANN001, ANN202
+def _restore(kind: str, params: dict, classes: list, d: int, meta: dict, arrays: dict,
+             bad: Callable[[str], HeadFileError]) -> DenseHead | TunedHead:
     """Rebuild the fitted head of `kind` from its checked arrays."""
     if "hidden" in params:
         params["hidden"] = tuple(params["hidden"])

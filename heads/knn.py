@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from headstart.export.errors import UsageError
+
+from .base import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 from .metrics import loss_and_accuracy
-from .models import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 
 # Query rows scored at once: a (rows, n_train) block of similarities.
 QUERY_ROWS = 1024
@@ -87,7 +89,7 @@ class KNNHead(DenseHead):
     def _check_params(self) -> None:
         super()._check_params()
         if self.n_neighbors < 1 or self.tau <= 0 or not 0 < self.alpha < 1:
-            raise ValueError(f"KNNHead: need n_neighbors >= 1, tau > 0 and 0 < alpha < 1; got {self.get_params()}")
+            raise UsageError(f"KNNHead: need n_neighbors >= 1, tau > 0 and 0 < alpha < 1; got {self.get_params()}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
         self.rows_, self.labels_ = l2_normalize(X), y.astype(np.int64)

@@ -6,12 +6,18 @@ trained by pipeline.tune (PyTorch); here it is plain arrays, and it runs as an O
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from headstart.export.errors import DataError
 from headstart.export.graph import IR_VERSION, OPSET
 
-from .models import NORM_EPS
+from .base import NORM_EPS
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 POOLINGS = ("gap", "flatten")  # after pool5: its global average (512), or all of it flattened (512 * s * s)
 
@@ -81,7 +87,8 @@ class TunedHead:
         dense, dense_inits, logits = dense_nodes(f"{prefix}flat", self.mean_, self.scale_, self.layers_, prefix)
         return nodes + dense, inits + dense_inits, logits
 
-    def _session(self):  # noqa: ANN202 - an onnxruntime session, built once
+    def _session(self) -> onnxruntime.InferenceSession:
+        """The head as an onnxruntime session, built once."""
         if getattr(self, "_ort", None) is None:
             from headstart.export.runtime import open_session
 
@@ -100,7 +107,7 @@ class TunedHead:
         """Class probabilities (n, n_classes) from pool4 features (n, 512 * side * side)."""
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has shape {X.shape}; this head reads pool4 as (n, {self.n_features_in_})")
+            raise DataError(f"X has shape {X.shape}; this head reads pool4 as (n, {self.n_features_in_})")
         session = self._session()
         return np.concatenate([session.run(["probabilities"], {"pool4": X[i:i + batch].astype(np.float32)})[0]
                                for i in range(0, len(X), batch)]) if len(X) else np.zeros((0, len(self.classes_)))

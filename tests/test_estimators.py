@@ -10,7 +10,10 @@ from conftest import generated_images
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, models, save_head
+import headstart.heads.compute as compute
+import headstart.heads.optimizers as optimizers
+import headstart.heads.training as training
+from headstart.heads import KINDS, HeadFileError, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.pipeline.cli import main
 from headstart.pipeline.extract import extract
 from headstart.pipeline.train import train_head
@@ -60,8 +63,8 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden,
     folded into the first layer (() and (3,): narrower than the batch) or applied to the batch ((300,)), and the
     first layer's products in numpy (a small batch) or onnxruntime or the compiled step (a large one)."""
     if batch == "large":
-        monkeypatch.setattr(models, "LARGE", 0)
-        monkeypatch.setattr(models, "COMPILE_WORK", 0)
+        monkeypatch.setattr(training, "LARGE", 0)
+        monkeypatch.setattr(training, "COMPILE_WORK", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
     a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
@@ -79,8 +82,8 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
     X, y = blobs(n=500, d=40)
     y[:300] = "cat"  # unbalanced, so that class weights matter
     small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
-    monkeypatch.setattr(models, "LARGE", 0)
-    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    monkeypatch.setattr(training, "LARGE", 0)
+    monkeypatch.setattr(training, "COMPILE_WORK", 0)
     large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
     np.testing.assert_allclose(small.history_[-1]["train_loss"], large.history_[-1]["train_loss"], rtol=1e-4)
     for (Wa, ba), (Wb, bb) in zip(small.layers_, large.layers_, strict=True):
@@ -101,8 +104,8 @@ def test_streamed_blocks_train_the_same_in_the_compiled_step(classes, monkeypatc
         return ((np.arange(i, i + 200), X[i:i + 200]) for i in starts)
 
     numpy_path = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
-    monkeypatch.setattr(models, "LARGE", 0)
-    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    monkeypatch.setattr(training, "LARGE", 0)
+    monkeypatch.setattr(training, "COMPILE_WORK", 0)
     from headstart.heads import kernels
 
     calls, original = [], kernels.linear_rows
@@ -139,7 +142,7 @@ def test_adam_takes_the_textbook_steps(shapes, compiled):
     rng = np.random.default_rng(0)
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     decay = [1e-2 if i % 2 == 0 else 0.0 for i in range(len(shapes))]
-    adam = models.Adam(start, decay=decay, compiled=compiled)
+    adam = optimizers.Adam(start, decay=decay, compiled=compiled)
     assert adam.compiled == (compiled or len(shapes) == 4)
     ref = [p.astype(np.float64) for p in start]
     m, v = [np.zeros_like(p) for p in ref], [np.zeros_like(p) for p in ref]
@@ -164,17 +167,17 @@ def test_training_keeps_subnormal_floats_out_of_the_gradients(monkeypatch):
     y = rng.integers(0, 3, 500)
     X = (0.1 * rng.standard_normal((500, 40)) + np.eye(3, 40)[y]).astype(np.float32)  # far apart: confident
     seen = []
-    step = models.Adam.step
+    step = optimizers.Adam.step
 
     def check(self, lr):
         g = self.g[self.g != 0]
         seen.append(int((np.abs(g) < np.finfo(np.float32).tiny).sum()))
         step(self, lr)
 
-    monkeypatch.setattr(models.Adam, "step", check)
+    monkeypatch.setattr(optimizers.Adam, "step", check)
     MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
     assert sum(seen) == 0
-    monkeypatch.setattr(models, "FLUSH", None)
+    monkeypatch.setattr(training, "FLUSH", None)
     MLPHead(hidden=(16,), dropout=0.0, lr=0.5).fit(X, y)
     assert sum(seen) > 0  # the check sees them where they are not flushed
 
@@ -354,8 +357,8 @@ def test_bench_heads_times_softmax_and_mlp_on_the_caches_shapes(tmp_path):
 
 
 def _adam_steps() -> None:
-    adam = models.Adam([np.ones((1100, 1000), np.float32)])
-    assert len(adam.shares) > 1 or models._cores() == 1
+    adam = optimizers.Adam([np.ones((1100, 1000), np.float32)])
+    assert len(adam.shares) > 1 or compute.cores() == 1
     adam.grads[0][...] = 1.0
     adam.step(0.01)
 
@@ -384,3 +387,42 @@ def test_a_linear_softmax_head_starts_at_zero_and_learns_a_linear_rule():
     assert search.best_score_ >= 0.9
     mlp = MLPHead(epochs=1, lr=1e-9).fit(X, y)  # hidden layers keep their random start
     assert np.abs(mlp.predict_proba(X) - 0.5).max() > 1e-3
+
+
+def test_every_error_a_user_can_cause_is_a_headstart_error(tmp_path):
+    """Bad parameters are UsageErrors, bad data DataErrors, a model that is not a body a ModelError: all
+    HeadstartErrors (which the CLI prints as one line), and still ValueErrors, as scikit-learn expects."""
+    from onnx import TensorProto, helper
+
+    from headstart.export.errors import DataError, HeadstartError, ModelError, UsageError
+    from headstart.heads import AutoHead, KNNHead
+    from headstart.heads.bundle import bundle, classifier_metadata
+
+    X, y = blobs(n=60)
+    bad_params = [SoftmaxHead(lr=-1), MLPHead(dropout=1.0), LogisticHead(l2=0), KNNHead(n_neighbors=0),
+                  AutoHead(folds=1), AutoHead(calibrate="platt"), SoftmaxHead(class_weight="heavy"),
+                  KNNHead(class_weight="heavy")]
+    for head in bad_params:
+        with pytest.raises(UsageError):
+            head.fit(X, y)
+    fitted = SoftmaxHead(epochs=1).fit(X, y)
+    bad_data = [lambda: SoftmaxHead().fit(np.zeros(3), np.zeros(3, int)),
+                lambda: LogisticHead().fit(X, np.zeros(60, int)),
+                lambda: AutoHead().fit(X, np.zeros(60, int)),
+                lambda: KNNHead().fit(X, np.linspace(0, 1, 60)),
+                lambda: MLPHead().fit(X, y, X_valid=X[:2], y_valid=np.array(["cat", "emu"])),
+                lambda: SoftmaxHead().fit(np.where(np.arange(6) == 2, np.nan, X), y),
+                lambda: fitted.predict(X[:, :4])]
+    for call in bad_data:
+        with pytest.raises(DataError) as e:
+            call()
+        assert isinstance(e.value, HeadstartError) and isinstance(e.value, ValueError)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    (tmp_path / "plain.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    fitted.meta_ = {"layer": "gap", "fingerprint": {}}
+    with pytest.raises(ModelError, match="plain.onnx: not a headstart body model"):
+        bundle(tmp_path / "plain.onnx", fitted)
+    with pytest.raises(ModelError, match="plain.onnx: not a headstart classifier"):
+        classifier_metadata(tmp_path / "plain.onnx")

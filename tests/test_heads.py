@@ -191,11 +191,11 @@ def test_the_compiled_softmax_step_scores_as_numpy_does_on_the_photos(photo_cach
     """The compiled softmax step, forced on (the 96 px photos' pool5 is below its threshold), trains the same
     head as numpy's path on real features: validation accuracy within one photo, probabilities within 1e-3.
     Batches of 50: each core's share of 25 rows ends in a group of fewer than 4."""
-    from headstart.heads import kernels, models
+    from headstart.heads import kernels, training
 
     numpy_path = train_head(photo_cache, "pool5", "softmax", batch_size=50)
-    monkeypatch.setattr(models, "LARGE", 0)
-    monkeypatch.setattr(models, "COMPILE_WORK", 0)
+    monkeypatch.setattr(training, "LARGE", 0)
+    monkeypatch.setattr(training, "COMPILE_WORK", 0)
     rows, original = [], kernels.linear_rows
     monkeypatch.setattr(kernels, "linear_rows", lambda *a: (rows.append(len(a[1])), original(*a)))
     compiled = train_head(photo_cache, "pool5", "softmax", batch_size=50)
