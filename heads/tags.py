@@ -13,6 +13,7 @@ from scipy.optimize import minimize
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import KFold
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
 from headstart.export.errors import UsageError
 
@@ -31,7 +32,7 @@ def fit_sigmoids(Z: np.ndarray, Y: np.ndarray, l2: float, init: np.ndarray | Non
         W = theta[:d * t].reshape(d, t).astype(np.float32)
         z = Z @ W + theta[d * t:].astype(np.float32)
         loss = (np.logaddexp(0, z) - Y * z).sum(dtype=np.float64) / n
-        g = (1 / (1 + np.exp(-z)) - Y) / n
+        g = (np.exp(-np.logaddexp(0, -z)) - Y) / n  # sigmoid without overflow
         value = float(loss) + 0.5 * l2 * float(theta[:d * t] @ theta[:d * t])
         grad = np.concatenate([(Z.T @ g).astype(np.float64).ravel() + l2 * theta[:d * t], g.sum(0, dtype=np.float64)])
         return value, grad
@@ -133,10 +134,12 @@ class TagHead(BaseEstimator):
         self.tags_ = np.array([str(i) for i in range(Y.shape[1])] if tags is None else [str(t) for t in tags])
         if len(self.tags_) != Y.shape[1]:
             raise UsageError(f"{len(self.tags_)} tag names for {Y.shape[1]} columns")
-        Y = Y.astype(np.float32)
-        Z = _normalized(X)
+        with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads cost more than they save
+            return self._fit(_normalized(X), Y.astype(np.float32))
+
+    def _fit(self, Z: np.ndarray, Y: np.ndarray) -> TagHead:
         grid = sorted(L2_GRID if self.l2_grid is None else self.l2_grid, reverse=True)
-        folds = list(KFold(min(self.folds, len(X)), shuffle=True, random_state=self.random_state).split(Z))
+        folds = list(KFold(min(self.folds, len(Z)), shuffle=True, random_state=self.random_state).split(Z))
         oof = {l2: np.zeros_like(Y) for l2 in grid}
         for train, test in folds:
             theta = None
