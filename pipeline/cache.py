@@ -22,7 +22,6 @@ chunk is an error when read, never zeros, and `verify()` checks every committed 
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,12 +31,12 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from headstart.export.errors import CacheError
+from headstart.export.errors import BusyError, CacheError
 from headstart.export.fingerprint import IncompatibleError, compatible
 
 from . import augment
 from .dataset import display
-from .storage import BusyError, Folder
+from .storage import Folder, open_folder
 
 FORMAT = 2
 OK, BAD, VOID = 1, 2, 3  # features computed, undecodable, nothing (its file changed while being read)
@@ -63,13 +62,12 @@ def chunk_files(name: str, chunk_rows: int, start: int, stop: int, ndim: int) ->
 
 
 def missing(folder: Folder, files: list[str], seen: set[str] | None = None) -> list[str]:
-    """Which of `files` (of one array) are absent: on a disk a stat each, in an object store one listing of the
-    array, not a request per chunk. `seen` collects the chunks found present, for the next call to skip."""
+    """Which of `files` (chunks of one array) are absent. `seen` collects the chunks found present, for the next
+    call to skip: committed chunks do not go away."""
     seen = set() if seen is None else seen
-    if not folder.remote:
-        seen.update(f for f in files if folder.is_file(f))
-    elif files:
-        seen.update(folder.names(posixpath.commonpath(files).rsplit("/c", 1)[0] + "/c"))
+    todo = [f for f in files if f not in seen]
+    if todo:
+        seen.update(folder.present(todo, todo[0].rsplit("/c/", 1)[0] + "/c"))
     return [f for f in files if f not in seen]
 
 
@@ -180,7 +178,7 @@ class FeatureCache:
     report = None  # set by headstart.extract
 
     def __init__(self, path: str | Path, dataset: str | None = None) -> None:
-        self.folder = Folder(path)
+        self.folder = open_folder(path)
         self.path = self.folder.text
         self._present: set[str] = set()  # chunks seen: committed chunks do not go away
         if self.folder.flag(".replacing"):
@@ -405,7 +403,7 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
     Every chunk under the commit point must exist, pass its checksum and decompress; statuses must be known;
     every dataset must point at committed rows only.
     """
-    folder = Folder(path)
+    folder = open_folder(path)
     if folder.flag(".replacing"):
         return 0, [f"{path} is being replaced (or a replace was interrupted): rerun its extract"]
     if not folder.is_file("zarr.json"):
@@ -442,7 +440,7 @@ def verify(path: str | Path) -> tuple[int, list[str]]:
 
 def describe(path: str | Path) -> dict:
     """What `headstart info CACHE` prints, for its first complete dataset (FeatureCache's error where none is)."""
-    root = zarr.open_group(Folder(path).zarr_path, mode="r")
+    root = zarr.open_group(open_folder(path).zarr_path, mode="r")
     names = [n for n, d in _attrs(root).get("datasets", {}).items() if d.get("complete")]
     return FeatureCache(path, names[0] if names else None).describe()
 
@@ -456,7 +454,7 @@ class CacheWriter:
         `dims`: features per image of each layer; `dtype`: their storage type."""
         if dtype not in DTYPES:
             raise ValueError(f"storage dtype {dtype!r}: use {' or '.join(DTYPES)}")
-        self.folder = Folder(path)
+        self.folder = open_folder(path)
         self.path = self.folder.text
         # Rows per feature chunk, fixed when the cache is created: batch-sized chunks are written whole.
         self.chunk_rows = max(16, min(chunk_rows, 4096))
