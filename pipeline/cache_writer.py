@@ -199,7 +199,8 @@ class CacheWriter:
         files `written`, or already flushed), then move the commit point past them. A None key is a void row:
         its file changed while being read, and it holds nothing."""
         if start != self.rows:
-            raise RuntimeError(f"{self.path}: rows from {start} cannot commit before rows from {self.rows}")  # ours
+            # Only a caller's bug commits out of order: no user error, so it keeps its traceback.
+            raise RuntimeError(f"{self.path}: rows from {start} cannot commit before rows from {self.rows}")
         self._check_still_ours()
         n, stop = len(keys), start + len(keys)
         self.root["hash"][start:stop] = np.frombuffer(b"".join(bytes.fromhex(k) if k else bytes(32) for k in keys),
