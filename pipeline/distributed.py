@@ -25,7 +25,7 @@ from .cache import CacheWriter, write_features
 from .dataset import Dataset, scan
 from .predict import classifier_metadata, predict_paths
 from .reader import read_batches
-from .storage import Folder
+from .storage import open_folder
 
 _SESSIONS: dict = {}  # per worker process: model path -> session
 
@@ -117,7 +117,7 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
                 feats[layer].append(out)
     ok = np.array(ok)
     features = {x: np.concatenate(v) for x, v in feats.items()} if ok.any() else None
-    folder = Folder(cache)
+    folder = open_folder(cache)
     folder.sync(write_features(zarr.open_group(folder.zarr_path, mode="r+"), dims, dtype, start, ok, features))
     return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
 

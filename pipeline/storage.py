@@ -1,37 +1,39 @@
 """Where caches and images live: a local folder, or an fsspec URL (s3://, gs://, memory://; file:// is local).
 
-A cache needs little of its folder: whether a file is there, its text, a listing, removal, durability before a
-commit, and one writer at a time. On a disk these are os calls, fsync and an OS file lock (filelock: flock on
-POSIX, LockFileEx on Windows). In an object store a PUT is
-durable when it returns and there is no flock, so the lock is a lease: an object created only if absent
-(S3's conditional write), renewed while its holder lives, and taken over once it expires.
+A cache needs little of its folder: whether a file is there, its text, which of some files are present, a
+listing, removal, durability before a commit, and one writer at a time. `Folder` is that small interface (as
+zarr's `Store` is to its `LocalStore` and `FsspecStore`), with two implementations, chosen once by `open_folder`:
+on a disk (`LocalFolder`) these are os calls, fsync and an OS file lock; in an object store (`RemoteFolder`) a PUT
+is durable when it returns, and the lock is a lease (pipeline.locks).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import threading
-import time
-import uuid
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from headstart.export.errors import BusyError
+from headstart.export.errors import UsageError
 
-LEASE_SECONDS = 60.0  # a killed remote writer's lease lapses after this; its holder renews it 4 times as often
+from .locks import FileLock, Lease, Lock
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 
 def is_url(where: str | Path) -> bool:
+    """True for an fsspec URL (s3://, memory://, ...); a file:// URL is a local path."""
     return "://" in str(where) and not str(where).startswith("file://")
 
 
 def local_path(where: str | Path) -> Path:
+    """The path of a local location, a file:// URL's included."""
     return Path(str(where).removeprefix("file://"))
 
 
-def filesystem(url: str):  # noqa: ANN201 - an fsspec filesystem
+def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) of a URL; a missing fsspec implementation is a clear error."""
     try:
         import fsspec
@@ -40,9 +42,9 @@ def filesystem(url: str):  # noqa: ANN201 - an fsspec filesystem
     except ImportError as e:
         protocol = url.split("://", 1)[0]
         extra = "; pip install 'headstart[s3]'" if protocol in ("s3", "s3a") else ""
-        raise ValueError(f"{url}: {protocol}:// needs a package that is not installed ({e}){extra}") from None
+        raise UsageError(f"{url}: {protocol}:// needs a package that is not installed ({e}){extra}") from None
     except ValueError as e:
-        raise ValueError(f"{url}: not a usable location ({e})") from None
+        raise UsageError(f"{url}: not a usable location ({e})") from None
 
 
 def store_error(e: BaseException) -> str | None:
@@ -54,6 +56,75 @@ def store_error(e: BaseException) -> str | None:
             "variables or ~/.aws)")
 
 
+class Folder(ABC):
+    """A folder on a disk or in an object store; names inside it are relative, '/'-separated.
+
+    Beside the folder, outside it (so that plain zarr tools see nothing foreign there), live its writer's lock
+    (FOLDER.lock) and flags such as FOLDER.replacing.
+    """
+
+    def __init__(self, where: str | Path) -> None:
+        self.text = str(where)
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    @abstractmethod
+    def zarr_path(self) -> str:
+        """What zarr.open_group takes for this folder."""
+
+    @abstractmethod
+    def absolute(self) -> str:
+        """The folder as other processes (Dask workers) can open it."""
+
+    @abstractmethod
+    def is_file(self, name: str) -> bool:
+        """Whether file `name` is there."""
+
+    @abstractmethod
+    def read_text(self, name: str) -> str:
+        """The text of file `name`."""
+
+    @abstractmethod
+    def present(self, files: list[str], under: str) -> set[str]:
+        """Which of `files`, all below folder `under`, are there (and, in an object store, every other file found
+        below `under` by the one listing it takes, for a caller that remembers them not to ask again)."""
+
+    @abstractmethod
+    def entries(self) -> list[str]:
+        """The names directly inside the folder ([] when it does not exist)."""
+
+    @abstractmethod
+    def make(self) -> None:
+        """Create the folder where a store needs one."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Remove a file or a whole folder inside; nothing when absent."""
+
+    @abstractmethod
+    def sync(self, names: list[str]) -> None:
+        """Make files (and the folders holding them) durable."""
+
+    @abstractmethod
+    def flag(self, suffix: str) -> bool:
+        """Whether the flag FOLDER<suffix> beside the folder is set."""
+
+    @abstractmethod
+    def set_flag(self, suffix: str, on: bool) -> None:
+        """Set or clear the flag FOLDER<suffix>, durably."""
+
+    @abstractmethod
+    def lock(self) -> Lock:
+        """Hold the folder's writer lock (FOLDER.lock beside it), or raise BusyError naming the holder."""
+
+
+def open_folder(where: str | Path) -> Folder:
+    """The folder at `where`: a `RemoteFolder` for an fsspec URL, a `LocalFolder` for a path or a file:// URL."""
+    return RemoteFolder(str(where)) if is_url(where) else LocalFolder(where)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -62,48 +133,100 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class Folder:
-    """A folder on a disk or in an object store; names inside it are relative, '/'-separated."""
+class LocalFolder(Folder):
+    """A folder on a disk: durability is fsync, the lock an OS file lock."""
 
     def __init__(self, where: str | Path) -> None:
-        self.text = str(where)
-        self.remote = is_url(where)
-        if self.remote:
-            self.fs, self.root = filesystem(self.text)
-            self.root = self.root.rstrip("/")
-            # The lock and the marker go beside the cache; beside a bucket is another bucket's name.
-            if self.fs.root_marker == "" and "/" not in self.root:
-                raise ValueError(f"{self.text}: name a folder inside the bucket, such as "
-                                 f"{self.text.rstrip('/')}/features.zarr")
-        else:
-            self.local = local_path(where)
-
-    def __str__(self) -> str:
-        return self.text
+        super().__init__(where)
+        self.local = local_path(where)
 
     @property
     def zarr_path(self) -> str:
-        """What zarr.open_group takes for this folder."""
-        return self.text if self.remote else str(self.local)
+        return str(self.local)
 
     def absolute(self) -> str:
-        """The folder as other processes (Dask workers) can open it."""
-        if self.remote and self.text.startswith("memory://"):
-            raise ValueError(f"{self.text}: a memory:// store lives in one process; workers cannot reach it")
-        return self.text if self.remote else str(self.local.resolve())
+        return str(self.local.resolve())
+
+    def is_file(self, name: str) -> bool:
+        return (self.local / name).is_file()
+
+    def read_text(self, name: str) -> str:
+        return (self.local / name).read_text()
+
+    def present(self, files: list[str], under: str) -> set[str]:
+        return {f for f in files if (self.local / f).is_file()}  # a stat each: cheaper on a disk than a walk
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
+
+    def make(self) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def remove(self, name: str) -> None:
+        if (self.local / name).is_dir():
+            shutil.rmtree(self.local / name)
+        else:
+            (self.local / name).unlink(missing_ok=True)
+
+    def sync(self, names: list[str]) -> None:
+        paths = [self.local / n for n in names]
+        folders = {p.parent for p in paths} | {p.parent.parent for p in paths}
+        for p in [*paths, *folders, self.local]:
+            if p.exists():
+                _fsync(p)
+
+    def _beside(self, suffix: str) -> Path:
+        return Path(str(self.local) + suffix)
+
+    def flag(self, suffix: str) -> bool:
+        return self._beside(suffix).exists()
+
+    def set_flag(self, suffix: str, on: bool) -> None:
+        where = self._beside(suffix)
+        if on:
+            where.touch()
+            _fsync(where.parent)
+        else:
+            where.unlink(missing_ok=True)
+
+    def lock(self) -> FileLock:
+        return FileLock(str(self._beside(".lock")))
+
+
+class RemoteFolder(Folder):
+    """A folder in an object store, through fsspec: a PUT is durable when it returns, the lock is a lease."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.fs, root = filesystem(self.text)
+        self.root = root.rstrip("/")
+        # The lock and the flags go beside the folder; beside a bucket is another bucket's name.
+        if self.fs.root_marker == "" and "/" not in self.root:
+            raise UsageError(f"{self.text}: name a folder inside the bucket, such as "
+                             f"{self.text.rstrip('/')}/features.zarr")
+
+    @property
+    def zarr_path(self) -> str:
+        return self.text
+
+    def absolute(self) -> str:
+        if self.text.startswith("memory://"):
+            raise UsageError(f"{self.text}: a memory:// store lives in one process; workers cannot reach it")
+        return self.text
 
     def _key(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
     def is_file(self, name: str) -> bool:
-        return self.fs.isfile(self._key(name)) if self.remote else (self.local / name).is_file()
+        return self.fs.isfile(self._key(name))
 
     def read_text(self, name: str) -> str:
-        return self.fs.cat_file(self._key(name)).decode() if self.remote else (self.local / name).read_text()
+        return self.fs.cat_file(self._key(name)).decode()
 
-    def names(self, under: str = "") -> set[str]:
-        """In an object store: every file below `under`, as names relative to this folder, in one listing (on a
-        disk a stat per file is cheaper than a walk, so the cache asks `is_file`)."""
+    def present(self, files: list[str], under: str) -> set[str]:
+        """One listing of `under`, not a request per file."""
+        if not files:
+            return set()
         self.fs.invalidate_cache()  # other processes write here: never answer from an old listing
         try:
             found = self.fs.find(self._key(under))
@@ -112,9 +235,6 @@ class Folder:
         return {f[len(self.root) + 1:] for f in found}
 
     def entries(self) -> list[str]:
-        """The names directly inside the folder ([] when it does not exist)."""
-        if not self.remote:
-            return sorted(p.name for p in self.local.iterdir()) if self.local.is_dir() else []
         self.fs.invalidate_cache()
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
@@ -122,214 +242,25 @@ class Folder:
             return []
 
     def make(self) -> None:
-        if not self.remote:
-            self.local.mkdir(parents=True, exist_ok=True)
+        """Nothing: an object store has no folders to create."""
 
     def remove(self, name: str) -> None:
-        """Remove a file or a whole folder inside; nothing when absent."""
-        if self.remote:
-            try:
-                self.fs.rm(self._key(name), recursive=True)
-            except FileNotFoundError:
-                pass
-        elif (self.local / name).is_dir():
-            shutil.rmtree(self.local / name)
-        else:
-            (self.local / name).unlink(missing_ok=True)
+        try:
+            self.fs.rm(self._key(name), recursive=True)
+        except FileNotFoundError:
+            pass
 
     def sync(self, names: list[str]) -> None:
-        """Make files (and the folders holding them) durable. A PUT to an object store already is."""
-        if self.remote:
-            return
-        paths = [self.local / n for n in names]
-        folders = {p.parent for p in paths} | {p.parent.parent for p in paths}
-        for p in [*paths, *folders, self.local]:
-            if p.exists():
-                _fsync(p)
-
-    # Beside the folder, outside the Zarr hierarchy: the lock and the replace marker.
-    def _beside(self, suffix: str) -> str:
-        return self.root + suffix if self.remote else str(self.local) + suffix
+        """Nothing: a PUT is durable once it returns."""
 
     def flag(self, suffix: str) -> bool:
-        where = self._beside(suffix)
-        return self.fs.exists(where) if self.remote else Path(where).exists()
+        return self.fs.exists(self.root + suffix)
 
     def set_flag(self, suffix: str, on: bool) -> None:
-        where = self._beside(suffix)
-        if self.remote:
-            if on:
-                self.fs.pipe_file(where, b"")
-            elif self.fs.exists(where):
-                self.fs.rm(where)
-        elif on:
-            Path(where).touch()
-            _fsync(Path(where).parent)
-        else:
-            Path(where).unlink(missing_ok=True)
+        if on:
+            self.fs.pipe_file(self.root + suffix, b"")
+        elif self.fs.exists(self.root + suffix):
+            self.fs.rm(self.root + suffix)
 
-    def lock(self) -> FileLock | Lease:
-        """Hold the folder's writer lock (CACHE.lock beside it), or raise BusyError naming the holder."""
-        return Lease(self.fs, self._beside(".lock"), self.text) if self.remote else FileLock(self._beside(".lock"))
-
-
-def _me() -> dict:
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": _started(os.getpid())}
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _started(pid: int) -> str:
-    """A process's start time in clock ticks since boot: with the pid, it names one process even after pid reuse."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _dead(holder: dict) -> bool:
-    """True only when the holder certainly ran on this machine (same host, same boot) and is gone."""
-    if holder.get("host") != socket.gethostname() or not holder.get("boot") or holder.get("boot") != _boot_id():
-        return False
-    return _started(int(holder.get("pid", -1))) != holder.get("started")
-
-
-def _holder_text(holder: dict) -> str:
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-
-
-class FileLock:
-    """The writer's lock on a local file, through `filelock` (flock on POSIX, LockFileEx on Windows): the system
-    releases it when its holder dies, however it dies. Who holds it is noted in a file beside (LOCK.holder),
-    since a locked file cannot be read on Windows; the note is only ever shown, never trusted."""
-
-    def __init__(self, path: str) -> None:
-        from filelock import FileLock as OSLock
-        from filelock import Timeout
-
-        self._note = Path(path + ".holder")
-        # Not thread-local: a writer may be closed by another thread than the one that opened it.
-        self._lock = OSLock(path, timeout=0, thread_local=False)
-        try:
-            self._lock.acquire()
-        except Timeout:
-            try:
-                holder = self._note.read_text().strip()
-            except OSError:
-                holder = ""
-            raise BusyError(holder or "another process") from None
-        partial = self._note.with_name(f"{self._note.name}.{os.getpid()}")
-        try:
-            partial.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            os.replace(partial, self._note)  # readers see the whole note or the previous one
-        except OSError:  # the note is only shown (Windows refuses to replace a file open for reading)
-            partial.unlink(missing_ok=True)
-
-    def check(self) -> None:
-        """Still held (an OS lock cannot be lost while its file is open)."""
-
-    def release(self) -> None:
-        if self._lock.is_locked:
-            self._note.unlink(missing_ok=True)
-            self._lock.release()
-
-
-class Lease:
-    """A writer's lease in an object store: numbered objects LOCK/<n>, each created only if absent.
-
-    The holder of the highest number holds the lock while its lease has not expired; it renews the lease every
-    quarter of LEASE_SECONDS. A newcomer refuses a live lease, naming its holder, and takes over an expired one
-    (or one whose process is known dead on this machine) by creating the next number: of two newcomers racing,
-    one creation fails. A holder that finds a higher number, or cannot renew in time, has lost the lock and
-    stops before its next commit. Releasing marks the lease released and removes the older ones.
-    """
-
-    def __init__(self, fs, where: str, shown: str) -> None:  # noqa: ANN001 - an fsspec filesystem
-        self.fs, self.where, self.shown = fs, where.rstrip("/"), shown
-        self.ttl = LEASE_SECONDS
-        self.token = uuid.uuid4().hex
-        self._lost = ""
-        self._stop = threading.Event()
-        self.number = self._take()
-        self._renewed = time.time()
-        self._thread = threading.Thread(target=self._renew_loop, daemon=True)
-        self._thread.start()
-
-    def _numbers(self) -> list[int]:
-        self.fs.invalidate_cache()
-        try:
-            names = self.fs.ls(self.where, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(int(n.rsplit("/", 1)[-1]) for n in names if n.rsplit("/", 1)[-1].isdigit())
-
-    def _name(self, n: int) -> str:
-        return f"{self.where}/{n:010d}"
-
-    def _read(self, n: int) -> dict:
-        try:
-            return json.loads(self.fs.cat_file(self._name(n)))
-        except (FileNotFoundError, ValueError):
-            return {}
-
-    def _body(self, released: bool = False) -> bytes:
-        return json.dumps({**_me(), "token": self.token, "since": self._since, "expires": time.time() + self.ttl,
-                           "released": released}).encode()
-
-    def _take(self) -> int:
-        self._since = time.strftime("%Y-%m-%d %H:%M:%S")
-        numbers = self._numbers()
-        nxt = numbers[-1] + 1 if numbers else 0
-        if numbers:
-            holder = self._read(numbers[-1])
-            if holder and not holder.get("released") and holder.get("expires", 0) > time.time() \
-                    and not _dead(holder):
-                raise BusyError(f"{_holder_text(holder)} (its lease on {self.shown} lapses in "
-                                f"{holder['expires'] - time.time():.0f} s unless renewed)")
-        try:
-            self.fs.pipe_file(self._name(nxt), self._body(), mode="create")
-        except FileExistsError:
-            raise BusyError(f"{_holder_text(self._read(nxt))}, which took the lease on {self.shown} just now") \
-                from None
-        return nxt
-
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                if self._numbers()[-1:] != [self.number]:
-                    self._lost = "another writer took the lease over"
-                    return
-                self.fs.pipe_file(self._name(self.number), self._body())
-                self._renewed = time.time()
-            except Exception as e:  # noqa: BLE001 - a network fault: retried at the next beat, or the lease lapses
-                if time.time() - self._renewed > self.ttl / 2:
-                    self._lost = f"the lease could not be renewed ({type(e).__name__}: {e})"
-
-    def check(self) -> None:
-        """Raise BusyError unless this writer still holds the lease with time to spare for one commit."""
-        if not self._lost and time.time() - self._renewed > self.ttl / 2:
-            self._lost = f"the lease was last renewed {time.time() - self._renewed:.0f} s ago"
-        if not self._lost and self._numbers()[-1:] != [self.number]:
-            self._lost = "another writer took the lease over"
-        if self._lost:
-            raise BusyError(f"lost the write lease on {self.shown}: {self._lost}; nothing more is committed, "
-                            "rerun to resume")
-
-    def release(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join()
-        try:
-            if not self._lost:
-                self.fs.pipe_file(self._name(self.number), self._body(released=True))
-                for n in self._numbers():
-                    if n < self.number:
-                        self.fs.rm(self._name(n))
-        except OSError:
-            pass  # an unreleased lease lapses by itself
+    def lock(self) -> Lease:
+        return Lease(self.fs, self.root + ".lock", self.text)

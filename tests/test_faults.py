@@ -428,7 +428,7 @@ def test_features_beyond_float16_are_an_error_naming_the_layer(tmp_path):
     loud = Weights([(k * 4, b) for k, b in w.convs], None, "random:loud", "0" * 64)
     model = save(build_body(loud, 32), tmp_path / "loud.onnx")
     out = run("extract", folder(tmp_path), "--body", model, "--cache", tmp_path / "c.zarr")
-    assert "features of layer gap reach" in out and "beyond float16's range" in out and "--dtype float32" in out
+    assert "features of layer gap reach" in out and "beyond float16's range" in out and "--storage-dtype float32" in out
     run("extract", folder(tmp_path), "--body", model, "--cache", tmp_path / "f32.zarr", "--storage-dtype", "float32",
         ok=True)
     assert np.isfinite(FeatureCache(tmp_path / "f32.zarr").features("gap")).all()

@@ -13,7 +13,7 @@ from conftest import generated_images, kill_9_after
 
 from headstart.export.fingerprint import features_fingerprint
 from headstart.export.graph import read_metadata
-from headstart.pipeline import storage
+from headstart.pipeline import locks
 from headstart.pipeline.cache import CacheError, CacheWriter, FeatureCache
 from headstart.pipeline.cli import main
 from headstart.pipeline.decode import BadImage, read_bytes
@@ -130,7 +130,7 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(s3, random_model):
 
 
 def test_a_writer_that_lost_its_lease_commits_nothing_more(random_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "LEASE_SECONDS", 0.4)
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 0.4)
     cache = f"memory://lost-{time.time_ns()}.zarr"
     fs = fsspec.filesystem("memory")
     w = writer(cache, random_model)

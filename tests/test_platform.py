@@ -17,8 +17,9 @@ import yaml
 from click.testing import CliRunner
 from conftest import REPO
 
+from headstart.export.errors import BusyError
 from headstart.pipeline.cli import main
-from headstart.pipeline.storage import BusyError, Folder
+from headstart.pipeline.storage import open_folder
 
 # Python's marker variables on each target (what packaging evaluates a dependency's marker against).
 TARGETS = {
@@ -36,7 +37,7 @@ RUNTIME = {"macosx_14_0_arm64": "onnxruntime", "win_amd64": "onnxruntime-gpu", "
 # The writer's lock ------------------------------------------------------------------------------------------------
 
 def test_a_second_writer_in_the_same_process_is_refused_until_the_first_releases(tmp_path):
-    folder = Folder(tmp_path / "c.zarr")
+    folder = open_folder(tmp_path / "c.zarr")
     first = folder.lock()
     with pytest.raises(BusyError, match=rf"^pid {os.getpid()} since \d{{4}}-"):
         folder.lock()
@@ -49,8 +50,8 @@ def test_a_second_writer_in_the_same_process_is_refused_until_the_first_releases
 
 HOLD = """
 import sys
-from headstart.pipeline.storage import Folder
-lock = Folder(sys.argv[1]).lock()
+from headstart.pipeline.storage import open_folder
+lock = open_folder(sys.argv[1]).lock()
 print("held", flush=True)
 sys.stdin.read()
 """
@@ -63,11 +64,11 @@ def test_another_process_holding_the_lock_is_named_and_its_death_frees_the_lock(
     try:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(BusyError, match=rf"^pid {child.pid} since "):
-            Folder(where).lock()
+            open_folder(where).lock()
     finally:
         child.send_signal(signal.SIGKILL)  # no release, no cleanup: the OS lock goes with the process
         child.wait()
-    lock = Folder(where).lock()  # the dead holder's note is left behind, and overwritten
+    lock = open_folder(where).lock()  # the dead holder's note is left behind, and overwritten
     assert f"pid {os.getpid()} " in (tmp_path / "c.zarr.lock.holder").read_text()
     lock.release()
 
