@@ -51,16 +51,16 @@ def oof_ridge(X: np.ndarray, y: np.ndarray, k: int, splits: list, l2_grid: tuple
     chosen : dict
         l2, temperature and log_loss of the penalty kept.
     """
-    Z = np.asarray(X, np.float64)
+    Z = np.asarray(X, np.float32)
     Z = (Z - Z.mean(0)) / np.maximum(Z.std(0), 1e-6)
-    Y = np.eye(k)[y]
+    Y = np.eye(k, dtype=np.float32)[y]
     scores = {l2: np.zeros((len(y), k)) for l2 in l2_grid}
     for tr, te in splits:
         mu, ybar = Z[tr].mean(0), Y[tr].mean(0)
         Zc = Z[tr] - mu
-        evals, vecs = np.linalg.eigh(Zc.T @ Zc)
-        proj = vecs.T @ (Zc.T @ (Y[tr] - ybar))  # (D, k)
-        test = (Z[te] - mu) @ vecs
+        evals, vecs = np.linalg.eigh((Zc.T @ Zc).astype(np.float64))  # float32 products, a float64 solve
+        proj = vecs.T @ (Zc.T @ (Y[tr] - ybar)).astype(np.float64)  # (D, k)
+        test = (Z[te] - mu).astype(np.float64) @ vecs
         for l2 in l2_grid:
             scores[l2][te] = test @ (proj / (np.maximum(evals, 0) + l2 * len(tr))[:, None]) + ybar
     best = None
