@@ -15,8 +15,8 @@ from scipy.special import log_softmax, softmax
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalties on the mean squared error, as multiples of the rows
 
 
-def _temperature(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(T, mean log loss) of softmax(scores / T), T searched over 1e-3..1e2."""
+def temperature(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(T, mean log loss) of softmax(scores / T) on class indices `y`, T searched over 1e-3..1e2."""
     z = scores.astype(np.float64)
     rows = np.arange(len(y))
 
@@ -65,7 +65,7 @@ def oof_ridge(X: np.ndarray, y: np.ndarray, k: int, splits: list, l2_grid: tuple
             scores[l2][te] = test @ (proj / (np.maximum(evals, 0) + l2 * len(tr))[:, None]) + ybar
     best = None
     for l2, s in scores.items():
-        t, loss = _temperature(s, y)
+        t, loss = temperature(s, y)
         if best is None or loss < best["log_loss"]:
             best = {"l2": l2, "temperature": t, "log_loss": loss}
     return softmax(scores[best["l2"]] / best["temperature"], axis=1), best

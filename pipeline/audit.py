@@ -132,7 +132,8 @@ def oof_proba(X: np.ndarray, y: np.ndarray, folds: int, head: str = "auto", seed
     ``auto``: up to AUTO_ROWS rows, AutoHead chooses a candidate once on all rows, and that candidate is refit on
     each fold's other rows; above, ``ridge``. ``ridge``: the closed-form ridge probe (heads.ridge), its penalty
     and temperature chosen on the folds. ``logistic``: L2-penalized logistic regression on standardized rows
-    (LogisticHead's default penalty), each fold started from the solution on all rows.
+    (LogisticHead's default penalty), each fold started from the solution on all rows. Logistic probabilities
+    are calibrated by one temperature fitted on the out-of-fold logits, as AutoHead calibrates its own.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -168,6 +169,7 @@ def _oof_logistic(X: np.ndarray, y: np.ndarray, k: int, splits: list, params: di
     from scipy.special import softmax
 
     from headstart.heads.linear import fit_logistic, logits_of
+    from headstart.heads.ridge import temperature
 
     if params.get("normalize"):
         Z = unit_rows(X)
@@ -175,11 +177,13 @@ def _oof_logistic(X: np.ndarray, y: np.ndarray, k: int, splits: list, params: di
         Z = (X - X.mean(0)) / np.maximum(X.std(0), 1e-6)
     Z = np.asarray(Z, np.float32)
     start, _ = fit_logistic(Z, y, k, params["l2"], tol=1e-4)
-    proba = np.zeros((len(y), k))
+    logits = np.zeros((len(y), k))
     for tr, te in bar(splits, desc="out-of-fold", unit="fold"):
         theta, _ = fit_logistic(Z[tr], y[tr], k, params["l2"], init=start, tol=1e-4)
-        proba[te] = softmax(logits_of(theta, Z[te], k), axis=1)
-    return proba
+        logits[te] = logits_of(theta, Z[te], k)
+    # Calibrated as AutoHead calibrates its refit: a penalized fit's soft probabilities would leave every
+    # wrong row below its class's mean self-confidence, and confident learning would find nothing.
+    return softmax(logits / temperature(logits, y)[0], axis=1)
 
 
 def _oof_any(X: np.ndarray, y: np.ndarray, k: int, splits: list, kind: str, params: dict, seed: int) -> np.ndarray:

@@ -104,8 +104,8 @@ const esc = s => String(s ?? "").replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&
 const img = p => `<img loading="lazy" alt="" title="${esc(p)}" src="${D.thumbs[p] ? "data:image/jpeg;base64," +
   D.thumbs[p] : D.placeholder}">`;
 const num = v => typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(3)) : esc(v);
-function section(id, n) { const s = document.getElementById(id); s.querySelector(".count").textContent = n;
-  s.dataset.count = n; return s.querySelector(".body"); }
+function section(id, n) { const s = document.getElementById(id), c = s.querySelector(".count");
+  if (c) c.textContent = n; s.dataset.count = n; return s.querySelector(".body"); }
 function pager(body, items, draw) {
   let page = 0; const pages = Math.max(1, Math.ceil(items.length / PAGE));
   const box = document.createElement("div"), nav = document.createElement("div");

@@ -100,7 +100,9 @@ def test_near_duplicates_of_generated_copies_and_none_among_distinct_images(rand
         for c in _copies(Image.open(p), data / "valid" / "a", p.stem):
             planted[str(c)] = str(p)
     extract(data, random_model, tmp_path / "c.zarr", batch_size=8, progress=False)
-    found = audit(str(tmp_path / "c.zarr"), folds=3, head="ridge")
+    # Random weights squeeze every cosine towards 1 (distinct images reach 0.986 here, copies stay above 0.996):
+    # the default threshold is for the real body's features, so this test sets one between.
+    found = audit(str(tmp_path / "c.zarr"), folds=3, head="ridge", threshold=0.993)
     sims = {(p["a"], p["b"]): p["similarity"] for p in found["pairs"]}
     members = [{m["path"] for m in g["members"]} for g in found["leaks"]]
     assert len(found["leaks"]) == 4 and not found["near_duplicates"]
@@ -203,7 +205,7 @@ def test_html_report_renders_its_sections_and_counts_in_chromium(generated, tmp_
     size = write_report(found, html)
     text = html.read_text()
     assert size == html.stat().st_size and "http://" not in text and "https://" not in text  # offline
-    assert text.count("data:image/jpeg;base64,") == 0  # thumbnails are in the data, drawn by the script
+    assert text.count("data:image/jpeg;base64,") == 1  # only the script's: thumbnails are data it draws
     profile = tmp_path / "profile"
     base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
             f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
