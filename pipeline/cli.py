@@ -345,8 +345,8 @@ def verify(cache: str) -> None:
               show_default=True)
 @shared("valid_fraction", lazy_default=default_of(TRAIN, "train_head", "valid_fraction"))
 @click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
-              help="Memory budget for the training features, such as 4GB or 512MiB; softmax and mlp heads stream "
-                   "larger caches in blocks.")
+              help="Memory budget, such as 4GB or 512MiB: of train's features (softmax and mlp heads stream larger "
+                   "caches in blocks), of audit's similarity blocks.")
 @shared("augmented")
 @shared("drop_duplicates")
 @shared("classes_map", default="")
@@ -866,7 +866,7 @@ AUDIT = "headstart.pipeline.audit"
 @shared("layer", default="gap")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Folds of the out-of-fold probabilities.")
-@click.option("--head", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
+@click.option("--probe", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
               help="The head whose out-of-fold probabilities are read: auto (AutoHead's choice up to 5,000 "
                    "labelled images, the ridge probe above), ridge or logistic.")
 @click.option("--threshold", type=click.FloatRange(-1, 1), cls=Option, lazy_default=default_of(AUDIT, "audit",
@@ -874,7 +874,8 @@ AUDIT = "headstart.pipeline.audit"
 @click.option("--rank-by", type=click.Choice(["self_confidence", "normalized_margin"]), default="self_confidence",
               show_default=True, help="The order of the label suspects.")
 @click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
-              help="Memory the similarity search may take, such as 2GB.")
+              help="Memory budget, such as 4GB or 512MiB: of train's features (softmax and mlp heads stream larger "
+                   "caches in blocks), of audit's similarity blocks.")
 @shared("output", default=Path("audit.html"))
 @shared("json")
 @click.option("--write-exclude", type=FILE,
@@ -903,13 +904,14 @@ def audit(cache: str, dataset: str | None, layer: str, folds: int, kind: str, th
 
 
 @bench.command("audit")
-@click.option("--rows", type=POSITIVE, default=25_000, show_default=True, help="Generated gap rows.")
-@click.option("--head", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
-              help="As audit's.")
+@click.option("--gap-rows", "rows", type=POSITIVE, default=25_000, show_default=True, help="Generated gap rows.")
+@click.option("--probe", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
+              help="The head whose out-of-fold probabilities are read: auto (AutoHead's choice up to 5,000 "
+                   "labelled images, the ridge probe above), ridge or logistic.")
 @shared("json")
 @friendly
 def bench_audit(rows: int, kind: str, json_out: Path | None) -> None:
-    """audit on a generated cache of ROWS 512-d gap rows with planted faults (5% flipped labels, 20 copies across
+    """audit on a generated cache of --gap-rows 512-d gap rows with planted faults (5% flipped labels, 20 copies across
     splits): seconds by stage, and the share of the faults found."""
     from .auditbench import bench_audit as run
 

@@ -145,7 +145,7 @@ def generated(tmp_path):
 def test_leaks_are_listed_first_with_each_members_split(generated, tmp_path):
     g = generated
     out = cli("audit", "--cache", g["cache"], "-o", tmp_path / "a.html", "--json", tmp_path / "a.json",
-              "--write-exclude", tmp_path / "exclude.txt", "--head", "ridge")
+              "--write-exclude", tmp_path / "exclude.txt", "--probe", "ridge")
     found = json.loads((tmp_path / "a.json").read_text())
     assert f"leaks: {len(g['copies'])} groups across splits" in out and "wrote " in out
     assert found["version"] == 1 and found["images"] == 800
