@@ -345,8 +345,8 @@ def verify(cache: str) -> None:
               show_default=True)
 @shared("valid_fraction", lazy_default=default_of(TRAIN, "train_head", "valid_fraction"))
 @click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
-              help="Memory budget for the training features, such as 4GB or 512MiB; softmax and mlp heads stream "
-                   "larger caches in blocks.")
+              help="Memory budget, such as 4GB or 512MiB: of train's features (softmax and mlp heads stream larger "
+                   "caches in blocks), of audit's similarity blocks.")
 @shared("augmented")
 @shared("drop_duplicates")
 @shared("classes_map", default="")
@@ -854,6 +854,70 @@ def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, 
     plot_epochs(rows, plot)
     to_file = json_out is not None and str(json_out) != "-"
     click.echo(f"wrote {json_out} and {plot}" if to_file else f"wrote {plot}", err=json_out is not None and not to_file)
+
+
+# --- audit (issue #22): a self-contained block over pipeline/audit.py and pipeline/report.py ---
+AUDIT = "headstart.pipeline.audit"
+
+
+@main.command()
+@shared("cache", default="cache/features.zarr")
+@shared("dataset", shown="the only one")
+@shared("layer", default="gap")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Folds of the out-of-fold probabilities.")
+@click.option("--probe", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
+              help="The head whose out-of-fold probabilities are read: auto (AutoHead's choice up to 5,000 "
+                   "labelled images, the ridge probe above), ridge or logistic.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), cls=Option, lazy_default=default_of(AUDIT, "audit",
+              "threshold"), show_default=True, help="Cosine similarity from which two images are near-duplicates.")
+@click.option("--rank-by", type=click.Choice(["self_confidence", "normalized_margin"]), default="self_confidence",
+              show_default=True, help="The order of the label suspects.")
+@click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
+              help="Memory budget, such as 4GB or 512MiB: of train's features (softmax and mlp heads stream larger "
+                   "caches in blocks), of audit's similarity blocks.")
+@shared("output", default=Path("audit.html"))
+@shared("json")
+@click.option("--write-exclude", type=FILE,
+              help="Write the label suspects and the leaked copies outside the largest split, one path a line, "
+                   "for `--exclude`; delete the lines of the images to keep.")
+@shared("seed", default=0)
+@friendly
+def audit(cache: str, dataset: str | None, layer: str, folds: int, kind: str, threshold: float, rank_by: str,
+          memory: int | None, output: Path, json_out: Path | None, write_exclude: Path | None, seed: int) -> None:
+    """Audit a cached dataset: label suspects (confident learning on out-of-fold probabilities), near-duplicates
+    and leaks across splits, outliers; one offline HTML report (--output)."""
+    from .audit import audit as run
+    from .audit import summary_lines
+    from .audit import write_exclude as write_lines
+    from .report import write_report
+
+    findings = run(cache, dataset, layer, folds, kind, memory, threshold, rank_by, seed=seed)
+    size = write_report(findings, output)
+    if write_exclude:
+        n = write_lines(findings, write_exclude)
+        LOG.info(f"wrote {write_exclude}: {n} paths")
+    if _json(findings, json_out):
+        return
+    click.echo("\n".join(summary_lines(findings)))
+    click.echo(f"wrote {output} ({size / 2**20:.1f} MiB)")
+
+
+@bench.command("audit")
+@click.option("--gap-rows", "rows", type=POSITIVE, default=25_000, show_default=True, help="Generated gap rows.")
+@click.option("--probe", "kind", type=click.Choice(["auto", "ridge", "logistic"]), default="auto", show_default=True,
+              help="The head whose out-of-fold probabilities are read: auto (AutoHead's choice up to 5,000 "
+                   "labelled images, the ridge probe above), ridge or logistic.")
+@shared("json")
+@friendly
+def bench_audit(rows: int, kind: str, json_out: Path | None) -> None:
+    """audit on a generated cache of --gap-rows 512-d gap rows with planted faults (5% flipped labels, 20 copies across
+    splits): seconds by stage, and the share of the faults found."""
+    from .auditbench import bench_audit as run
+
+    _report(run(rows, head=kind), ["rows", "head", "seconds", "cpu_seconds", "s_neighbours", "s_labels",
+                                   "flipped_in_top_2x", "copies_found", "false_pairs"], json_out,
+            "audit on generated gap rows")
 
 
 if __name__ == "__main__":
