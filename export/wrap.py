@@ -239,6 +239,10 @@ def _probe(path: Path, model: onnx.ModelProto, outputs: list[Output], size: int)
                          ) from None
     result = {}
     for o, y in zip(outputs, outs, strict=True):
+        if isinstance(y, np.ndarray) and y.ndim >= 1 and len(y) != PROBE and y.dtype in (np.float32, np.float16):
+            raise ModelError(f"{path}: tensor {o.tensor!r} is {y.shape} on a batch of {PROBE} images: the model "
+                             "keeps the batch size it was exported with; export it with a dynamic batch dimension "
+                             "(torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))")
         if not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.float16) or y.ndim < 1 or len(y) != PROBE:
             what = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else type(y).__name__
             raise UsageError(f"{path}: tensor {o.tensor!r} is {what} on {PROBE} images, not float features per image "
