@@ -70,8 +70,8 @@ def parse_outputs(text: str) -> list[Output]:
     return out
 
 
-def _load(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
-    """The model without its external data, and the external data files it names."""
+def load_source(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
+    """The ONNX model at `path` without its external data, and the external data files it names."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX model")
     try:
@@ -296,7 +296,7 @@ def wrap_onnx(path: str | Path, *, image_size: int | None = None, mean: tuple[fl
         raise UsageError(f"layout {layout!r}, channels {channels!r}, scale {scale!r}: use layout "
                          f"{'|'.join(LAYOUTS)}, channels {'|'.join(CHANNELS)}, scale {'|'.join(map(str, SCALES))}")
     mean, std = _stats(mean, std, preset)
-    model, files = _load(path)
+    model, files = load_source(path)
     if any(p.key == META_PREFIX + "kind" for p in model.metadata_props):
         raise ModelError(f"{path} is already a headstart model; use it as it is")
     sha = source_sha256(path, files)
@@ -421,7 +421,7 @@ def describe_onnx(path: str | Path) -> dict:
     """What `headstart info` shows of an ONNX model that is not a headstart one: its input and the tensors a
     body can expose (name, shape, op), for choosing layers."""
     path = Path(path)
-    model, files = _load(path)
+    model, files = load_source(path)
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # a custom op stops inference: the names still help

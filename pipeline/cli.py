@@ -789,12 +789,26 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @click.option("--batches", default="1,16", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
 @shared("calibrate", shown="random pixels; speed does not depend on them")
+@shared("body")
+@click.option("--onnx", "onnx_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --body from `export --onnx`: the model it wraps, timed bare beside it.")
 @shared("json")
 @friendly
-def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, json_out: Path | None) -> None:
-    """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed."""
+def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, body: Path | None,
+               onnx_model: Path | None, json_out: Path | None) -> None:
+    """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed;
+    with --body, a wrapped body (`export --onnx`) with its model's GFLOP, and with --onnx the bare model beside."""
     from .bench import bench_body as run
 
+    if body is not None or onnx_model is not None:
+        from .bench import bench_wrapped
+
+        if body is None:
+            raise click.UsageError("--onnx needs --body, the body that wraps it")
+        rows = bench_wrapped(body, onnx_model, tuple(int(b) for b in batches.split(",")), seconds)
+        columns = ["image_size", "batch", "gflop", "wrapped_img_s"] + (["bare_img_s", "ratio"] if onnx_model else [])
+        return _report(rows, columns, json_out, f"{body.name}, images/s ({rows[0]['versions']}; CPU: "
+                       f"{rows[0]['cpu']})")
     rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds, calibrate)
     columns = ["image_size", "batch", "float32_img_s", "int8_img_s", "int8_speedup"]
     _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), json_out,

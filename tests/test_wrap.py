@@ -305,3 +305,48 @@ def test_a_dask_cluster_extracts_a_wrapped_body_as_one_process_does(models, tmp_
     for layer in ("gap", "logits"):
         one, dask = FeatureCache(tmp_path / "one.zarr").xy(layer)[0], FeatureCache(tmp_path / "dask.zarr").xy(layer)[0]
         assert np.array_equal(one, dask) and one.shape[1] == {"gap": 16, "logits": 5}[layer]
+
+
+class Block(torch.nn.Module):
+    """torchvision's ResNet BasicBlock."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet18(torch.nn.Module):
+    """torchvision's resnet18 (random weights): the other architecture of docs/bodies.md's table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(64),
+                                        torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        self.layers = torch.nn.Sequential(*(torch.nn.Sequential(Block(a, b, s), Block(b, b, 1)) for a, b, s in widths))
+        self.fc = torch.nn.Linear(512, 1000)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+
+def test_a_resnet18s_last_map_pooled_equals_torch(tmp_path):
+    torch.manual_seed(2)
+    net = ResNet18().eval()
+    path = export(net, tmp_path / "resnet18.onnx", size=64)
+    last = tensor_of(path, "Relu")
+    body = wrap_onnx(path, preset="imagenet", outputs=parse_outputs(f"gap={last}:gap"))
+    x = pixels(2, 64)
+    t = torch.from_numpy(((x / 255.0 - MEAN) / STD).astype(np.float32)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = net.layers(net.stem(t)).mean(dim=(2, 3)).numpy()
+    assert close(run(body, x)["gap"], ref) < 1e-4
