@@ -187,8 +187,10 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "batch_size": (("--batch-size",), {"type": POSITIVE, "help": "Images per forward pass of the body."}),
     "minibatch": (("--minibatch",), {"type": POSITIVE, "help": "Rows per optimizer (Adam) step of a head."}),
     "jobs": (("--jobs",), {"type": POSITIVE, "help": "Image decoding workers."}),
-    "layer": (("--layer",), {"help": f"One cached layer, of: {', '.join(LAYERS)}."}),
-    "layers": (("--layers",), {"help": f"Comma-separated layers, of: {', '.join(LAYERS)}."}),
+    "layer": (("--layer",), {"help": f"One cached layer: VGG16's {', '.join(LAYERS)}, or those of a body from "
+                                     "`export --onnx`."}),
+    "layers": (("--layers",), {"help": f"Comma-separated layers: VGG16's {', '.join(LAYERS)}, or those of a body "
+                                       "from `export --onnx`."}),
     "epochs": (("--epochs",), {"type": POSITIVE, "help": "Passes over the training rows."}),
     "lr": (("--lr",), {"type": float, "help": "Adam learning rate of the head."}),
     "l2": (("--l2",), {"type": float, "help": "L2 penalty on the mean loss."}),

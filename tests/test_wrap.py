@@ -165,6 +165,11 @@ def test_a_wrong_tensor_name_lists_candidates_and_a_bad_pool_says_why(models):
                                     "-o", str(models["root"] / "bad.onnx")])
     assert out.exit_code == 1 and "no tensor 'nope'" in out.output and "Traceback" not in out.output
     assert not (models["root"] / "bad.onnx").exists()
+    vgg_only = CliRunner().invoke(main, ["export", "--onnx", str(models["cnn_path"]), "--random-weights", "0",
+                                         "-o", str(models["root"] / "bad.onnx")])
+    assert vgg_only.exit_code == 2 and "--random-weights do not apply to --onnx" in vgg_only.output
+    no_model = CliRunner().invoke(main, ["export", "--preset", "clip", "-o", str(models["root"] / "bad.onnx")])
+    assert no_model.exit_code == 2 and "describe an --onnx model" in no_model.output
 
 
 def _fixed_size(models):  # noqa: ANN001, ANN202
