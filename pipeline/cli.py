@@ -123,10 +123,7 @@ def main(quiet: bool, verbose: bool) -> None:
               help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
 @shared("calibrate")
 @shared("calibrate_count", default=32)
-@click.option("--onnx", "onnx_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Wrap this ONNX image model as the body instead of VGG16. --layers then names its tensors, "
-                   "NAME[=TENSOR][:gap|cls|mean] (default: its graph outputs; `headstart info MODEL` lists them) "
-                   "and --image-size is any side it takes (default: its own, else 224).")
+@shared("onnx")
 @click.option("--preset", type=LazyChoice(lambda: _wrap().PRESETS), help="--onnx: a named --mean and --std.")
 @click.option("--mean", help="--onnx: per-channel mean, comma-separated, in the model's channel order and "
                              "--scale units (default 0).")
@@ -145,6 +142,8 @@ def export(ctx: click.Context, output: Path, weights: Path | None, source: str, 
     """Build the frozen VGG16 body as an ONNX model (written to --output), or wrap your own (--onnx).
 
     The first run downloads the ImageNet weights once (--source), into $HEADSTART_WEIGHTS or the user cache.
+    With --onnx, --layers names the model's tensors as NAME[=TENSOR][:gap|cls|mean] (default: its graph
+    outputs; `headstart info MODEL` lists them) and --image-size is any side it takes (default: its own, else 224).
     """
     from headstart.export import save
 
@@ -790,8 +789,7 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
 @shared("calibrate", shown="random pixels; speed does not depend on them")
 @shared("body")
-@click.option("--onnx", "onnx_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="With --body from `export --onnx`: the model it wraps, timed bare beside it.")
+@shared("onnx")
 @shared("json")
 @friendly
 def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, body: Path | None,

@@ -175,6 +175,9 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
                                                      "s3://bucket/f.zarr."}),
     "dataset": (("--dataset",), {"help": "The dataset inside the cache (a cache can hold several)."}),
     "body": (("--body",), {"type": FILE, "help": "The ONNX body written by `headstart export`."}),
+    "onnx": (("--onnx", "onnx_model"), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                        "help": "Your own ONNX image model, not made by headstart: export wraps it "
+                                                "as the body, bench body times it bare beside its --body."}),
     "classifier": (("--classifier",), {"type": FILE, "help": "A bundled ONNX classifier from `headstart bundle`."}),
     "head": (("--head", "kind"), {"type": LazyChoice(_kinds), "help": "The head kind."}),
     "head_file": (("--head-file", "head_path"), {"type": FILE, "help": "A trained head file (.head), from "
