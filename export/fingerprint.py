@@ -14,13 +14,15 @@ from .errors import IncompatibleError
 
 FORMAT = 1  # how features are laid out per image (stage outputs flattened (C, H, W)); bump on change
 CORE = ("format", "weights_sha256", "image_size", "preprocessing", "dtype")
-KEYS = (*CORE, "resize", "layers", "quantization")
+KEYS = (*CORE, "resize", "layers", "quantization", "outputs")
 
 
 def body_fingerprint(meta: dict[str, str]) -> dict:
     """The fingerprint of a body model, from its headstart metadata (`export.graph.read_metadata`)."""
     out = {"format": FORMAT, "weights_sha256": meta["weights_sha256"], "image_size": int(meta["image_size"]),
            "preprocessing": meta["preprocessing"], "dtype": meta["dtype"], "layers": meta["layers"].split(",")}
+    if "outputs" in meta:  # a wrapped model's layers: which tensor each reads, and its pooling
+        out["outputs"] = json.loads(meta["outputs"])
     if "quantization" in meta:  # two int8 bodies differ by their weights' range and calibration photos
         out["quantization"] = quantization_id(meta["quantization"])
     return out
@@ -50,7 +52,10 @@ def compatible(expected: dict, actual: dict, where: str, layer: str | None = Non
     """
     missing = [k for k in CORE if k not in expected or k not in actual]
     diff = [k for k in KEYS if k in expected and k in actual and expected[k] != actual[k]
-            and not (k == "layers" and layer is not None)]
+            and not (k in ("layers", "outputs") and layer is not None)]
+    if layer is not None and "outputs" in expected and "outputs" in actual \
+            and expected["outputs"].get(layer) != actual["outputs"].get(layer):
+        diff.append("outputs")
     if layer is not None and layer not in actual.get("layers", ()):
         diff.append("layers")
     if missing or diff:

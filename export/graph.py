@@ -105,8 +105,13 @@ def images_input(image_size: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", image_size, image_size, 3])
 
 
-def make_model(graph: onnx.GraphProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+def make_model(graph: onnx.GraphProto, metadata: dict[str, str], like: onnx.ModelProto | None = None
+               ) -> onnx.ModelProto:
+    """A checked model of `graph` with headstart's metadata; `like`: the model whose opsets and IR version it
+    keeps (a wrapped body's are its exporter's)."""
+    opsets = list(like.opset_import) if like is not None else [helper.make_opsetid("", OPSET)]
+    ir_version = max(IR_VERSION, like.ir_version) if like is not None else IR_VERSION
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version,
                               producer_name="headstart", producer_version=headstart_version())
     helper.set_model_props(model, {META_PREFIX + k: str(v) for k, v in metadata.items()})
     onnx.checker.check_model(model, full_check=False)
@@ -147,6 +152,15 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     with atomic_write(path) as partial:
         onnx.save(model, str(partial))
     return Path(path)
+
+
+def output_shapes(meta: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Per-image shape of each output of a body, from its metadata: a wrapped model records them at export
+    (`shapes`), a VGG16 body's follow from its image size."""
+    if "shapes" in meta:
+        return {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+    size = int(meta["image_size"])
+    return {x: layer_shape(x, size) for x in meta["layers"].split(",")}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

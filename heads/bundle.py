@@ -97,13 +97,13 @@ def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype
     task = info.get("task", "head")
     graph = helper.make_graph(list(g.node) + nodes, f"{task}_classifier", list(g.input), outputs,
                               list(g.initializer) + inits)
-    body = {k: v for k, v in meta.items() if k not in ("kind", "layers", "dtype")}
+    body = {k: v for k, v in meta.items() if k not in ("kind", "layers", "dtype", "shapes")}
     fingerprint = info["fingerprint"] | {"dtype": dtype or meta["dtype"], "layers": [layer]}
     return make_model(graph, body | {
         "kind": "classifier", "classes": json.dumps(classes), "task": task, "layer": layer,
         "head": type(head).__name__, "dtype": fingerprint["dtype"], "resize": fingerprint["resize"],
         "fingerprint": json.dumps(fingerprint), "head_metrics": json.dumps(info.get("metrics", {})),
-    })
+    }, like=model)
 
 
 def head_nodes(head: DenseHead | AutoHead, x: str) -> tuple[list, list, str]:

@@ -65,6 +65,75 @@ def body_model(*, weights: str | Path | None = None, source: str = "lpips", rand
     return model
 
 
+def wrapped_model(model: str | Path, *, image_size: int | None = None, layers: str | None = None,
+                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                  preset: str | None = None, layout: str = "nchw", channels: str = "rgb", scale: int = 1,
+                  quantize: str = "none", calibrate: str | Path | None = None, calibrate_count: int = 32
+                  ) -> onnx.ModelProto:
+    """Wrap a user's ONNX image model as a headstart body in memory, as `wrap_body` writes it.
+
+    Parameters
+    ----------
+    model, image_size, layers, mean, std, preset, layout, channels, scale, quantize, calibrate, calibrate_count
+        As for `wrap_body`.
+
+    Returns
+    -------
+    onnx.ModelProto
+        The body, with headstart's metadata (source sha256, preprocessing, layers).
+    """
+    from headstart.export.errors import UsageError
+    from headstart.export.wrap import parse_outputs, wrap_onnx
+
+    if quantize not in ("none", "int8"):
+        raise UsageError(f"quantize {quantize!r}: use 'none' or 'int8'")
+    body = wrap_onnx(model, image_size=image_size, mean=mean, std=std, preset=preset, layout=layout,
+                     channels=channels, scale=scale, outputs=parse_outputs(layers) if layers else None)
+    if quantize == "int8":
+        from headstart.export.quantize import quantize_int8
+
+        from .reader import sample_images
+
+        if calibrate is None:
+            raise UsageError("quantize='int8' needs calibrate= photos (static quantization, calibrated on real photos)")
+        size = int(next(p.value for p in body.metadata_props if p.key == "headstart.image_size"))
+        images, hashes = sample_images(calibrate, calibrate_count, size)
+        body = quantize_int8(body, images, hashes)
+    return body
+
+
+def wrap_body(model: str | Path, output: str | Path, **options: Any) -> Path:  # noqa: ANN401
+    """Write a user's ONNX image model as a headstart body, as ``headstart export --onnx`` does.
+
+    Parameters
+    ----------
+    model : str or Path
+        The ONNX model (one 4D float image input); external data beside it is embedded, up to 2 GiB in all.
+    output : str or Path
+        Where to write the body (atomically).
+    **options
+        image_size (default: the model's own, else 224); layers, ``NAME[=TENSOR][:POOL],...`` with POOL gap
+        (over a 4D map), cls or mean (over tokens (N, T, C)), or none to keep the tensor whole (default: the
+        graph outputs); mean and std (in the model's channel order and `scale` units) or preset (imagenet, clip,
+        inception); layout (nchw, nhwc), channels (rgb, bgr), scale (1 or 255); quantize ("int8") with
+        calibrate and calibrate_count.
+
+    Returns
+    -------
+    Path
+        `output`.
+
+    Examples
+    --------
+    >>> import headstart as hs
+    >>> hs.wrap_body("resnet18.onnx", "models/resnet18.onnx", preset="imagenet")  # doctest: +SKIP
+    PosixPath('models/resnet18.onnx')
+    """
+    from headstart.export import save
+
+    return save(wrapped_model(model, **options), output)
+
+
 def export_body(output: str | Path = "models/vgg16.onnx", *, weights: str | Path | None = None,
                 source: str = "lpips", random_weights: int | None = None, image_size: int = 224,
                 layers: tuple[str, ...] | None = None, dtype: str = "float32", quantize: str = "none",

@@ -93,6 +93,62 @@ def bench_body(image_size: int = 224, batches: tuple[int, ...] = (1, 16), second
     return rows
 
 
+def bench_wrapped(body: str | Path, source: str | Path | None = None, batches: tuple[int, ...] = (1, 16),
+                  seconds: float = 10.0, turns: int = 3) -> list[dict]:
+    """A body from `export --onnx` on the CPU, images/s per batch size, with the model's own GFLOP per image; with
+    `source`, the model it wraps beside it, bare (float input already preprocessed, the same tensors out, no
+    pooling), the two timed in alternating turns (median of `turns`): the cost of the wrapping."""
+    import json
+    import statistics
+
+    import onnx
+    import onnxruntime as ort
+
+    from headstart.export.errors import UsageError
+    from headstart.export.graph import read_metadata
+    from headstart.export.runtime import open_session
+    from headstart.export.wrap import load_source, parse_outputs, source_sha256
+
+    meta = read_metadata(body)
+    if meta.get("kind") != "body" or "outputs" not in meta:
+        raise UsageError(f"{body}: not a body made by `headstart export --onnx`")
+    size, pre = int(meta["image_size"]), json.loads(meta["preprocessing"])
+    sessions = {"wrapped": (open_session(body, "cpu", quiet=True), "images", lambda x: x)}
+    if source is not None:
+        source = Path(source)
+        model, files = load_source(source)
+        if source_sha256(source, files) != meta["weights_sha256"]:
+            raise UsageError(f"{source} is not the model {body} wraps (sha256 differs)")
+        model = onnx.load(str(source))
+        tensors = list(dict.fromkeys(o.tensor for o in parse_outputs(",".join(json.loads(meta["outputs"]).values()))))
+        del model.graph.output[:]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
+        name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+        scale = float(pre["scale"].split("/")[0]) / 255.0
+        mean, std = np.array(pre["mean"], np.float32), np.array(pre["std"], np.float32)
+
+        def prepare(x: np.ndarray) -> np.ndarray:
+            v = (x[..., ::-1] if pre["channels"] == "bgr" else x) * scale
+            v = ((v - mean) / std).astype(np.float32)
+            return np.ascontiguousarray(v.transpose(0, 3, 1, 2) if pre["layout"] == "NCHW" else v)
+
+        sessions["bare"] = (open_session(model.SerializeToString(), "cpu", quiet=True), name, prepare)
+    rows = []
+    for bs in batches:
+        x = random_images(bs, size)
+        feeds = {k: (s, {n: f(x)}) for k, (s, n, f) in sessions.items()}
+        speeds = {k: [] for k in feeds}
+        for _ in range(turns):
+            for k, (s, feed) in feeds.items():
+                speeds[k].append(rate(lambda s=s, feed=feed: s.run(None, feed), bs, seconds))
+        row = {"image_size": size, "batch": bs, "gflop": float(meta.get("gflop", "nan"))}
+        row |= {f"{k}_img_s": statistics.median(v) for k, v in speeds.items()}
+        if "bare" in speeds:
+            row["ratio"] = row["wrapped_img_s"] / row["bare_img_s"]
+        rows.append(row | {"versions": f"onnxruntime {ort.__version__}", "cpu": cpu_features()})
+    return rows
+
+
 def bench_int8(data: str | Path, image_size: int = 224, calibrate_count: int = 32, unseen: int = 24,
                batch: int = 16, seconds: float = 6.0, turns: int = 3, weights=None) -> list[dict]:
     """int8 bodies with 8-bit and with 7-bit weights against float32: `gap` cosine to float32 on photos of

@@ -123,12 +123,27 @@ def main(quiet: bool, verbose: bool) -> None:
               help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
 @shared("calibrate")
 @shared("calibrate_count", default=32)
+@shared("onnx")
+@click.option("--preset", type=LazyChoice(lambda: _wrap().PRESETS), help="--onnx: a named --mean and --std.")
+@click.option("--mean", help="--onnx: per-channel mean, comma-separated, in the model's channel order and "
+                             "--scale units (default 0).")
+@click.option("--std", help="--onnx: per-channel std, as --mean (default 1).")
+@click.option("--layout", type=LazyChoice(lambda: _wrap().LAYOUTS), cls=Option,
+              lazy_default=lambda: _wrap().LAYOUTS[0], show_default=True, help="--onnx: the model's input layout.")
+@click.option("--channels", type=LazyChoice(lambda: _wrap().CHANNELS), cls=Option,
+              lazy_default=lambda: _wrap().CHANNELS[0], show_default=True, help="--onnx: its channel order.")
+@click.option("--scale", type=click.Choice(["1", "255"]), default="1", show_default=True,
+              help="--onnx: its pixel range before --mean and --std: [0, 1] or [0, 255].")
+@click.pass_context
 @friendly
-def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
-           dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
-    """Build the frozen VGG16 body as an ONNX model (written to --output).
+def export(ctx: click.Context, output: Path, weights: Path | None, source: str, seed: int | None, image_size: int,
+           layers: str, dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int,
+           onnx_model: Path | None, **wrap: str | None) -> None:
+    """Build the frozen VGG16 body as an ONNX model (written to --output), or wrap your own (--onnx).
 
     The first run downloads the ImageNet weights once (--source), into $HEADSTART_WEIGHTS or the user cache.
+    With --onnx, --layers names the model's tensors as NAME[=TENSOR][:gap|cls|mean] (default: its graph
+    outputs; `headstart info MODEL` lists them) and --image-size is any side it takes (default: its own, else 224).
     """
     from headstart.export import save
 
@@ -138,6 +153,12 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
         raise click.UsageError("--quantize int8 needs --calibrate DIR (static quantization, calibrated on real "
                                "photos; dynamic quantization runs convolutions slower than float32) and "
                                "--dtype float32")
+    given = {k for k in ctx.params if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if onnx_model is not None:
+        return _export_onnx(output, onnx_model, given, image_size, layers, dtype, quantize, calibrate,
+                            calibrate_count, wrap)
+    if given & set(wrap):
+        raise click.UsageError(f"--{'/--'.join(sorted(given & set(wrap)))} describe an --onnx model: give --onnx")
     model = body_model(weights=weights, source=source, random_weights=seed, image_size=image_size,
                        layers=tuple(x.strip() for x in layers.split(",") if x.strip()), dtype=dtype,
                        quantize=quantize, calibrate=calibrate, calibrate_count=calibrate_count)
@@ -147,6 +168,41 @@ def export(output: Path, weights: Path | None, source: str, seed: int | None, im
     save(model, output)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): VGG16 body, {meta['weights_source']}, "
                f"{image_size}px, layers {layers}, {dtype}")
+
+
+def _export_onnx(output: Path, source: Path, given: set[str], image_size: int, layers: str, dtype: str,
+                 quantize: str, calibrate: Path | None, calibrate_count: int, wrap: dict) -> None:
+    """`export --onnx`: the user's model behind headstart's input (export.wrap)."""
+    from headstart.export import save
+
+    from .api import wrapped_model
+
+    vgg = given & {"weights", "source", "seed", "dtype"}
+    if vgg:
+        raise click.UsageError(f"--{'/--'.join(sorted(vgg)).replace('seed', 'random-weights')} do not apply to "
+                               "--onnx: the model brings its own weights and type")
+
+    def floats(name: str) -> tuple[float, ...] | None:
+        try:
+            return tuple(float(v) for v in wrap[name].split(",")) if wrap[name] else None
+        except ValueError:
+            raise click.UsageError(f"--{name} {wrap[name]}: give numbers, comma-separated") from None
+
+    model = wrapped_model(source, image_size=image_size if "image_size" in given else None,
+                          layers=layers if "layers" in given else None, mean=floats("mean"), std=floats("std"),
+                          preset=wrap["preset"], layout=wrap["layout"], channels=wrap["channels"],
+                          scale=int(wrap["scale"]), quantize=quantize, calibrate=calibrate,
+                          calibrate_count=calibrate_count)
+    meta = {p.key.removeprefix("headstart."): p.value for p in model.metadata_props}
+    save(model, output)
+    click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB): {source.name} wrapped, "
+               f"{meta['image_size']}px, layers {meta['layers']}, {meta['dtype']}")
+
+
+def _wrap():  # noqa: ANN202
+    import headstart.export.wrap as m
+
+    return m
 
 
 def _weights():  # noqa: ANN202 - the module
@@ -184,9 +240,10 @@ def _describe(path: str) -> dict:
     from headstart.export.metadata import model_metadata
 
     data = model_metadata(path)
-    if not data:
-        raise Failure(f"{path}: not a headstart model, feature cache or head file (an ONNX model without "
-                      "headstart metadata, or another file)")
+    if not data:  # another ONNX model: the tensors `export --onnx` can expose
+        from headstart.export.wrap import describe_onnx
+
+        return describe_onnx(path)
     return data
 
 
@@ -731,12 +788,25 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @click.option("--batches", default="1,16", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
 @shared("calibrate", shown="random pixels; speed does not depend on them")
+@shared("body")
+@shared("onnx")
 @shared("json")
 @friendly
-def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, json_out: Path | None) -> None:
-    """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed."""
+def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, body: Path | None,
+               onnx_model: Path | None, json_out: Path | None) -> None:
+    """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed;
+    with --body, a wrapped body (`export --onnx`) with its model's GFLOP, and with --onnx the bare model beside."""
     from .bench import bench_body as run
 
+    if body is not None or onnx_model is not None:
+        from .bench import bench_wrapped
+
+        if body is None:
+            raise click.UsageError("--onnx needs --body, the body that wraps it")
+        rows = bench_wrapped(body, onnx_model, tuple(int(b) for b in batches.split(",")), seconds)
+        columns = ["image_size", "batch", "gflop", "wrapped_img_s"] + (["bare_img_s", "ratio"] if onnx_model else [])
+        return _report(rows, columns, json_out, f"{body.name}, images/s ({rows[0]['versions']}; CPU: "
+                       f"{rows[0]['cpu']})")
     rows = run(image_size, tuple(int(b) for b in batches.split(",")), seconds, calibrate)
     columns = ["image_size", "batch", "float32_img_s", "int8_img_s", "int8_speedup"]
     _report(rows, columns + (["torch_eager_img_s"] if "torch_eager_img_s" in rows[0] else []), json_out,

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from headstart.export.fingerprint import features_fingerprint
-from headstart.export.graph import read_metadata
+from headstart.export.graph import output_shapes, read_metadata
 from headstart.export.progress import LOG, bar
 from headstart.export.runtime import open_session
-from headstart.export.vgg import layer_shape
 
 from .augment import view_key, view_spec
 from .cache import CacheWriter
@@ -73,7 +72,7 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
                          "use the model written by `headstart export`")
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
-    dims = {x: int(np.prod(layer_shape(x, size))) for x in layers}
+    dims = {x: int(np.prod(shape)) for x, shape in output_shapes(meta).items()}
     source = str(data) if is_url(data) else str(Path(data).resolve())
     writer = CacheWriter(cache, features_fingerprint(meta, resize), meta, dims, dtype, replace,
                          chunk_rows=batch_size)

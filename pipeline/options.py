@@ -175,6 +175,9 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
                                                      "s3://bucket/f.zarr."}),
     "dataset": (("--dataset",), {"help": "The dataset inside the cache (a cache can hold several)."}),
     "body": (("--body",), {"type": FILE, "help": "The ONNX body written by `headstart export`."}),
+    "onnx": (("--onnx", "onnx_model"), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                        "help": "Your own ONNX image model, not made by headstart: export wraps it "
+                                                "as the body, bench body times it bare beside its --body."}),
     "classifier": (("--classifier",), {"type": FILE, "help": "A bundled ONNX classifier from `headstart bundle`."}),
     "head": (("--head", "kind"), {"type": LazyChoice(_kinds), "help": "The head kind."}),
     "head_file": (("--head-file", "head_path"), {"type": FILE, "help": "A trained head file (.head), from "
@@ -187,8 +190,10 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "batch_size": (("--batch-size",), {"type": POSITIVE, "help": "Images per forward pass of the body."}),
     "minibatch": (("--minibatch",), {"type": POSITIVE, "help": "Rows per optimizer (Adam) step of a head."}),
     "jobs": (("--jobs",), {"type": POSITIVE, "help": "Image decoding workers."}),
-    "layer": (("--layer",), {"help": f"One cached layer, of: {', '.join(LAYERS)}."}),
-    "layers": (("--layers",), {"help": f"Comma-separated layers, of: {', '.join(LAYERS)}."}),
+    "layer": (("--layer",), {"help": f"One cached layer: VGG16's {', '.join(LAYERS)}, or those of a body from "
+                                     "`export --onnx`."}),
+    "layers": (("--layers",), {"help": f"Comma-separated layers: VGG16's {', '.join(LAYERS)}, or those of a body "
+                                       "from `export --onnx`."}),
     "epochs": (("--epochs",), {"type": POSITIVE, "help": "Passes over the training rows."}),
     "lr": (("--lr",), {"type": float, "help": "Adam learning rate of the head."}),
     "l2": (("--l2",), {"type": float, "help": "L2 penalty on the mean loss."}),

@@ -107,6 +107,11 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
                          f"size at least 1 (got {unfreeze}, {pooling!r}, {epochs}, {batch_size})")
     say = say or (lambda _: None)
     log = log or (lambda _: None)
+    if "outputs" in read_metadata(model):  # export --onnx: the user's model has no VGG16 block 5 to tune
+        from headstart.export.errors import UsageError
+
+        raise UsageError(f"{model} wraps another model (`headstart export --onnx`): tune fine-tunes VGG16's block 5; "
+                         "train a head on the cached layers instead")
     fc = FeatureCache(cache, dataset)
     if LAYER not in fc.layers:
         raise ValueError(f"{fc.path} has no {LAYER} features; export the body with --layers {LAYER},gap,pool5 "

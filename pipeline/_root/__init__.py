@@ -30,6 +30,7 @@ from headstart.export.lazy import attach
 # name -> the module defining it; nothing is imported until a name is first asked for (PEP 562).
 _NAMES = {
     "export_body": "headstart.pipeline.api",
+    "wrap_body": "headstart.pipeline.api",
     "extract": "headstart.pipeline.api",
     "bundle": "headstart.pipeline.api",
     "predict": "headstart.pipeline.api",
@@ -53,7 +54,7 @@ __all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
     "AutoHead", "BusyError", "CacheError", "DataError", "DeviceError", "FeatureCache", "HeadFileError",
     "HeadstartError", "IncompatibleError", "KNNHead", "LogisticHead", "MLPHead", "ModelError", "Predictions",
     "SoftmaxHead", "UsageError", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
-    "predict", "save_head", "train_head",
+    "predict", "save_head", "train_head", "wrap_body",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from headstart.heads.headfile import load_head, save_head
     from headstart.heads.knn import KNNHead
     from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
-    from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict
+    from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict, wrap_body
     from headstart.pipeline.cache import FeatureCache
     from headstart.pipeline.train import train_head
 
