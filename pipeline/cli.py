@@ -6,22 +6,38 @@ that own them, read lazily, so `headstart --help` and `headstart info` start wit
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from headstart.export.progress import LOG
 from headstart.export.vgg import DEFAULT_LAYERS, FC_SIZE
 
-from .options import FILE, POSITIVE, SIZE, WHERE, LazyChoice, Option, default_of, per_kind, shared
+from .options import (
+    FILE,
+    POSITIVE,
+    SELECTION,
+    SIZE,
+    WHERE,
+    LazyChoice,
+    Option,
+    default_of,
+    per_kind,
+    selection_options,
+    shared,
+)
+
+if TYPE_CHECKING:
+    from .selection import Selection
 
 TRAIN = "headstart.pipeline.train"
+TUNE = "headstart.pipeline.tune"
 EXTRACT = "headstart.pipeline.extract"
 
 
@@ -29,34 +45,68 @@ class Failure(click.ClickException):
     """A one-line error for the user: no traceback."""
 
 
-def _expected() -> tuple[type[BaseException], ...]:
-    """The errors a user can cause; a module not imported yet cannot have raised its own."""
-    out: list[type[BaseException]] = [ValueError, OSError]
-    for module, name in (("headstart.export.weights", "WeightsError"), ("headstart.export.runtime", "DeviceError")):
-        if module in sys.modules:
-            out.append(getattr(sys.modules[module], name))
-    return tuple(out)
+BUG = "this is a bug in headstart: please report it, with the traceback above, at {where}"
+PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def friendly(fn):
-    """Turn the errors a user can cause into one-line messages; anything else is a bug and keeps its traceback."""
+def issues_url() -> str:
+    """Where bugs go: the package's Issues (or Bug Tracker) project URL."""
+    from importlib.metadata import PackageNotFoundError, metadata
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
+    try:
+        urls = metadata("headstart").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("issues", "bug tracker", "tracker"):
+            return url.strip()
+    return "the project's issue tracker"
+
+
+def _object_store_line(e: BaseException) -> str | None:
+    """An object store client's own error as one line; its module is imported only where one was raised."""
+    if type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs", "gcsfs", "google"):
+        return None
+    from .storage import store_error
+
+    return store_error(e)
+
+
+class Headstart(click.Group):
+    """The group that reports errors: what a user caused (a HeadstartError, a path they gave that is missing or
+    unreadable, an object store's refusal) as one line and exit status 1; anything else is a bug in headstart,
+    raised on with its traceback and a line saying where to report it."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from headstart.export.errors import HeadstartError
+
         try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except Exception as e:
-            if isinstance(e, _expected()):
-                raise Failure(str(e).strip() or type(e).__name__) from None
-            from .storage import store_error
-
-            if store_error(e) is None:
+        except HeadstartError as e:
+            raise Failure(str(e).strip() or type(e).__name__) from None
+        except PATH_ERRORS as e:
+            if e.filename is None:
+                _mark_bug(e)
                 raise
-            raise Failure(store_error(e)) from None
+            raise Failure(f"{e.filename}: {e.strerror or type(e).__name__}") from None
+        except Exception as e:
+            line = _object_store_line(e)
+            if line is not None:
+                raise Failure(line) from None
+            _mark_bug(e)
+            raise
 
-    return run
+
+def _mark_bug(e: BaseException) -> None:
+    """Python prints an exception's notes under its traceback: the bug line comes last, where a user looks."""
+    line = BUG.format(where=issues_url())
+    if not hasattr(e, "add_note"):  # Python 3.10: no notes; the line comes before the traceback instead
+        click.echo(line, err=True)
+    elif line not in getattr(e, "__notes__", []):
+        e.add_note(line)
 
 
 class _Stderr(logging.Handler):
@@ -95,7 +145,7 @@ def _json(data: object, out: Path | None) -> bool:
     return False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Headstart, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="headstart")
 @click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no progress bars, no status lines.")
 @click.option("-v", "--verbose", is_flag=True, help="Also debug lines.")
@@ -123,7 +173,6 @@ def main(quiet: bool, verbose: bool) -> None:
               help="int8: static quantization of the convolutions for CPUs, calibrated on --calibrate photos.")
 @shared("calibrate")
 @shared("calibrate_count", default=32)
-@friendly
 def export(output: Path, weights: Path | None, source: str, seed: int | None, image_size: int, layers: str,
            dtype: str, quantize: str, calibrate: Path | None, calibrate_count: int) -> None:
     """Build the frozen VGG16 body as an ONNX model (written to --output).
@@ -219,7 +268,6 @@ def _head_info(path: Path) -> dict:
 @main.command()
 @click.argument("path", type=WHERE)
 @shared("json")
-@friendly
 def info(path: str, json_out: Path | None) -> None:
     """Show what PATH holds: a model's provenance, a feature cache's contents and skipped files, or a head or
     tuned file's kind, classes, layer, fingerprint and training metrics."""
@@ -258,7 +306,6 @@ def info(path: str, json_out: Path | None) -> None:
               help="Also cache K augmented views of each image (flip, resized crop, colour jitter), each seeded "
                    "by its content, for `train --augmented`.")
 @shared("device", lazy_default=lambda: _runtime_devices()[0])
-@friendly
 def extract(data: str, body: Path, cache: str, dataset: str | None, batch_size: int, jobs: int, resize: str,
             storage_dtype: str, replace: bool, overwrite_dataset: bool, max_file_size: int,
             dask_address: str | None, augment: int, device: str) -> None:
@@ -307,7 +354,6 @@ def _runtime_devices() -> tuple[str, ...]:
 
 @main.command()
 @shared("cache", default="cache/features.zarr")
-@friendly
 def verify(cache: str) -> None:
     """Check every committed row of a feature cache (chunks present, checksums, statuses), like git fsck."""
     from .cache import verify as check
@@ -323,7 +369,6 @@ def verify(cache: str) -> None:
 
 @main.command()
 @shared("cache", default="cache/features.zarr")
-@shared("dataset", shown="the only one")
 @shared("layer", lazy_default=default_of(TRAIN, "train_head", "layer"))
 @shared("head", default="auto")
 @click.option("--calibration", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
@@ -336,29 +381,20 @@ def verify(cache: str) -> None:
 @shared("hidden", shown=per_kind("hidden"))
 @click.option("--dropout", type=float, cls=Option, shown=per_kind("dropout"),
               help="Dropout after each hidden layer of an mlp head.")
-@shared("seed", lazy_default=default_of(TRAIN, "train_head", "seed"))
+@click.option("--patience", type=POSITIVE, help="Adam heads: stop after N epochs without improvement on rows held "
+                                                "out of train, keeping the best epoch's weights.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True)
 @click.option("--standardize/--no-standardize", default=True, show_default=True)
-@click.option("--train-split", cls=Option, lazy_default=default_of(TRAIN, "train_head", "train_split"),
-              show_default=True)
-@click.option("--valid-split", cls=Option, lazy_default=default_of(TRAIN, "train_head", "valid_split"),
-              show_default=True)
-@shared("valid_fraction", lazy_default=default_of(TRAIN, "train_head", "valid_fraction"))
 @click.option("--memory", type=SIZE, cls=Option, shown="half the memory available",
               help="Memory budget for the training features, such as 4GB or 512MiB; softmax and mlp heads stream "
                    "larger caches in blocks.")
-@shared("augmented")
-@shared("drop_duplicates")
-@shared("classes_map", default="")
+@selection_options()
 @shared("task")
 @shared("history")
-@friendly
-def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: str, output: Path,
-          epochs: int | None, lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None,
-          dropout: float | None,
-          seed: int, class_weight: str,
-          standardize: bool, train_split: str, valid_split: str, valid_fraction: float, memory: int | None,
-          augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, history: Path | None) -> None:
+def train(cache: str, layer: str, kind: str, calibration: str, output: Path, epochs: int | None, lr: float | None,
+          minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None, patience: int | None,
+          class_weight: str, standardize: bool, memory: int | None, selection: Selection, task: str | None,
+          history: Path | None) -> None:
     """Train a replacement head on cached features, in seconds: by default (auto) the best of several
     candidates, chosen by cross-validation on the training rows and refit on all of them.
 
@@ -370,12 +406,12 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: s
     from headstart.heads.headfile import save_head
     from headstart.heads.kinds import KINDS
 
-    from .train import read_classes_map, train_head
+    from .train import train_head
 
     sizes = _sizes(hidden)
     given = {"epochs": epochs, "lr": lr, "batch_size": minibatch, "l2": l2, "hidden": sizes, "dropout": dropout,
-             "standardize": standardize, "class_weight": None if class_weight == "none" else class_weight,
-             "calibrate": calibration}
+             "patience": patience, "standardize": standardize,
+             "class_weight": None if class_weight == "none" else class_weight, "calibrate": calibration}
     flags = {"batch_size": "minibatch", "calibrate": "calibration"}
     accepted = inspect.signature(KINDS[kind]).parameters
     ctx = click.get_current_context()
@@ -387,10 +423,7 @@ def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: s
     params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
     t0 = time.perf_counter()
-    head = train_head(cache, layer, kind, dataset=dataset, task=task, classes_map=read_classes_map(classes_map or None),
-                      train_split=train_split, valid_split=valid_split, valid_fraction=valid_fraction, seed=seed,
-                      drop_duplicates=drop_duplicates, memory=memory, augmented=augmented,
-                      log=_epoch_line, say=_say, **params)
+    head = train_head(cache, layer, kind, selection, task=task, memory=memory, log=_epoch_line, say=_say, **params)
     save_head(head, output)
     _write_history(head, history)
     if hasattr(head, "cv_results_"):
@@ -417,52 +450,44 @@ def _sizes(hidden: str | None) -> tuple[int, ...] | None:
 
 @main.command()
 @shared("cache", default="cache/features.zarr")
-@shared("dataset", shown="the only one")
 @shared("body", default=Path("models/vgg16.onnx"))
 @shared("layer", default="pool4")
-@click.option("--unfreeze", type=click.IntRange(1, 3), default=1, show_default=True,
+@click.option("--unfreeze", type=click.IntRange(1, 3), cls=Option,
+              lazy_default=default_of(TUNE, "tune_head", "unfreeze"), show_default=True,
               help="How many of block 5's last convolutions to train.")
 @click.option("--pooling", type=LazyChoice(lambda: _tuned().POOLINGS), cls=Option,
-              lazy_default=lambda: _tuned().POOLINGS[0], show_default=True,
+              lazy_default=default_of(TUNE, "tune_head", "pooling"), show_default=True,
               help="After pool5: its global average, or all of it flattened.")
 @shared("head", default="softmax")
-@shared("hidden", default="256")
-@shared("epochs", default=10)
-@shared("lr", default=1e-3)
-@click.option("--conv-lr", type=float, default=1e-4, show_default=True,
-              help="Adam learning rate of the convolutions, lower: they start from ImageNet.")
-@shared("minibatch", default=32)
-@shared("l2", default=1e-4)
-@shared("seed", default=0)
-@shared("augmented")
-@shared("drop_duplicates")
-@shared("classes_map", default="")
+@shared("hidden", shown="256 (mlp)")
+@shared("epochs", lazy_default=default_of(TUNE, "tune_head", "epochs"))
+@shared("lr", lazy_default=default_of(TUNE, "tune_head", "lr"))
+@click.option("--conv-lr", type=float, cls=Option, lazy_default=default_of(TUNE, "tune_head", "conv_lr"),
+              show_default=True, help="Adam learning rate of the convolutions, lower: they start from ImageNet.")
+@shared("minibatch", lazy_default=default_of(TUNE, "tune_head", "batch_size"))
+@shared("l2", lazy_default=default_of(TUNE, "tune_head", "l2"))
+@selection_options()
 @shared("task")
 @shared("output", required=True)
 @shared("history")
-@friendly
-def tune(cache: str, dataset: str | None, body: Path, layer: str, unfreeze: int, pooling: str, kind: str,
-         hidden: str, epochs: int, lr: float, conv_lr: float, minibatch: int, l2: float, seed: int,
-         augmented: bool, drop_duplicates: bool, classes_map: str, task: str | None, output: Path,
-         history: Path | None) -> None:
+def tune(cache: str, body: Path, layer: str, unfreeze: int, pooling: str, kind: str, hidden: str | None,
+         epochs: int, lr: float, conv_lr: float, minibatch: int, l2: float, selection: Selection, task: str | None,
+         output: Path, history: Path | None) -> None:
     """Fine-tune the last 1-3 convolutions of block 5 and a head on cached pool4 (PyTorch; the tune extra).
 
     --body is the float32 body whose block-5 weights start the tuning: the one that made the cache.
     """
     from headstart.heads.headfile import save_head
 
-    from .train import read_classes_map
     from .tune import tune_head
 
     if layer != "pool4":
         raise click.UsageError(f"--layer {layer}: tune starts from the cached pool4")
     if kind not in ("softmax", "mlp"):
         raise click.UsageError(f"--head {kind}: tune trains a softmax or an mlp head")
-    sizes = (_sizes(hidden) or ()) if kind == "mlp" else ()
-    head = tune_head(cache, body, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
-                     conv_lr=conv_lr, batch_size=minibatch, l2=l2, seed=seed, augmented=augmented,
-                     drop_duplicates=drop_duplicates, dataset=dataset,
-                     task=task, classes_map=read_classes_map(classes_map or None), log=_epoch_line, say=_say)
+    sizes = (_sizes(hidden or "256") or ()) if kind == "mlp" else ()  # an mlp needs a hidden layer: 256 unless given
+    head = tune_head(cache, body, selection, unfreeze=unfreeze, pooling=pooling, hidden=sizes, epochs=epochs, lr=lr,
+                     conv_lr=conv_lr, batch_size=minibatch, l2=l2, task=task, log=_epoch_line, say=_say)
     save_head(head, output)
     _write_history(head, history)
     m = head.meta_["metrics"]
@@ -502,7 +527,6 @@ def _epoch_line(rec: dict) -> None:
 
 @main.command()
 @shared("cache", default="cache/features.zarr")
-@shared("dataset", shown="the only one")
 @shared("layers", lazy_default=default_of(TRAIN, "train_head", "layer"))
 @click.option("--heads", "kinds", cls=Option, lazy_default=lambda: ",".join(_kinds_list()), show_default=True,
               help="Comma-separated head kinds.")
@@ -510,14 +534,13 @@ def _epoch_line(rec: dict) -> None:
 @shared("lr", grid=True, shown="each head's own")
 @shared("epochs", grid=True, shown="each head's own")
 @click.option("--parallel", type=POSITIVE, default=1, show_default=True, help="Sweep trials trained at once.")
-@shared("classes_map", default="")
+@selection_options(*(n for n in SELECTION if n != "augmented"))
 @shared("json")
 @click.option("--save-best", type=FILE, help="Save the best head here.")
 @click.option("--select-on", help="Rank on this split's rows (default: 5-fold cross-validation on the training "
                                   "rows); never the split that evaluate reports.")
-@friendly
-def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[float] | None, lr: list[float] | None,
-          epochs: list[int] | None, parallel: int, classes_map: str, json_out: Path | None,
+def sweep(cache: str, layers: str, kinds: str, l2: list[float] | None, lr: list[float] | None,
+          epochs: list[int] | None, parallel: int, selection: Selection, json_out: Path | None,
           save_best: Path | None, select_on: str | None) -> None:
     """Train every combination of layers, heads and hyper-parameters on one cache; a table sorted by the
     cross-validated accuracy on the training rows (the validation scores beside it are not used to rank).
@@ -528,12 +551,11 @@ def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[flo
 
     from .bench import table
     from .sweep import sweep as run
-    from .train import read_classes_map
 
     grid = {"l2": l2 or [], "lr": lr or [], "epochs": epochs or []}
     rows, best = run(cache, [x.strip() for x in layers.split(",") if x.strip()],
-                     [x.strip() for x in kinds.split(",") if x.strip()], grid, jobs=parallel, dataset=dataset,
-                     classes_map=read_classes_map(classes_map or None), select_on=select_on)
+                     [x.strip() for x in kinds.split(",") if x.strip()], grid, selection, jobs=parallel,
+                     select_on=select_on)
     shown = [r | {"params": " ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "defaults"} for r in rows]
     to_stdout = _json(rows, json_out)
     if not to_stdout:
@@ -563,29 +585,34 @@ def sweep(cache: str, dataset: str | None, layers: str, kinds: str, l2: list[flo
               help="List the N images the head gets most confidently wrong.")
 @click.option("--errors-plot", type=FILE, help="Draw them as a contact sheet (PNG) here.")
 @click.option("--errors-csv", type=FILE, help="Write them as CSV here.")
+@shared("exclude")
+@shared("relabel")
 @shared("json")
-@friendly
 def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None, metrics: Path | None,
              details: Path | None, confusion: Path | None, plot: Path | None, predictions: Path | None,
-             n_errors: int, errors_plot: Path | None, errors_csv: Path | None, json_out: Path | None) -> None:
+             n_errors: int, errors_plot: Path | None, errors_csv: Path | None, exclude: Path | None,
+             relabel: Path | None, json_out: Path | None) -> None:
     """Score a head on cached features: accuracy, log loss, per-class precision/recall, confusion matrix
     (--plot draws it)."""
     from headstart.heads.headfile import load_head
 
+    from .options import build_selection
+    from .selection import Selection
     from .train import confident_errors, write_errors, write_reports
     from .train import evaluate as score
 
     head = load_head(head_path)
-    if dataset is not None:
-        head.meta_["selection"]["dataset"] = dataset
-    result, y, proba, paths = score(cache, head, split)
+    # The head's own rows and labels (its recorded exclusions and relabels), unless these are given
+    given = {k: v for k, v in (("dataset", dataset), ("exclude", exclude), ("relabel", relabel)) if v is not None}
+    selection = build_selection(given, Selection.from_record(head.meta_["selection"]))
+    result, y, proba, paths = score(cache, head, split, selection)
     write_reports(result, y, proba.argmax(1), metrics, details, confusion, plot)
     errors = confident_errors(y, proba, paths, list(result["per_class"]), n_errors)
     write_errors(errors, errors_csv, errors_plot, f"{result['task']}: the {len(errors)} most confident errors")
     if predictions:
         from .scores import write_predictions
 
-        n = write_predictions(predictions, cache, head.meta_["selection"]["dataset"], paths, y, proba,
+        n = write_predictions(predictions, cache, selection.dataset, paths, y, proba,
                               list(result["per_class"]))
         LOG.info(f"wrote {predictions}: {n} scored images")
     if _json(result, json_out):
@@ -603,7 +630,6 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
 @shared("head_file", required=True)
 @shared("output", required=True)
 @shared("dtype", shown="the body's own")
-@friendly
 def bundle(body: Path, head_path: Path, output: Path, dtype: str | None) -> None:
     """Bundle body and head into one fine-tuned ONNX classifier (--output): images in, probabilities and label
     out."""
@@ -624,7 +650,6 @@ def bundle(body: Path, head_path: Path, output: Path, dtype: str | None) -> None
 @click.option("--clip", help="LO,HI: clip probabilities, as log-loss submissions (Kaggle's dogs-vs-cats) want.")
 @shared("dask")
 @shared("device", lazy_default=lambda: _runtime_devices()[0])
-@friendly
 def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: int, clip: str | None,
             dask_address: str | None, device: str) -> None:
     """Predict IMAGES (a folder or CSV manifest) with a bundled classifier into a CSV (--output), a row per
@@ -680,7 +705,6 @@ def data() -> None:
 @shared("seed", default=0)
 @click.option("--overwrite", "replace", is_flag=True,
               help="Delete OUT first when it holds an earlier digits folder (only that).")
-@friendly
 def data_digits(out: Path, valid_fraction: float, seed: int, replace: bool) -> None:
     """scikit-learn's bundled 8x8 digits as PNGs in OUT/{train,valid}/<digit>/, plus OUT/parity.yaml."""
     from .data import write_digits
@@ -692,7 +716,6 @@ def data_digits(out: Path, valid_fraction: float, seed: int, replace: bool) -> N
 @data.command("pets")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--mirror", default=None, help="Base URL serving images.tar.gz and annotations.tar.gz.")
-@friendly
 def data_pets(out: Path, mirror: str | None) -> None:
     """Oxford-IIIT Pet (download, md5-checked) in OUT/{train,valid}/<breed>/, plus OUT/species.yaml."""
     from .data import PETS_URL, write_pets
@@ -703,7 +726,6 @@ def data_pets(out: Path, mirror: str | None) -> None:
 
 @main.command()
 @shared("json")
-@friendly
 def doctor(json_out: Path | None) -> None:
     """What this machine offers headstart: versions, onnxruntime's providers (and whether CUDA really loads),
     the CPU's instruction sets, threads, and the folders in use."""
@@ -732,7 +754,6 @@ def _report(rows: list[dict], columns: list[str], out: Path | None, title: str) 
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Timing per measurement.")
 @shared("calibrate", shown="random pixels; speed does not depend on them")
 @shared("json")
-@friendly
 def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | None, json_out: Path | None) -> None:
     """The body on the CPU: float32 and int8 in onnxruntime, and torch eager on the same weights if installed."""
     from .bench import bench_body as run
@@ -749,7 +770,6 @@ def bench_body(image_size: int, batches: str, seconds: float, calibrate: Path | 
 @shared("calibrate_count", default=32)
 @click.option("--seconds", type=float, default=6.0, show_default=True, help="Timing per measurement.")
 @shared("json")
-@friendly
 def bench_int8(data: Path, image_size: int, calibrate_count: int, seconds: float, json_out: Path | None) -> None:
     """int8 bodies with 8-bit and 7-bit weights against float32: gap cosine on DATA/valid photos, images/s."""
     from .bench import bench_int8 as run
@@ -767,7 +787,6 @@ def bench_int8(data: Path, image_size: int, calibrate_count: int, seconds: float
 @shared("batch_size", default=32)
 @shared("jobs", default=2)
 @shared("json")
-@friendly
 def bench_extract(data: Path, body: Path, cache: str, batch_size: int, jobs: int, json_out: Path | None) -> None:
     """End-to-end extract throughput beside the bare model's on pre-decoded arrays; --cache must be a new cache
     (the benchmark must compute every image)."""
@@ -785,7 +804,6 @@ def bench_extract(data: Path, body: Path, cache: str, batch_size: int, jobs: int
 @click.option("--counts", default="200,2000", show_default=True, help="Files per run, comma-separated.")
 @shared("batch_size", default=32)
 @shared("json")
-@friendly
 def bench_predict(data: Path, classifier: Path, counts: str, batch_size: int, json_out: Path | None) -> None:
     """Peak memory of predict on N and 10 N files: flat, since the reader bounds the images in flight."""
     from .bench import bench_predict as run
@@ -801,7 +819,6 @@ def bench_predict(data: Path, classifier: Path, counts: str, batch_size: int, js
 @click.option("--mlp-rows", type=click.IntRange(min=0), default=1_999, show_default=True,
               help="Rows for the MLP on pool5 (0: leave it out); it trains 20 epochs.")
 @shared("json")
-@friendly
 def bench_heads(rows: int, epochs: int, mlp_rows: int, json_out: Path | None) -> None:
     """Head training on synthetic features: softmax on gap (rows x 512) and on pool5 at 224 px (rows x 25,088
     float16), and the default MLP on pool5 (mlp-rows x 25,088 float16); --epochs is the softmax heads'."""
@@ -819,7 +836,6 @@ def bench_heads(rows: int, epochs: int, mlp_rows: int, json_out: Path | None) ->
 @click.option("--sizes", default="2,5,10,20,50,100", show_default=True, help="Training rows a class, comma-separated.")
 @click.option("--draws", type=POSITIVE, default=5, show_default=True, help="Random draws of the rows per size.")
 @shared("json")
-@friendly
 def bench_fewshot(cache: str, dataset: str | None, layer: str, sizes: str, draws: int, json_out: Path | None) -> None:
     """Every head, and auto, trained on N rows a class drawn from the train split, scored on the valid split:
     mean accuracy of the draws, with the 95% Wilson interval of one draw's."""
@@ -839,7 +855,6 @@ def bench_fewshot(cache: str, dataset: str | None, layer: str, sizes: str, draws
 @shared("batch_size", default=32)
 @shared("json")
 @shared("plot", default=Path("bench/epochs.png"))
-@friendly
 def bench_epochs(n_images: int, image_size: int, layer: str, data: Path | None, batch_size: int,
                  json_out: Path | None, plot: Path) -> None:
     """Why frozen epochs can be fast: a head epoch on cached features against the Keras way and full tuning."""

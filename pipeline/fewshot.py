@@ -18,7 +18,7 @@ from headstart.heads.metrics import wilson
 from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache
-from .train import task_rows
+from .selection import Selection, task_rows
 
 # What a new user would try, beside `auto`: each estimator with its defaults.
 CANDIDATES: dict[str, Callable[[int], object]] = {
@@ -37,7 +37,7 @@ def fewshot(cache: str | Path, layer: str = "gap", sizes: tuple[int, ...] = (1, 
     """One row per (size, head): mean valid accuracy over `draws` random draws of `size` training rows a class,
     its spread, and the 95% Wilson interval of one draw's accuracy at the mean (n = the valid rows)."""
     fc = FeatureCache(cache, dataset)
-    classes, y, _, train, valid = task_rows(fc, valid_fraction=0.0)
+    classes, y, _, train, valid = task_rows(fc, Selection(dataset=fc.dataset, valid_fraction=0.0))
     if len(valid) == 0:
         raise ValueError(f"{fc.path}: the few-shot curve needs a valid split to score on")
     X_train, X_valid = fc.features(layer, train, np.float32), fc.features(layer, valid, np.float32)

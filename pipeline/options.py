@@ -7,6 +7,7 @@ onnx, onnxruntime, scikit-learn, numba or zarr.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -203,6 +204,18 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "drop_duplicates": (("--drop-duplicates",), {"is_flag": True, "help": "Leave out images whose bytes are also in "
                                                                           "another split, or under another label."}),
     "output": (("-o", "--output"), {"type": FILE, "help": "The file to write."}),
+    "train_split": (("--train-split",), {"help": "The split to train on."}),
+    "valid_split": (("--valid-split",), {"help": "The split to validate on."}),
+    "exclude": (("--exclude",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                 "help": "A file of rows to leave out of training and scoring: one path (as the "
+                                         "cache stores it, or its end, such as train/cats/cat.1.jpg) or sha256 "
+                                         "content hash a line; blank lines and '#' comments are ignored. A head "
+                                         "records them: evaluate leaves out the same rows unless given its own."}),
+    "relabel": (("--relabel",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                 "help": "A CSV of path,label rows (a header optional): train and score these "
+                                         "images under these labels, without touching the photos or the cache. A "
+                                         "head records them: evaluate scores under the same labels unless given "
+                                         "its own."}),
     "valid_fraction": (("--valid-fraction",), {"type": FRACTION, "help": "Share of the images held out as the valid "
                                                                          "split, where there is none."}),
     "image_size": (("--image-size",), {"type": int, "help": "Input side in pixels, a multiple of 32."}),
@@ -231,3 +244,59 @@ def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:  # no
     if "default" in per_command or "lazy_default" in per_command:
         per_command.setdefault("show_default", True)
     return click.option(*decls, cls=Option, **fixed, **per_command)
+
+
+SELECTION = ("dataset", "train_split", "valid_split", "valid_fraction", "seed", "classes_map", "drop_duplicates",
+             "augmented", "exclude", "relabel")
+
+
+def _selection_default(name: str) -> Callable[[], Any]:
+    def read() -> Any:  # noqa: ANN401 - the field's own type
+        from headstart.pipeline.selection import default
+
+        return default(name)
+
+    return read
+
+
+def selection_options(*names: str, dataset: str = "the only one") -> Callable:
+    """The shared options of a task selection (`names`, of SELECTION; all by default), their defaults read from
+    pipeline.selection.Selection; the command receives one `selection` argument instead of them."""
+    names = names or SELECTION
+    flags = {"drop_duplicates", "augmented"}
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            kwargs["selection"] = build_selection({n: kwargs.pop(n) for n in names})
+            return fn(*args, **kwargs)
+
+        for name in reversed(names):
+            if name == "dataset":
+                run = shared(name, shown=dataset)(run)
+            elif name in ("exclude", "relabel") or name in flags:
+                run = shared(name)(run)
+            else:
+                run = shared(name, lazy_default=_selection_default(name))(run)
+        return run
+
+    return decorate
+
+
+def build_selection(given: dict[str, Any], base: Any = None) -> Any:  # noqa: ANN401 - a Selection
+    """A Selection from option values (files read here), over `base` (a Selection) when given."""
+    import dataclasses
+
+    from headstart.pipeline.selection import Selection, read_classes_map, read_exclude, read_relabel
+
+    given = dict(given)
+    origin = dict(base.origin) if base is not None else {}
+    if "classes_map" in given:
+        given["classes_map"] = read_classes_map(given["classes_map"] or None)
+    for name, read in (("exclude", read_exclude), ("relabel", read_relabel)):
+        if given.get(name) is None:
+            given.pop(name, None)
+        else:
+            given[name], where = read(given[name])
+            origin.update(where)
+    return dataclasses.replace(base or Selection(), **given, origin=origin)

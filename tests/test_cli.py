@@ -336,3 +336,36 @@ def test_json_dash_prints_only_json_on_stdout(cache, tmp_path):
     assert "best: logistic on gap" in out.stderr and (tmp_path / "b.head").is_file()
     info = json.loads(CliRunner().invoke(main, ["info", str(cache / "c.zarr"), "--json", "-"]).stdout)
     assert info["rows"] == 28 and info["classes"] == "a, b"
+
+
+def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(cache, tmp_path):
+    """A ValueError from our own code (not a HeadstartError) is a bug: traceback, exit status 1, the bug line."""
+    code = f"""
+        import sys
+        import headstart.pipeline.train as train
+
+        def broken(*args, **kwargs):
+            raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+        train.evaluate = broken
+        from headstart.pipeline.cli import main
+        main(["evaluate", "--cache", {str(cache / 'c.zarr')!r}, "--head-file", {str(cache / 'h.head')!r}])
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "in broken" in done.stderr
+    assert lines[-2] == "ValueError: operands could not be broadcast together with shapes (3,) (4,)"
+    assert lines[-1].startswith("this is a bug in headstart: please report it, with the traceback above, at ")
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache / "c.zarr"), "--classes-map",
+                                       str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "h.head")])
+    assert result.exit_code == 1  # a path the user gave: one line, not a bug
+    assert result.output == f"Error: {tmp_path / 'missing.yaml'}: No such file or directory\n"
+
+
+def test_what_a_user_caused_is_one_line(cache, tmp_path):
+    (tmp_path / "map.yaml").write_text("[not, a, mapping]\n")
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache / "c.zarr"), "--classes-map",
+                                       str(tmp_path / "map.yaml"), "-o", str(tmp_path / "h.head")])
+    assert result.exit_code == 1 and result.output == (f"Error: {tmp_path / 'map.yaml'}: a classes map is a mapping "
+                                                       "of class name -> task label (or null to leave out)\n")
