@@ -6,6 +6,7 @@ that own them, read lazily, so `headstart --help` and `headstart info` start wit
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -47,6 +48,7 @@ class Failure(click.ClickException):
 
 BUG = "this is a bug in headstart: please report it, with the traceback above, at {where}"
 PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota is the machine's state, not a bug
 
 
 def issues_url() -> str:
@@ -75,8 +77,8 @@ def _object_store_line(e: BaseException) -> str | None:
 
 class Headstart(click.Group):
     """The group that reports errors: what a user caused (a HeadstartError, a path they gave that is missing or
-    unreadable, an object store's refusal) as one line and exit status 1; anything else is a bug in headstart,
-    raised on with its traceback and a line saying where to report it."""
+    unreadable, a full disk, an object store's refusal) as one line and exit status 1; anything else is a bug in
+    headstart, raised on with its traceback and a line saying where to report it."""
 
     def invoke(self, ctx: click.Context) -> object:
         from headstart.export.errors import HeadstartError
@@ -92,6 +94,12 @@ class Headstart(click.Group):
                 _mark_bug(e)
                 raise
             raise Failure(f"{e.filename}: {e.strerror or type(e).__name__}") from None
+        except OSError as e:
+            if e.errno not in FULL:
+                _mark_bug(e)
+                raise
+            raise Failure(f"{e.filename + ': ' if e.filename else ''}{e.strerror}; free some space and rerun") \
+                from None
         except Exception as e:
             line = _object_store_line(e)
             if line is not None:

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from headstart.export.errors import UsageError
 from headstart.export.progress import LOG, bar
 
 from .cache import CacheWriter, write_features
 from .dataset import Dataset, scan
 from .predict import classifier_metadata, predict_paths
-from .reader import read_batches
+from .reader import read_batches, run_usable, usable
 from .storage import Folder
 
 _SESSIONS: dict = {}  # per worker process: model path -> session
@@ -48,14 +49,14 @@ def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported laz
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise ValueError("--dask needs the dask extra: pip install 'headstart[dask]'") from None
+        raise UsageError("running on Dask needs the dask extra: pip install 'headstart[dask]'") from None
     if address.startswith("local:"):
         try:
             n = int(address.split(":", 1)[1])
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"--dask {address!r}: expected local:N with N >= 1 workers, or tcp://HOST:PORT")
+            raise UsageError(f"dask address {address!r}: expected local:N with N >= 1 workers, or tcp://HOST:PORT")
         return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"))
     return Client(address)
 
@@ -103,18 +104,13 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
     content = {key: c for key, _, _, c in items}
     keys, ok, bad, feats = [], [], {}, {x: [] for x in layers}
     for batch in read_batches([(k, p, v) for k, p, v, _ in items], size, resize, batch_size, 1, max_bytes):
-        good = []
-        for key, x, digest in batch:
-            moved = digest != content[key]  # read again here: the file changed since the client hashed it
-            keys.append(None if moved else key)
-            ok.append(not moved and not isinstance(x, str))
-            if ok[-1]:
-                good.append(x)
-            elif not moved:
-                bad[key] = x
-        if good:
-            for layer, out in zip(layers, session.run(layers, {"images": np.stack(good)}), strict=True):
-                feats[layer].append(out)
+        kept = [(key, x) for key, x, digest in batch if digest == content[key]]  # else changed since hashed
+        keys += [key if digest == content[key] else None for key, _, digest in batch]
+        ok += [digest == content[key] and usable(x) for key, x, digest in batch]
+        outs, reasons = run_usable(session, layers, kept)
+        bad.update(reasons)
+        for layer, out in (outs or {}).items():
+            feats[layer].append(out)
     ok = np.array(ok)
     features = {x: np.concatenate(v) for x, v in feats.items()} if ok.any() else None
     folder = Folder(cache)

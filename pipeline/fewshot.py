@@ -13,6 +13,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 
+from headstart.export.errors import DataError
 from headstart.heads.auto import AutoHead
 from headstart.heads.metrics import wilson
 from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
@@ -39,7 +40,7 @@ def fewshot(cache: str | Path, layer: str = "gap", sizes: tuple[int, ...] = (1, 
     fc = FeatureCache(cache, dataset)
     classes, y, _, train, valid = task_rows(fc, Selection(dataset=fc.dataset, valid_fraction=0.0))
     if len(valid) == 0:
-        raise ValueError(f"{fc.path}: the few-shot curve needs a valid split to score on")
+        raise DataError(f"{fc.path}: the few-shot curve needs a valid split to score on")
     X_train, X_valid = fc.features(layer, train, np.float32), fc.features(layer, valid, np.float32)
     y_train, y_valid = y[train], y[valid]
     rows = []
