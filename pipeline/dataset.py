@@ -85,7 +85,7 @@ class Dataset:
 class _Entry:
     """A file or folder of a local tree or of a URL's, with what the scan asks of it."""
 
-    def __init__(self, path: str | Path, is_dir: bool | None = None, fs=None) -> None:  # noqa: ANN001
+    def __init__(self, path: str | Path, is_dir: bool | None = None, fs=None) -> None:
         self.fs = fs
         self.path = path if fs is not None else Path(path)
         self.name = posixpath.basename(str(path).rstrip("/")) if fs is not None else self.path.name

@@ -44,7 +44,7 @@ def dask_client(address: str) -> Iterator:
             cluster.close()
 
 
-def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported lazily
+def client_for(address: str):
     """`local:N` starts a LocalCluster of N worker processes; anything else is a scheduler address."""
     try:
         from distributed import Client, LocalCluster
@@ -61,7 +61,7 @@ def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported laz
     return Client(address)
 
 
-def gpu_resources(client) -> dict | None:  # noqa: ANN001
+def gpu_resources(client) -> dict | None:
     """{'GPU': 1} where workers declare GPUs (`dask worker --resources GPU=1`, one per process, each with its own
     CUDA_VISIBLE_DEVICES, as dask-cuda starts them): a block then runs only where a GPU is free."""
     workers = client.scheduler_info().get("workers", {}).values()
@@ -74,7 +74,7 @@ def blocks(start: int, n: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
 
 
-def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int = 256  # noqa: ANN001
+def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int = 256
             ) -> list[tuple[str | None, str | None]]:
     """extract's hashing pass on the workers, `block` files a task: (sha256 or None, reason or None) per path."""
     from distributed import as_completed
@@ -118,7 +118,7 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
     return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
 
 
-def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
+def _session(model: str, device: str):
     """The worker process's session of `model`, opened once and kept."""
     from distributed import get_worker
 
@@ -129,7 +129,7 @@ def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
     return _SESSIONS[model]
 
 
-def predict_on(client, images: str | Path | Dataset, model: str | Path, batch_size: int = 32, device: str = "auto",  # noqa: ANN001
+def predict_on(client, images: str | Path | Dataset, model: str | Path, batch_size: int = 32, device: str = "auto",
                clip: tuple[float, float] | None = None, block: int = 512):
     """predict's rows, in scan order, computed on the cluster's workers `block` files at a time."""
     classifier_metadata(model)  # a clear error here rather than on every worker
@@ -146,7 +146,7 @@ def _predict_block(model: str, paths: list[str], batch_size: int, device: str,
     return list(predict_paths(paths, _session(model, device), classifier_metadata(model), batch_size, 1, clip))
 
 
-def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],  # noqa: ANN001
+def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],
             size: int, resize: str, batch_size: int, device: str, progress: bool, max_bytes: int) -> set[str]:
     """extract's _compute on a cluster: returns the keys whose file changed since it was hashed."""
     keys = list(todo)

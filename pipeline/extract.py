@@ -51,7 +51,7 @@ class Report:
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
             device: str = "auto", replace: bool = False, overwrite_dataset: bool = False,
-            max_bytes: int = MAX_BYTES, augment: int = 0, client=None, progress: bool = True) -> Report:  # noqa: ANN001
+            max_bytes: int = MAX_BYTES, augment: int = 0, client=None, progress: bool = True) -> Report:
     """Extract the activations of every image of `data` into `cache`; only new content is computed.
 
     `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.

@@ -26,7 +26,7 @@ class Where(click.ParamType):
 
     name = "path|url"
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         return str(value)
 
 
@@ -73,7 +73,7 @@ class Size(click.ParamType):
 
     name = "size"
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
         return parse_size(value, param.opts[-1] if param else "size")
@@ -86,7 +86,7 @@ class Grid(click.ParamType):
         self.inner = inner
         self.name = f"{inner.name},..."
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
         return [self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip()]
@@ -96,17 +96,17 @@ class Option(click.Option):
     """click's Option with a default read lazily (`lazy_default`) and a default written as a user writes it
     (`shown`, a text or a function returning one)."""
 
-    def __init__(self, *args: Any, lazy_default: Callable[[], Any] | None = None,  # noqa: ANN401
-                 shown: str | Callable[[], str] | None = None, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, *args: Any, lazy_default: Callable[[], Any] | None = None,
+                 shown: str | Callable[[], str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_default, self.shown = lazy_default, shown
 
-    def get_default(self, ctx: click.Context, call: bool = True) -> Any:  # noqa: ANN401
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
         if self.lazy_default is not None:
             return self.lazy_default()
         return super().get_default(ctx, call)
 
-    def get_help_extra(self, ctx: click.Context) -> Any:  # noqa: ANN401
+    def get_help_extra(self, ctx: click.Context) -> Any:
         extra = super().get_help_extra(ctx)
         if self.shown is not None:
             extra["default"] = self.shown() if callable(self.shown) else self.shown
@@ -122,7 +122,7 @@ def default_of(module: str, function: str, name: str) -> Callable[[], Any]:
     return lambda: inspect.signature(getattr(importlib.import_module(module), function)).parameters[name].default
 
 
-def _value(v: Any) -> str:  # noqa: ANN401
+def _value(v: Any) -> str:
     if isinstance(v, (tuple, list)):
         return ",".join(str(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -231,7 +231,7 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
 }
 
 
-def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:  # noqa: ANN401
+def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:
     """The one definition of a shared option, with this command's default (`default`, `lazy_default`, `shown`,
     `show_default`, `required`); `grid`: comma-separated values of its type, for sweep."""
     allowed = {"default", "lazy_default", "shown", "show_default", "required"}
@@ -251,7 +251,7 @@ SELECTION = ("dataset", "train_split", "valid_split", "valid_fraction", "seed", 
 
 
 def _selection_default(name: str) -> Callable[[], Any]:
-    def read() -> Any:  # noqa: ANN401 - the field's own type
+    def read() -> Any:
         from headstart.pipeline.selection import default
 
         return default(name)
@@ -267,7 +267,7 @@ def selection_options(*names: str, dataset: str = "the only one") -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        def run(*args: Any, **kwargs: Any) -> Any:
             kwargs["selection"] = build_selection({n: kwargs.pop(n) for n in names})
             return fn(*args, **kwargs)
 
@@ -283,7 +283,7 @@ def selection_options(*names: str, dataset: str = "the only one") -> Callable:
     return decorate
 
 
-def build_selection(given: dict[str, Any], base: Any = None) -> Any:  # noqa: ANN401 - a Selection
+def build_selection(given: dict[str, Any], base: Any = None) -> Any:
     """A Selection from option values (files read here), over `base` (a Selection) when given."""
     import dataclasses
 

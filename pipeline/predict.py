@@ -30,7 +30,7 @@ def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 3
     yield from predict_paths(paths, open_session(model, device, quiet=quiet), meta, batch_size, jobs, clip)
 
 
-def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,  # noqa: ANN001
+def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,
                   clip: tuple[float, float] | None) -> Iterator[dict]:
     """predict's rows for `paths`, with an open session of the classifier whose metadata is `meta`."""
     classes, fingerprint = meta["classes"], meta["fingerprint"]

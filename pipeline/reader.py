@@ -29,7 +29,7 @@ def usable(x: Pixels) -> bool:
     return not isinstance(x, Unreadable)
 
 
-def run_usable(session, outputs: list[str], batch: list[tuple[K, Pixels]]  # noqa: ANN001 - onnxruntime session
+def run_usable(session, outputs: list[str], batch: list[tuple[K, Pixels]]
                ) -> tuple[dict[str, np.ndarray] | None, dict[K, str]]:
     """Run `session` once on the usable images of `batch`, in order: (its `outputs` by name, a row per usable
     image, or None when there is none; key -> reason for each unreadable one)."""

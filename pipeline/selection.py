@@ -103,7 +103,7 @@ class Selection:
         return dataclasses.replace(selection or cls(), **given)
 
 
-def default(name: str) -> Any:  # noqa: ANN401 - a field's own type
+def default(name: str) -> Any:
     """A field's default, for the CLI: it keeps no second copy."""
     f = next(f for f in dataclasses.fields(Selection) if f.name == name)
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

@@ -18,7 +18,7 @@ import numpy as np
 from headstart.export.errors import DataError, UsageError
 from headstart.heads.auto import cross_val_logits, make_folds, oof_scores
 from headstart.heads.kinds import KINDS
-from headstart.heads.metrics import loss_and_accuracy
+from headstart.heads.metrics import loss_and_accuracy, wilson
 from headstart.heads.models import DenseHead
 
 from .cache import FeatureCache
@@ -48,9 +48,9 @@ def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str
     `options` passed on).
 
     Returns the rows sorted by the selection score, accuracy then log loss (layer, head, params, select_accuracy,
-    select_loss, valid_accuracy, valid_loss, seconds), and the best head refit on all training rows. The selection
-    score is out-of-fold on the training rows (`folds` stratified folds, seeded by `seed`), or, with `select_on`,
-    that split's score of the refit head.
+    select_loss, valid_accuracy with its 95% Wilson interval valid_low..valid_high, valid_loss, seconds), and the
+    best head refit on all training rows. The selection score is out-of-fold on the training rows (`folds`
+    stratified folds, seeded by the selection's seed), or, with `select_on`, that split's score of the refit head.
     """
     plan = trials(layers, kinds, grid)
     selection = Selection.take(selection, options)
@@ -76,10 +76,12 @@ def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str
             loss, accuracy = oof_scores(y[train], logits, split)
         else:
             loss, accuracy = loss_and_accuracy(y[picked], head.predict_proba(fc.features(layer, picked)))
-        m = head.meta_["metrics"]
+        m, n = head.meta_["metrics"], head.meta_["rows"]["valid"]
+        low, high = (None, None) if m.get("valid_accuracy") is None else \
+            wilson(int(round(m["valid_accuracy"] * n)), n)
         return {"layer": layer, "head": kind, "params": params, "select_accuracy": accuracy, "select_loss": loss,
-                "valid_accuracy": m.get("valid_accuracy"), "valid_loss": m.get("valid_loss"),
-                "seconds": time.perf_counter() - t0}, head
+                "valid_accuracy": m.get("valid_accuracy"), "valid_low": low, "valid_high": high,
+                "valid_loss": m.get("valid_loss"), "seconds": time.perf_counter() - t0}, head
 
     rows, best = [], None
     with ThreadPoolExecutor(jobs) as pool:

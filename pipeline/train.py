@@ -17,7 +17,7 @@ from headstart.export.errors import DataError, IncompatibleError, UsageError
 from headstart.export.files import atomic_write
 from headstart.export.fingerprint import compatible
 from headstart.heads.kinds import KINDS
-from headstart.heads.metrics import metrics, plot_confusion
+from headstart.heads.metrics import metrics, plot_confusion, wilson
 from headstart.heads.models import DenseHead, EpochLog, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache
@@ -178,6 +178,7 @@ def evaluate(cache: str | Path, head: DenseHead, split: str | None = None, selec
         raise DataError(f"{fc.path}: no labelled rows to evaluate on (split {split or sel.valid_split!r})")
     proba = head.predict_proba(fc.features(layer, rows))
     result = metrics(y[rows], proba, classes)
+    result["accuracy_interval"] = list(wilson(int(round(result["accuracy"] * len(rows))), len(rows)))
     result.update({"task": meta["task"], "head": type(head).__name__, "layer": layer,
                    "split": split or (sel.valid_split if (fc.splits == sel.valid_split).any() else
                                       f"held-out {sel.valid_fraction} of {sel.train_split}")})

@@ -28,7 +28,7 @@ from .selection import Selection, task_rows
 LAYER = "pool4"
 
 
-def _torch():  # noqa: ANN202 - the torch module
+def _torch():
     try:
         import torch
     except ImportError:
@@ -47,7 +47,7 @@ def block5_weights(model: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
              numpy_helper.to_array(inits[f"conv5_{i}.b"]).astype(np.float32)) for i in (1, 2, 3)]
 
 
-def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
+def to_torch(head: TunedHead):
     """The head as a torch module on pool4 (N, 512, s, s): what tune trains and what bundle must equal."""
     torch = _torch()
     nn = torch.nn
@@ -61,7 +61,7 @@ def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
             self.register_buffer("mean", torch.from_numpy(head.mean_.copy()))
             self.register_buffer("scale", torch.from_numpy(head.scale_.copy()))
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             for conv in self.convs:
                 x = torch.relu(conv(x))
             x = torch.nn.functional.max_pool2d(x, 2)
@@ -84,7 +84,7 @@ def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
     return module
 
 
-def _from_torch(head: TunedHead, module) -> None:  # noqa: ANN001
+def _from_torch(head: TunedHead, module) -> None:
     head.convs_ = [(c.weight.detach().cpu().numpy().copy(), c.bias.detach().cpu().numpy().copy())
                    for c in module.convs]
     head.layers_ = [(d.weight.detach().cpu().numpy().T.copy(), d.bias.detach().cpu().numpy().copy())
