@@ -84,7 +84,7 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", select
         if fc.view_rows.shape[1] == 0:
             raise DataError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
         if not isinstance(head, SoftmaxHead | MLPHead):
-            raise UsageError(f"augmented views need a head trained by epochs (softmax or mlp), not {kind}")
+            raise UsageError(f"--augmented needs a head trained by epochs (softmax or mlp), not {kind}")
         say(f"augmented: each epoch draws one of {fc.view_rows.shape[1] + 1} cached views of every training image")
         head.fit_blocks(_views(fc, layer, train, max(1, memory // (4 * width * 8)), storage), width,
                         names[y[train]], X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
