@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from headstart.export.errors import DataError, UsageError
 from headstart.export.files import atomic_write, file_digest
 from headstart.export.weights import cache_dir
 
@@ -26,7 +27,7 @@ DIGITS_LAYOUT = {"train", "valid", "parity.yaml"}  # what write_digits writes in
 
 def _fresh(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; pick a new folder or delete it")
+        raise UsageError(f"{out} exists and is not empty; pick a new folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -45,7 +46,7 @@ def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0, re
     if replace and out.is_dir() and any(out.iterdir()):
         found = {p.name for p in out.iterdir()}
         if "parity.yaml" not in found or not found <= DIGITS_LAYOUT:
-            raise FileExistsError(f"{out} holds {', '.join(sorted(found - DIGITS_LAYOUT) or sorted(found))}, not "
+            raise UsageError(f"{out} holds {', '.join(sorted(found - DIGITS_LAYOUT) or sorted(found))}, not "
                                   "only a digits folder written by `headstart data digits`; refusing to delete it: "
                                   "pick a new folder")
         shutil.rmtree(out)
@@ -72,10 +73,10 @@ def download(url: str, target: Path, md5: str) -> Path:
             with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
                 shutil.copyfileobj(r, f, 1 << 20)
         except OSError as e:
-            raise OSError(f"could not download {url}: {e}") from None
+            raise DataError(f"could not download {url}: {e}; check the network, or give a mirror") from None
         actual = file_digest(partial, "md5")
         if actual != md5:
-            raise ValueError(f"{url}: md5 {actual} does not match the expected {md5}; refusing the download")
+            raise DataError(f"{url}: md5 {actual} does not match the expected {md5}; refusing the download")
     return target
 
 

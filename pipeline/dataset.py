@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headstart.export.errors import DataError, UsageError
+
 from .storage import filesystem, is_url
 
 LAYOUTS = ("DATA/<split>/<class>/*.jpg", "DATA/<class>/*.jpg", "DATA/*.jpg (unlabelled)",
@@ -33,8 +35,8 @@ def split_name(name: str) -> str:
 def check_name(name: str) -> str:
     """A dataset name that is safe as a key inside the cache: letters, digits, '.', '_' and '-'."""
     if not NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
-                         "(starting with a letter or digit), e.g. --name catsdogs")
+        raise UsageError(f"dataset name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
+                         "(starting with a letter or digit), such as catsdogs")
     return name
 
 
@@ -83,7 +85,7 @@ class Dataset:
 class _Entry:
     """A file or folder of a local tree or of a URL's, with what the scan asks of it."""
 
-    def __init__(self, path: str | Path, is_dir: bool | None = None, fs=None) -> None:  # noqa: ANN001
+    def __init__(self, path: str | Path, is_dir: bool | None = None, fs=None) -> None:
         self.fs = fs
         self.path = path if fs is not None else Path(path)
         self.name = posixpath.basename(str(path).rstrip("/")) if fs is not None else self.path.name
@@ -136,17 +138,17 @@ def scan_csv(path: str | Path) -> Dataset:
         header = [h.strip().lower() for h in next(reader, [])]
         unknown = [h for h in header if h not in COLUMNS]
         if "path" not in header or unknown or len(set(header)) != len(header):
-            raise ValueError(f"{path}: header {','.join(header) or '(none)'} is not a manifest's: its columns are "
+            raise DataError(f"{path}: header {','.join(header) or '(none)'} is not a manifest's: its columns are "
                              f"path (required), label and split" + (f"; unknown: {', '.join(unknown)}" if unknown
                                                                     else ""))
         for n, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                raise ValueError(f"{path}, line {n}: {len(values)} fields, the header has {len(header)}")
+                raise DataError(f"{path}, line {n}: {len(values)} fields, the header has {len(header)}")
             row = dict(zip(header, (v.strip() for v in values), strict=True))
             if not row["path"]:
-                raise ValueError(f"{path}, line {n}: empty path")
+                raise DataError(f"{path}, line {n}: empty path")
             ds.add(_join(parent, row["path"]), row.get("split") or "train", row.get("label") or None)
     return ds
 
@@ -171,7 +173,7 @@ def _scan_folder(source: _Entry) -> Dataset:
                 ds.add(f.path, "train", cls.name)
         stray = _files(source)
         if stray:
-            raise ValueError(f"{source}: files {', '.join(display(p.name) for p in stray[:3])} lie beside the class "
+            raise DataError(f"{source}: files {', '.join(display(p.name) for p in stray[:3])} lie beside the class "
                              f"folders {', '.join(d.name for d in subdirs[:5])}; move them into a class folder, "
                              "or into a split folder such as test/")
     else:
@@ -184,7 +186,7 @@ def _scan_folder(source: _Entry) -> Dataset:
 def _no_folders_in(cls: _Entry, source: _Entry) -> None:
     inner = _dirs(cls)
     if inner:
-        raise ValueError(f"{source}: cannot tell the layout: {cls.relative_to(source)}/ is read as a class folder "
+        raise DataError(f"{source}: cannot tell the layout: {cls.relative_to(source)}/ is read as a class folder "
                          f"but holds folders ({', '.join(d.name for d in inner[:3])}); expected one of: "
                          f"{'; '.join(LAYOUTS)}, with split folders named {', '.join(sorted(set(SPLITS)))}")
 
@@ -212,8 +214,8 @@ def scan(source: str | Path, name: str | None = None) -> Dataset:
     elif kind == "directory":
         ds = _scan_folder(top)
     else:
-        raise ValueError(f"{source}: no such folder or .csv manifest; expected one of: {'; '.join(LAYOUTS)}")
+        raise DataError(f"{source}: no such folder or .csv manifest; expected one of: {'; '.join(LAYOUTS)}")
     if not len(ds):
-        raise ValueError(f"{source}: no image files found; expected one of: {'; '.join(LAYOUTS)}")
+        raise DataError(f"{source}: no image files found; expected one of: {'; '.join(LAYOUTS)}")
     ds.name = check_name(name) if name is not None else re.sub(r"[^A-Za-z0-9._-]", "_", ds.name).lstrip("._-") or "data"
     return ds

@@ -9,9 +9,12 @@ import stat
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from headstart.export.errors import UsageError
 
 from . import augment
 from .storage import filesystem, is_url
@@ -23,6 +26,13 @@ MAX_BYTES = 256 * 2**20  # per file; generous for photos, and a 3 GB sparse file
 
 class BadImage(Exception):
     """An input that is not a usable image; the message is the reason recorded for it."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What a read gives for a file that is not a usable image: the reason, as the cache records it."""
+
+    reason: str
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -44,7 +54,7 @@ def decode(data: bytes, size: int, resize: str = "squash", view: dict | None = N
     (pipeline.augment), applied to the full image before the resize.
     """
     if resize not in RESIZE:
-        raise ValueError(f"unknown resize policy {resize!r}; use squash or center-crop")
+        raise UsageError(f"unknown resize policy {resize!r}; use squash or center-crop")
     if not data:
         raise BadImage("zero-byte file")
     try:
@@ -132,18 +142,18 @@ def read_and_decode(path: str, size: int, resize: str = "squash", max_bytes: int
     return decode(read_bytes(path, max_bytes), size, resize)
 
 
-def load_or_reason(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES,
-                   view: dict | None = None) -> tuple[np.ndarray | str, str | None]:
-    """(pixels, sha256 of the bytes they came from), or (the reason the file is unusable, sha256 or None).
+def load(path: str, size: int, resize: str = "squash", max_bytes: int = MAX_BYTES,
+         view: dict | None = None) -> tuple[np.ndarray | Unreadable, str | None]:
+    """(pixels, sha256 of the bytes they came from), or (Unreadable(why), sha256 or None).
 
     The file is read once: the digest and the pixels describe the same bytes, even if it changes meanwhile.
     """
     try:
         data = read_bytes(path, max_bytes)
     except BadImage as e:
-        return str(e), None
+        return Unreadable(str(e)), None
     digest = hashlib.sha256(data).hexdigest()
     try:
         return decode(data, size, resize, view), digest
     except BadImage as e:
-        return str(e), digest
+        return Unreadable(str(e)), digest

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from headstart.export.errors import UsageError
 from headstart.export.progress import LOG, bar
 
 from .cache import CacheWriter, write_features
 from .dataset import Dataset, scan
 from .predict import classifier_metadata, predict_paths
-from .reader import read_batches
+from .reader import read_batches, run_usable, usable
 from .storage import open_folder
 
 _SESSIONS: dict = {}  # per worker process: model path -> session
@@ -43,24 +44,24 @@ def dask_client(address: str) -> Iterator:
             cluster.close()
 
 
-def client_for(address: str):  # noqa: ANN201 - distributed.Client, imported lazily
+def client_for(address: str):
     """`local:N` starts a LocalCluster of N worker processes; anything else is a scheduler address."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise ValueError("--dask needs the dask extra: pip install 'headstart[dask]'") from None
+        raise UsageError("running on Dask needs the dask extra: pip install 'headstart[dask]'") from None
     if address.startswith("local:"):
         try:
             n = int(address.split(":", 1)[1])
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"--dask {address!r}: expected local:N with N >= 1 workers, or tcp://HOST:PORT")
+            raise UsageError(f"dask address {address!r}: expected local:N with N >= 1 workers, or tcp://HOST:PORT")
         return Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0"))
     return Client(address)
 
 
-def gpu_resources(client) -> dict | None:  # noqa: ANN001
+def gpu_resources(client) -> dict | None:
     """{'GPU': 1} where workers declare GPUs (`dask worker --resources GPU=1`, one per process, each with its own
     CUDA_VISIBLE_DEVICES, as dask-cuda starts them): a block then runs only where a GPU is free."""
     workers = client.scheduler_info().get("workers", {}).values()
@@ -73,7 +74,7 @@ def blocks(start: int, n: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
 
 
-def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int = 256  # noqa: ANN001
+def hash_on(client, paths: list[str], max_bytes: int, progress: bool, block: int = 256
             ) -> list[tuple[str | None, str | None]]:
     """extract's hashing pass on the workers, `block` files a task: (sha256 or None, reason or None) per path."""
     from distributed import as_completed
@@ -103,18 +104,13 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
     content = {key: c for key, _, _, c in items}
     keys, ok, bad, feats = [], [], {}, {x: [] for x in layers}
     for batch in read_batches([(k, p, v) for k, p, v, _ in items], size, resize, batch_size, 1, max_bytes):
-        good = []
-        for key, x, digest in batch:
-            moved = digest != content[key]  # read again here: the file changed since the client hashed it
-            keys.append(None if moved else key)
-            ok.append(not moved and not isinstance(x, str))
-            if ok[-1]:
-                good.append(x)
-            elif not moved:
-                bad[key] = x
-        if good:
-            for layer, out in zip(layers, session.run(layers, {"images": np.stack(good)}), strict=True):
-                feats[layer].append(out)
+        kept = [(key, x) for key, x, digest in batch if digest == content[key]]  # else changed since hashed
+        keys += [key if digest == content[key] else None for key, _, digest in batch]
+        ok += [digest == content[key] and usable(x) for key, x, digest in batch]
+        outs, reasons = run_usable(session, layers, kept)
+        bad.update(reasons)
+        for layer, out in (outs or {}).items():
+            feats[layer].append(out)
     ok = np.array(ok)
     features = {x: np.concatenate(v) for x, v in feats.items()} if ok.any() else None
     folder = open_folder(cache)
@@ -122,7 +118,7 @@ def compute_block(model: str, cache: str, dims: dict[str, int], dtype: str, star
     return {"start": start, "keys": keys, "ok": ok, "bad": bad, "pid": os.getpid()}
 
 
-def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
+def _session(model: str, device: str):
     """The worker process's session of `model`, opened once and kept."""
     from distributed import get_worker
 
@@ -133,7 +129,7 @@ def _session(model: str, device: str):  # noqa: ANN202 - an onnxruntime session
     return _SESSIONS[model]
 
 
-def predict_on(client, images: str | Path | Dataset, model: str | Path, batch_size: int = 32, device: str = "auto",  # noqa: ANN001
+def predict_on(client, images: str | Path | Dataset, model: str | Path, batch_size: int = 32, device: str = "auto",
                clip: tuple[float, float] | None = None, block: int = 512):
     """predict's rows, in scan order, computed on the cluster's workers `block` files at a time."""
     classifier_metadata(model)  # a clear error here rather than on every worker
@@ -150,7 +146,7 @@ def _predict_block(model: str, paths: list[str], batch_size: int, device: str,
     return list(predict_paths(paths, _session(model, device), classifier_metadata(model), batch_size, 1, clip))
 
 
-def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],  # noqa: ANN001
+def compute(client, writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, dict | None, str]],
             size: int, resize: str, batch_size: int, device: str, progress: bool, max_bytes: int) -> set[str]:
     """extract's _compute on a cluster: returns the keys whose file changed since it was hashed."""
     keys = list(todo)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import ModelError, UsageError
 from headstart.export.fingerprint import features_fingerprint
 from headstart.export.graph import output_shapes, read_metadata
 from headstart.export.progress import LOG, bar
@@ -23,7 +24,7 @@ from .augment import view_key, view_spec
 from .cache import CacheWriter
 from .dataset import scan
 from .decode import MAX_BYTES, hash_files
-from .reader import read_batches
+from .reader import read_batches, run_usable
 from .storage import is_url
 
 CHANGED = "changed while being extracted; rerun the extract to pick up its new content"
@@ -49,7 +50,7 @@ class Report:
 def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str | None = None,
             batch_size: int = 32, jobs: int = 2, resize: str = "squash", dtype: str = "float16",
             device: str = "auto", replace: bool = False, overwrite_dataset: bool = False,
-            max_bytes: int = MAX_BYTES, augment: int = 0, client=None, progress: bool = True) -> Report:  # noqa: ANN001
+            max_bytes: int = MAX_BYTES, augment: int = 0, client=None, progress: bool = True) -> Report:
     """Extract the activations of every image of `data` into `cache`; only new content is computed.
 
     `replace`: a cache holding another model's features is emptied and rebuilt rather than refused.
@@ -59,16 +60,16 @@ def extract(data: str | Path, model: str | Path, cache: str | Path, *, name: str
     """
     t0 = time.perf_counter()
     if augment < 0:
-        raise ValueError(f"--augment {augment}: the number of views must be 0 or more")
+        raise UsageError(f"augment {augment}: the number of augmented views must be 0 or more")
     if batch_size < 1 or jobs < 1 or max_bytes < 1:
-        raise ValueError(f"--batch-size ({batch_size}), --jobs ({jobs}) and --max-file-size ({max_bytes}) "
+        raise UsageError(f"batch size ({batch_size}), jobs ({jobs}) and maximum file size ({max_bytes}) "
                          "must be at least 1")
     ds = scan(data, name)
     if progress:
         LOG.info(ds.describe())
     meta = read_metadata(model)
     if meta.get("kind") != "body":
-        raise ValueError(f"{model}: not a headstart body model (kind {meta.get('kind')!r}); "
+        raise ModelError(f"{model}: not a headstart body model (kind {meta.get('kind')!r}); "
                          "use the model written by `headstart export`")
     size = int(meta["image_size"])
     layers = meta["layers"].split(",")
@@ -136,12 +137,7 @@ def _compute(writer: CacheWriter, model: str | Path, todo: dict[str, tuple[str, 
                 moved = {h for h, _, digest in batch if digest != todo[h][2]}  # None: gone or unreadable now
                 changed |= moved
                 batch = [(h, x) for h, x, _ in batch if h not in moved]
-                bad = {h: x for h, x in batch if isinstance(x, str)}
-                good = [x for h, x in batch if not isinstance(x, str)]
-                feats = None
-                if good:
-                    outs = session.run(layers, {"images": np.stack(good)})
-                    feats = dict(zip(layers, outs, strict=True))
+                feats, bad = run_usable(session, layers, batch)
                 if pending is not None:
                     pending.result()
                     shown.update(batch_size)

@@ -13,13 +13,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 
-from headstart.export.errors import CacheError
+from headstart.export.errors import DataError
 from headstart.heads.auto import AutoHead
 from headstart.heads.metrics import wilson
 from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
 
 from .cache import FeatureCache
-from .train import task_rows
+from .selection import Selection, task_rows
 
 # What a new user would try, beside `auto`: each estimator with its defaults.
 CANDIDATES: dict[str, Callable[[int], object]] = {
@@ -38,9 +38,9 @@ def fewshot(cache: str | Path, layer: str = "gap", sizes: tuple[int, ...] = (1, 
     """One row per (size, head): mean valid accuracy over `draws` random draws of `size` training rows a class,
     its spread, and the 95% Wilson interval of one draw's accuracy at the mean (n = the valid rows)."""
     fc = FeatureCache(cache, dataset)
-    classes, y, _, train, valid = task_rows(fc, valid_fraction=0.0)
+    classes, y, _, train, valid = task_rows(fc, Selection(dataset=fc.dataset, valid_fraction=0.0))
     if len(valid) == 0:
-        raise CacheError(f"{fc.path}: the few-shot curve needs a valid split to score on")
+        raise DataError(f"{fc.path}: the few-shot curve needs a valid split to score on")
     X_train, X_valid = fc.features(layer, train, np.float32), fc.features(layer, valid, np.float32)
     y_train, y_valid = y[train], y[valid]
     rows = []

@@ -7,6 +7,7 @@ onnx, onnxruntime, scikit-learn, numba or zarr.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -25,7 +26,7 @@ class Where(click.ParamType):
 
     name = "path|url"
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         return str(value)
 
 
@@ -72,7 +73,7 @@ class Size(click.ParamType):
 
     name = "size"
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
         return parse_size(value, param.opts[-1] if param else "size")
@@ -85,7 +86,7 @@ class Grid(click.ParamType):
         self.inner = inner
         self.name = f"{inner.name},..."
 
-    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201
+    def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
         return [self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip()]
@@ -95,17 +96,17 @@ class Option(click.Option):
     """click's Option with a default read lazily (`lazy_default`) and a default written as a user writes it
     (`shown`, a text or a function returning one)."""
 
-    def __init__(self, *args: Any, lazy_default: Callable[[], Any] | None = None,  # noqa: ANN401
-                 shown: str | Callable[[], str] | None = None, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, *args: Any, lazy_default: Callable[[], Any] | None = None,
+                 shown: str | Callable[[], str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_default, self.shown = lazy_default, shown
 
-    def get_default(self, ctx: click.Context, call: bool = True) -> Any:  # noqa: ANN401
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
         if self.lazy_default is not None:
             return self.lazy_default()
         return super().get_default(ctx, call)
 
-    def get_help_extra(self, ctx: click.Context) -> Any:  # noqa: ANN401
+    def get_help_extra(self, ctx: click.Context) -> Any:
         extra = super().get_help_extra(ctx)
         if self.shown is not None:
             extra["default"] = self.shown() if callable(self.shown) else self.shown
@@ -121,7 +122,7 @@ def default_of(module: str, function: str, name: str) -> Callable[[], Any]:
     return lambda: inspect.signature(getattr(importlib.import_module(module), function)).parameters[name].default
 
 
-def _value(v: Any) -> str:  # noqa: ANN401
+def _value(v: Any) -> str:
     if isinstance(v, (tuple, list)):
         return ",".join(str(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -198,6 +199,9 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "lr": (("--lr",), {"type": float, "help": "Adam learning rate of the head."}),
     "l2": (("--l2",), {"type": float, "help": "L2 penalty on the mean loss."}),
     "hidden": (("--hidden",), {"help": "Comma-separated hidden layer sizes of an mlp head, such as 256 or 512,128."}),
+    "memory": (("--memory",), {"type": SIZE, "help": "Memory budget, such as 4GB or 512MiB: of train's features "
+                                                  "(softmax and mlp heads stream larger caches in blocks), of "
+                                                  "audit's similarity blocks."}),
     "seed": (("--seed",), {"type": int, "help": "Seed of every random choice: a rerun gives the same result."}),
     "classes_map": (("--classes-map",), {"help": "YAML/JSON file: cache class name -> task label, or null to leave "
                                                  "a class out ('' for none)."}),
@@ -208,6 +212,18 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "drop_duplicates": (("--drop-duplicates",), {"is_flag": True, "help": "Leave out images whose bytes are also in "
                                                                           "another split, or under another label."}),
     "output": (("-o", "--output"), {"type": FILE, "help": "The file to write."}),
+    "train_split": (("--train-split",), {"help": "The split to train on."}),
+    "valid_split": (("--valid-split",), {"help": "The split to validate on."}),
+    "exclude": (("--exclude",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                 "help": "A file of rows to leave out of training and scoring: one path (as the "
+                                         "cache stores it, or its end, such as train/cats/cat.1.jpg) or sha256 "
+                                         "content hash a line; blank lines and '#' comments are ignored. A head "
+                                         "records them: evaluate leaves out the same rows unless given its own."}),
+    "relabel": (("--relabel",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                 "help": "A CSV of path,label rows (a header optional): train and score these "
+                                         "images under these labels, without touching the photos or the cache. A "
+                                         "head records them: evaluate scores under the same labels unless given "
+                                         "its own."}),
     "valid_fraction": (("--valid-fraction",), {"type": FRACTION, "help": "Share of the images held out as the valid "
                                                                          "split, where there is none."}),
     "image_size": (("--image-size",), {"type": int, "help": "Input side in pixels, a multiple of 32."}),
@@ -223,7 +239,7 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
 }
 
 
-def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:  # noqa: ANN401
+def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:
     """The one definition of a shared option, with this command's default (`default`, `lazy_default`, `shown`,
     `show_default`, `required`); `grid`: comma-separated values of its type, for sweep."""
     allowed = {"default", "lazy_default", "shown", "show_default", "required"}
@@ -236,3 +252,59 @@ def shared(name: str, grid: bool = False, **per_command: Any) -> Callable:  # no
     if "default" in per_command or "lazy_default" in per_command:
         per_command.setdefault("show_default", True)
     return click.option(*decls, cls=Option, **fixed, **per_command)
+
+
+SELECTION = ("dataset", "train_split", "valid_split", "valid_fraction", "seed", "classes_map", "drop_duplicates",
+             "augmented", "exclude", "relabel")
+
+
+def _selection_default(name: str) -> Callable[[], Any]:
+    def read() -> Any:
+        from headstart.pipeline.selection import default
+
+        return default(name)
+
+    return read
+
+
+def selection_options(*names: str, dataset: str = "the only one") -> Callable:
+    """The shared options of a task selection (`names`, of SELECTION; all by default), their defaults read from
+    pipeline.selection.Selection; the command receives one `selection` argument instead of them."""
+    names = names or SELECTION
+    flags = {"drop_duplicates", "augmented"}
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            kwargs["selection"] = build_selection({n: kwargs.pop(n) for n in names})
+            return fn(*args, **kwargs)
+
+        for name in reversed(names):
+            if name == "dataset":
+                run = shared(name, shown=dataset)(run)
+            elif name in ("exclude", "relabel") or name in flags:
+                run = shared(name)(run)
+            else:
+                run = shared(name, lazy_default=_selection_default(name))(run)
+        return run
+
+    return decorate
+
+
+def build_selection(given: dict[str, Any], base: Any = None) -> Any:
+    """A Selection from option values (files read here), over `base` (a Selection) when given."""
+    import dataclasses
+
+    from headstart.pipeline.selection import Selection, read_classes_map, read_exclude, read_relabel
+
+    given = dict(given)
+    origin = dict(base.origin) if base is not None else {}
+    if "classes_map" in given:
+        given["classes_map"] = read_classes_map(given["classes_map"] or None)
+    for name, read in (("exclude", read_exclude), ("relabel", read_relabel)):
+        if given.get(name) is None:
+            given.pop(name, None)
+        else:
+            given[name], where = read(given[name])
+            origin.update(where)
+    return dataclasses.replace(base or Selection(), **given, origin=origin)

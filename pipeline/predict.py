@@ -13,7 +13,7 @@ from headstart.export.runtime import open_session
 from headstart.heads.bundle import classifier_metadata
 
 from .dataset import Dataset, display, scan
-from .reader import read_batches
+from .reader import read_batches, run_usable
 
 
 def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 32, jobs: int = 2,
@@ -30,22 +30,21 @@ def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 3
     yield from predict_paths(paths, open_session(model, device, quiet=quiet), meta, batch_size, jobs, clip)
 
 
-def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,  # noqa: ANN001
+def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,
                   clip: tuple[float, float] | None) -> Iterator[dict]:
     """predict's rows for `paths`, with an open session of the classifier whose metadata is `meta`."""
     classes, fingerprint = meta["classes"], meta["fingerprint"]
     batches = read_batches(((p, p, None) for p in paths), fingerprint["image_size"], fingerprint["resize"],
                            batch_size, jobs)
     for batch in batches:
-        good = [x for _, x, _ in batch if not isinstance(x, str)]
-        proba = session.run(["probabilities"], {"images": np.stack(good)})[0] if good else None
+        outs, bad = run_usable(session, ["probabilities"], [(i, x) for i, (_, x, _) in enumerate(batch)])
         k = 0
-        for path, x, _ in batch:
+        for i, (path, _, _) in enumerate(batch):
             row = {"id": display(Path(path).stem), "path": display(path), "label": "", "error": ""}
-            if isinstance(x, str):
-                row.update(proba=dict.fromkeys(classes), error=x)
+            if i in bad:
+                row.update(proba=dict.fromkeys(classes), error=bad[i])
             else:
-                p = proba[k].astype(np.float64)
+                p = outs["probabilities"][k].astype(np.float64)
                 k += 1
                 row["label"] = classes[int(p.argmax())]
                 if clip:

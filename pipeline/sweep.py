@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import DataError, UsageError
 from headstart.heads.auto import cross_val_logits, make_folds, oof_scores
 from headstart.heads.kinds import KINDS
-from headstart.heads.metrics import loss_and_accuracy
+from headstart.heads.metrics import loss_and_accuracy, wilson
 from headstart.heads.models import DenseHead
 
 from .cache import FeatureCache
-from .train import task_rows, train_head
+from .selection import Selection, task_rows
+from .train import train_head
 
 
 def trials(layers: list[str], kinds: list[str], grid: dict[str, list]) -> list[tuple[str, str, dict]]:
@@ -29,7 +31,7 @@ def trials(layers: list[str], kinds: list[str], grid: dict[str, list]) -> list[t
     head is not trained once per learning rate."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds or not layers:
-        raise ValueError(f"sweep needs layers and heads from {', '.join(KINDS)}; got heads {kinds}")
+        raise UsageError(f"sweep needs layers and heads from {', '.join(KINDS)}; got heads {kinds}")
     out = []
     for layer, kind in itertools.product(layers, kinds):
         accepted = inspect.signature(KINDS[kind]).parameters
@@ -39,42 +41,47 @@ def trials(layers: list[str], kinds: list[str], grid: dict[str, list]) -> list[t
     return out
 
 
-def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str, list], *, jobs: int = 1,
-          select_on: str | None = None, folds: int = 5, seed: int = 0, **options: object
-          ) -> tuple[list[dict], DenseHead]:
-    """Train every combination with `train_head` (the same as `headstart train`, `options` passed on).
+def sweep(cache: str | Path, layers: list[str], kinds: list[str], grid: dict[str, list],
+          selection: Selection | None = None, *, jobs: int = 1, select_on: str | None = None, folds: int = 5,
+          **options: object) -> tuple[list[dict], DenseHead]:
+    """Train every combination with `train_head` on the rows of `selection` (the same as `headstart train`,
+    `options` passed on).
 
     Returns the rows sorted by the selection score, accuracy then log loss (layer, head, params, select_accuracy,
-    select_loss, valid_accuracy, valid_loss, seconds), and the best head refit on all training rows. The selection
-    score is out-of-fold on the training rows (`folds` stratified folds, seeded by `seed`), or, with `select_on`,
-    that split's score of the refit head.
+    select_loss, valid_accuracy with its 95% Wilson interval valid_low..valid_high, valid_loss, seconds), and the
+    best head refit on all training rows. The selection score is out-of-fold on the training rows (`folds`
+    stratified folds, seeded by the selection's seed), or, with `select_on`, that split's score of the refit head.
     """
     plan = trials(layers, kinds, grid)
-    fc = FeatureCache(cache, options.get("dataset"))
-    _, y, _, train, _ = task_rows(fc, classes_map=options.get("classes_map"), seed=seed)
+    selection = Selection.take(selection, options)
+    seed = selection.seed
+    fc = FeatureCache(cache, selection.dataset)
+    _, y, _, train, _ = task_rows(fc, selection)
     split, _ = make_folds(y[train], folds, 10**12, seed)
     picked = None
     if select_on is not None:
         picked = np.flatnonzero((fc.splits == select_on) & (y >= 0))
         if len(picked) == 0:
-            raise ValueError(f"{fc.path}: no labelled rows in split {select_on!r} to select on "
+            raise DataError(f"{fc.path}: no labelled rows in split {select_on!r} to select on "
                              f"(splits: {', '.join(sorted(set(fc.splits)))})")
     features = {layer: fc.features(layer, train) for layer in layers} if select_on is None else {}
 
     def run(trial: tuple[str, str, dict]) -> tuple[dict, DenseHead]:
         layer, kind, params = trial
         t0 = time.perf_counter()
-        head = train_head(cache, layer, kind, seed=seed, **options, **params)
+        head = train_head(cache, layer, kind, selection, **options, **params)
         if select_on is None:
             logits = cross_val_logits(lambda: KINDS[kind](random_state=seed, **params), features[layer], y[train],
                                       split)
             loss, accuracy = oof_scores(y[train], logits, split)
         else:
             loss, accuracy = loss_and_accuracy(y[picked], head.predict_proba(fc.features(layer, picked)))
-        m = head.meta_["metrics"]
+        m, n = head.meta_["metrics"], head.meta_["rows"]["valid"]
+        low, high = (None, None) if m.get("valid_accuracy") is None else \
+            wilson(int(round(m["valid_accuracy"] * n)), n)
         return {"layer": layer, "head": kind, "params": params, "select_accuracy": accuracy, "select_loss": loss,
-                "valid_accuracy": m.get("valid_accuracy"), "valid_loss": m.get("valid_loss"),
-                "seconds": time.perf_counter() - t0}, head
+                "valid_accuracy": m.get("valid_accuracy"), "valid_low": low, "valid_high": high,
+                "valid_loss": m.get("valid_loss"), "seconds": time.perf_counter() - t0}, head
 
     rows, best = [], None
     with ThreadPoolExecutor(jobs) as pool:

@@ -1,11 +1,10 @@
-"""Heads from the cache: tasks (classes maps), row selection, training and scoring on cached features.
+"""Heads from the cache: training on the rows a Selection (pipeline.selection) picks, scoring, reports.
 
 The estimators themselves (headstart.heads) take plain arrays; this module feeds them from a FeatureCache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Callable
@@ -14,105 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import DataError, IncompatibleError, UsageError
 from headstart.export.files import atomic_write
 from headstart.export.fingerprint import compatible
 from headstart.heads.kinds import KINDS
-from headstart.heads.metrics import metrics, plot_confusion
+from headstart.heads.metrics import metrics, plot_confusion, wilson
 from headstart.heads.models import DenseHead, EpochLog, MLPHead, SoftmaxHead
 
-from .cache import FeatureCache, duplicates_line
+from .cache import FeatureCache
 from .decode import BadImage, read_bytes
+from .selection import Selection, select_rows, task_labels_of, task_rows
 
 
-def read_classes_map(path: str | Path | None) -> dict[str, str | None] | None:
-    """A YAML or JSON mapping of the cache's class names to the task's labels (null leaves a class out)."""
-    if path is None:
-        return None
-    import yaml
-
-    try:
-        mapping = yaml.safe_load(Path(path).read_text())  # YAML is a superset of JSON
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read the classes map ({e})") from None
-    if not isinstance(mapping, dict) or not all(isinstance(v, str | type(None)) for v in mapping.values()):
-        raise ValueError(f"{path}: a classes map is a mapping of class name -> task label (or null to leave out)")
-    return {str(k): v for k, v in mapping.items()}
-
-
-def task_labels(classes: list[str], labels: np.ndarray, mapping: dict[str, str | None] | None
-                ) -> tuple[list[str], np.ndarray]:
-    """Task classes and per-entry task labels (-1 for entries outside the task)."""
-    if mapping is None:
-        return list(classes), labels.copy()
-    unknown = sorted(set(mapping) - set(classes))
-    if unknown:
-        raise ValueError(f"classes map names {', '.join(unknown)}, which the cache does not have "
-                         f"(it has {', '.join(classes)})")
-    task_classes = sorted({v for v in mapping.values() if v is not None})
-    lookup = np.array([task_classes.index(mapping[c]) if mapping.get(c) is not None else -1 for c in classes]
-                      + [-1])  # the last slot serves label -1 (unlabelled)
-    return task_classes, lookup[labels]
-
-
-def held_out(hashes: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """(n,) bool: whether each image is held out, a function of its content hash (and the seed) alone.
-
-    Adding images to a dataset never moves an existing image between train and valid.
-    """
-    scores = [int(hashlib.sha256(f"{seed}:{h}".encode()).hexdigest()[:13], 16) / 16**13 for h in hashes]
-    return np.array(scores) < fraction
-
-
-def select_rows(fc: FeatureCache, y: np.ndarray, selection: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(train, valid) entry indices. Without a valid split, a seeded fraction of train is held out by content
-    hash; with `drop_duplicates`, rows whose content is also in another split or under another label are out."""
-    labelled = y >= 0
-    train = np.flatnonzero((fc.splits == selection["train_split"]) & labelled)
-    valid = np.flatnonzero((fc.splits == selection["valid_split"]) & labelled)
-    if len(train) == 0:
-        raise ValueError(f"{fc.path}: no labelled rows in split {selection['train_split']!r} "
-                         f"(splits: {', '.join(sorted(set(fc.splits)))})")
-    if len(valid) == 0 and selection["valid_fraction"] > 0:
-        held = held_out(fc.hashes[train], selection["valid_fraction"], selection["seed"])
-        train, valid = train[~held], train[held]
-    if selection.get("drop_duplicates"):
-        cross, conflict = fc.duplicate_mask()
-        train, valid = train[~(cross | conflict)[train]], valid[~conflict[valid]]
-    return train, valid
-
-
-def task_rows(fc: FeatureCache, *, classes_map: dict[str, str | None] | None = None, train_split: str = "train",
-              valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0, drop_duplicates: bool = False,
-              say: Callable[[str], None] = lambda _: None
-              ) -> tuple[list[str], np.ndarray, dict, np.ndarray, np.ndarray]:
-    """What `train` and `tune` both train on: (task classes, (N,) task labels (-1 outside the task), the
-    selection recorded in the head file, train entries, valid entries). Notes for the user go to `say`; a task
-    class without training rows is an error."""
-    if not 0 <= valid_fraction < 1:
-        raise ValueError(f"--valid-fraction {valid_fraction}: need 0 <= fraction < 1")
-    classes, y = task_labels(fc.classes, fc.labels, classes_map)
-    left_out = {c: int(((fc.labels == i) & (y < 0)).sum()) for i, c in enumerate(fc.classes)}
-    if any(left_out.values()):
-        say("classes map leaves out " + ", ".join(f"{c} ({n} rows)" for c, n in left_out.items() if n))
-    selection = {"dataset": fc.dataset, "train_split": train_split, "valid_split": valid_split,
-                 "valid_fraction": valid_fraction, "seed": seed, "classes_map": classes_map,
-                 "drop_duplicates": drop_duplicates}
-    note = duplicates_line(fc.summary.get("duplicates", {}))
-    if note:
-        say(note if not drop_duplicates else note.split("; `headstart")[0] + "; left out (--drop-duplicates)")
-    train, valid = select_rows(fc, y, selection)
-    absent = [c for i, c in enumerate(classes) if not (y[train] == i).any()]
-    if absent:
-        raise ValueError(f"{fc.path}: class(es) {', '.join(map(repr, absent))} have no training rows in split "
-                         f"{train_split!r}; add images of them, or leave them out with a classes map")
-    return classes, y, selection, train, valid
-
-
-def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", *, dataset: str | None = None,
-               task: str | None = None, classes_map: dict[str, str | None] | None = None,
-               train_split: str = "train", valid_split: str = "valid", valid_fraction: float = 0.2, seed: int = 0,
-               drop_duplicates: bool = False, memory: int | None = None, augmented: bool = False,
-               log: EpochLog | None = None,
+def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", selection: Selection | None = None, *,
+               task: str | None = None, memory: int | None = None, log: EpochLog | None = None,
                say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
     """Fit a head on cached features, as ``headstart train`` does, recording what it was trained on.
 
@@ -124,27 +38,15 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", *, dat
         The cached layer to train on: gap, pool5, ...
     kind : str
         The head: one of `headstart.heads.KINDS` (softmax, logistic, mlp).
-    dataset : str, optional
-        The dataset inside the cache, where it holds several.
+    selection : Selection, optional
+        The rows and labels to train on: dataset, splits, valid fraction, seed (also the estimator's
+        random_state), classes map, exclusions, relabels, augmented views. Its fields may also be given as
+        keywords (``valid_fraction=0``), which replace the selection's.
     task : str, optional
         The task's name, kept in the head (default: the dataset's name).
-    classes_map : dict, optional
-        Cache class name -> task label, or None to leave a class out.
-    train_split, valid_split : str
-        The splits to train and to validate on.
-    valid_fraction : float
-        Held out of the train split where the dataset has no valid split, chosen by each image's content hash
-        (and `seed`), so adding images never moves one between train and valid.
-    seed : int
-        The estimator's random_state and the hold-out's seed.
-    drop_duplicates : bool
-        Leave out images whose bytes are also in another split, or under another label.
     memory : int, optional
         Bytes the training features may take (default: half the memory available); softmax and mlp heads
         stream larger ones from the cache in blocks.
-    augmented : bool
-        Each epoch, train on one of each image's cached views (plain or augmented), drawn at random;
-        validation always uses the plain view.
     log : callable, optional
         Called with each epoch's record (losses, accuracies, milliseconds).
     say : callable, optional
@@ -166,29 +68,29 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", *, dat
     0.97
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
+        raise UsageError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
     say = say or (lambda _: None)
+    selection = Selection.take(selection, params)
+    dataset = selection.dataset
     fc = cache if isinstance(cache, FeatureCache) and dataset in (None, cache.dataset) else \
         FeatureCache(getattr(cache, "path", cache), dataset)
-    classes, y, selection, train, valid = task_rows(
-        fc, classes_map=classes_map, train_split=train_split, valid_split=valid_split,
-        valid_fraction=valid_fraction, seed=seed, drop_duplicates=drop_duplicates, say=say)
+    classes, y, record, train, valid = task_rows(fc, selection, say)
     names = np.array(classes)
     storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32
-    head = KINDS[kind](random_state=seed, **params)
+    head = KINDS[kind](random_state=selection.seed, **params)
     width = int(fc.root[f"features/{layer}"].shape[1]) if layer in fc.layers else 0
     need, memory = len(train) * width * np.dtype(storage).itemsize, memory or available_memory() // 2
-    if augmented:
+    if selection.augmented:
         if fc.view_rows.shape[1] == 0:
-            raise ValueError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
+            raise DataError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
         if not isinstance(head, SoftmaxHead | MLPHead):
-            raise ValueError(f"--augmented needs a head trained by epochs (softmax or mlp), not {kind}")
+            raise UsageError(f"--augmented needs a head trained by epochs (softmax or mlp), not {kind}")
         say(f"augmented: each epoch draws one of {fc.view_rows.shape[1] + 1} cached views of every training image")
         head.fit_blocks(_views(fc, layer, train, max(1, memory // (4 * width * 8)), storage), width,
                         names[y[train]], X_valid=fc.features(layer, valid), y_valid=names[y[valid]], log=log)
     elif need > memory:
         if not isinstance(head, SoftmaxHead | MLPHead):
-            raise ValueError(f"the {kind} head needs its {need / 2**30:.2f} GiB of features in memory, over the "
+            raise UsageError(f"the {kind} head needs its {need / 2**30:.2f} GiB of features in memory, over the "
                              f"{memory / 2**30:.2f} GiB budget; raise --memory, or use --head softmax or mlp, "
                              "which stream from the cache")
         # Blocks sized as if widened to float64 with two in flight (one read ahead): a margin that the float32
@@ -203,7 +105,7 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", *, dat
                  y_valid=names[y[valid]], log=log)
     last = head.history_[-1]
     head.meta_ = {
-        "task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint, "selection": selection,
+        "task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint, "selection": record,
         "rows": {"train": int(len(train)), "valid": int(len(valid))},
         "metrics": {k: v for k, v in last.items() if k != "epoch"},
     }
@@ -251,32 +153,35 @@ def _views(fc: FeatureCache, layer: str, entries: np.ndarray, block_rows: int, d
     return blocks
 
 
-def evaluate(cache: str | Path, head: DenseHead, split: str | None = None
+def evaluate(cache: str | Path, head: DenseHead, split: str | None = None, selection: Selection | None = None
              ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Score `head` on the rows it was validated on (or on `split`).
+    """Score `head` on the rows it was validated on (or on `split`), under the labels it was trained for.
 
+    `selection`: the rows and labels to score (default: the head's own, recorded when it was trained: its
+    dataset, classes map, exclusions and relabels).
     Returns (metrics, y (n,) class indices, probabilities (n, n_classes), paths (n,) of the images scored).
     """
     meta = head.meta_
-    sel = meta["selection"]
-    fc = FeatureCache(cache, sel["dataset"])
+    sel = selection or Selection.from_record(meta["selection"])
+    fc = FeatureCache(cache, sel.dataset)
     layer = meta["layer"]
     compatible(meta["fingerprint"], fc.fingerprint, str(fc.path), layer)
-    classes, y = task_labels(fc.classes, fc.labels, sel["classes_map"])
+    classes, y = task_labels_of(fc, sel)
     if classes != [str(c) for c in head.classes_]:
-        raise ValueError(f"the task's classes in {fc.path} ({classes}) differ from the head's "
-                         f"({head.classes_.tolist()})")
+        raise IncompatibleError(f"the task's classes in {fc.path} ({classes}) differ from the head's "
+                                f"({head.classes_.tolist()})")
     if split is None:
         _, rows = select_rows(fc, y, sel)
     else:
         rows = np.flatnonzero((fc.splits == split) & (y >= 0))
     if len(rows) == 0:
-        raise ValueError(f"{fc.path}: no labelled rows to evaluate on (split {split or sel['valid_split']!r})")
+        raise DataError(f"{fc.path}: no labelled rows to evaluate on (split {split or sel.valid_split!r})")
     proba = head.predict_proba(fc.features(layer, rows))
     result = metrics(y[rows], proba, classes)
+    result["accuracy_interval"] = list(wilson(int(round(result["accuracy"] * len(rows))), len(rows)))
     result.update({"task": meta["task"], "head": type(head).__name__, "layer": layer,
-                   "split": split or (sel["valid_split"] if (fc.splits == sel["valid_split"]).any() else
-                                      f"held-out {sel['valid_fraction']} of {sel['train_split']}")})
+                   "split": split or (sel.valid_split if (fc.splits == sel.valid_split).any() else
+                                      f"held-out {sel.valid_fraction} of {sel.train_split}")})
     return result, y[rows], proba, fc.paths[rows]
 
 

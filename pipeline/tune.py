@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from headstart.export.errors import CacheError, DataError, ModelError, UsageError
 from headstart.export.fingerprint import body_fingerprint, compatible
 from headstart.export.graph import read_metadata
 from headstart.heads.metrics import loss_and_accuracy
@@ -22,16 +23,16 @@ from headstart.heads.models import EpochLog
 from headstart.heads.tuned import POOLINGS, TunedHead
 
 from .cache import FeatureCache
-from .train import task_rows
+from .selection import Selection, task_rows
 
 LAYER = "pool4"
 
 
-def _torch():  # noqa: ANN202 - the torch module
+def _torch():
     try:
         import torch
     except ImportError:
-        raise ValueError("headstart tune trains with PyTorch: pip install 'headstart[tune]'") from None
+        raise UsageError("headstart tune trains with PyTorch: pip install 'headstart[tune]'") from None
     return torch
 
 
@@ -39,13 +40,14 @@ def block5_weights(model: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """conv5_1..3 of a float32 headstart body, as (W (512, 512, 3, 3), b) float32."""
     meta = read_metadata(model)
     if meta.get("kind") != "body" or meta.get("dtype") != "float32":
-        raise ValueError(f"{model}: tune starts from a float32 headstart body (export without --dtype/--quantize)")
+        raise ModelError(f"{model}: tune starts from a float32 headstart body (export it without --dtype or "
+                         "--quantize)")
     inits = {i.name: i for i in onnx.load(str(model)).graph.initializer}
     return [(numpy_helper.to_array(inits[f"conv5_{i}.w"]).astype(np.float32),
              numpy_helper.to_array(inits[f"conv5_{i}.b"]).astype(np.float32)) for i in (1, 2, 3)]
 
 
-def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
+def to_torch(head: TunedHead):
     """The head as a torch module on pool4 (N, 512, s, s): what tune trains and what bundle must equal."""
     torch = _torch()
     nn = torch.nn
@@ -59,7 +61,7 @@ def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
             self.register_buffer("mean", torch.from_numpy(head.mean_.copy()))
             self.register_buffer("scale", torch.from_numpy(head.scale_.copy()))
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             for conv in self.convs:
                 x = torch.relu(conv(x))
             x = torch.nn.functional.max_pool2d(x, 2)
@@ -82,46 +84,43 @@ def to_torch(head: TunedHead):  # noqa: ANN201 - a torch.nn.Module
     return module
 
 
-def _from_torch(head: TunedHead, module) -> None:  # noqa: ANN001
+def _from_torch(head: TunedHead, module) -> None:
     head.convs_ = [(c.weight.detach().cpu().numpy().copy(), c.bias.detach().cpu().numpy().copy())
                    for c in module.convs]
     head.layers_ = [(d.weight.detach().cpu().numpy().T.copy(), d.bias.detach().cpu().numpy().copy())
                     for d in module.dense]
 
 
-def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, pooling: str = "gap",
-              hidden: tuple[int, ...] = (), epochs: int = 10, lr: float = 1e-3, conv_lr: float = 1e-4,
-              batch_size: int = 32, l2: float = 1e-4, seed: int = 0, augmented: bool = False,
-              random_init: bool = False, dataset: str | None = None, task: str | None = None,
-              classes_map: dict | None = None, train_split: str = "train", valid_split: str = "valid",
-              valid_fraction: float = 0.2, drop_duplicates: bool = False, log: EpochLog | None = None,
-              say: Callable[[str], None] | None = None) -> TunedHead:
+def tune_head(cache: str | Path, model: str | Path, selection: Selection | None = None, *, unfreeze: int = 1,
+              pooling: str = "gap", hidden: tuple[int, ...] = (), epochs: int = 10, lr: float = 1e-3,
+              conv_lr: float = 1e-4, batch_size: int = 32, l2: float = 1e-4, random_init: bool = False,
+              task: str | None = None, log: EpochLog | None = None, say: Callable[[str], None] | None = None
+              ) -> TunedHead:
     """Train the last `unfreeze` convolutions of block 5 (from the ImageNet weights of `model`, or random ones
-    with `random_init`, a control), pool5, `pooling` and a dense head on the cached pool4 of `cache`.
+    with `random_init`, a control), pool5, `pooling` and a dense head on the cached pool4 of `cache`, on the rows
+    and labels of `selection` (its seed seeds the training too).
 
     The convolutions learn at `conv_lr`, the head at `lr` (Adam); `l2` penalises the head's weights.
     """
     torch = _torch()
     if unfreeze not in (1, 2, 3) or pooling not in POOLINGS or epochs < 1 or batch_size < 1:
-        raise ValueError(f"--unfreeze is 1, 2 or 3 and --pooling one of {', '.join(POOLINGS)}; epochs and batch "
+        raise UsageError(f"unfreeze is 1, 2 or 3 and pooling one of {', '.join(POOLINGS)}; epochs and batch "
                          f"size at least 1 (got {unfreeze}, {pooling!r}, {epochs}, {batch_size})")
+    selection = selection or Selection()
+    seed, augmented = selection.seed, selection.augmented
     say = say or (lambda _: None)
     log = log or (lambda _: None)
     if "outputs" in read_metadata(model):  # export --onnx: the user's model has no VGG16 block 5 to tune
-        from headstart.export.errors import UsageError
-
         raise UsageError(f"{model} wraps another model (`headstart export --onnx`): tune fine-tunes VGG16's block 5; "
                          "train a head on the cached layers instead")
-    fc = FeatureCache(cache, dataset)
+    fc = FeatureCache(cache, selection.dataset)
     if LAYER not in fc.layers:
-        raise ValueError(f"{fc.path} has no {LAYER} features; export the body with --layers {LAYER},gap,pool5 "
+        raise CacheError(f"{fc.path} has no {LAYER} features; export the body with --layers {LAYER},gap,pool5 "
                          "and extract again")
     # The body gives the weights, not features: its output layers may differ from the cache's.
     compatible(fc.fingerprint, body_fingerprint(read_metadata(model)) | {k: fc.fingerprint[k] for k in
                                                                          ("resize", "layers")}, str(model))
-    classes, y, selection, train, valid = task_rows(
-        fc, classes_map=classes_map, train_split=train_split, valid_split=valid_split,
-        valid_fraction=valid_fraction, seed=seed, drop_duplicates=drop_duplicates, say=say)
+    classes, y, record, train, valid = task_rows(fc, selection, say)
     side = int(round((fc.root[f"features/{LAYER}"].shape[1] / 512) ** 0.5))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
@@ -167,7 +166,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
                                    "lr": conv_lr}, {"params": net.dense.parameters(), "lr": lr}])
     y_train, y_valid = torch.from_numpy(y[train]).to(device), y[valid]
     if augmented and fc.view_rows.shape[1] == 0:
-        raise ValueError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
+        raise DataError(f"{fc.path}: dataset {fc.dataset!r} has no augmented views; extract it with --augment K")
     say(f"tuning conv5_{4 - unfreeze}..conv5_3 on cached {LAYER} ({len(train)} train rows, {device})")
     head.history_ = []
     for epoch in range(1, epochs + 1):
@@ -200,7 +199,7 @@ def tune_head(cache: str | Path, model: str | Path, *, unfreeze: int = 1, poolin
     net = net.cpu()
     head.mean_, head.scale_ = net.mean.numpy().copy(), net.scale.numpy().copy()
     _from_torch(head, net)
-    head.meta_ = {"task": task or fc.dataset, "layer": LAYER, "fingerprint": fc.fingerprint, "selection": selection,
+    head.meta_ = {"task": task or fc.dataset, "layer": LAYER, "fingerprint": fc.fingerprint, "selection": record,
                   "rows": {"train": int(len(train)), "valid": int(len(valid))},
                   "metrics": {k: v for k, v in head.history_[-1].items() if k != "epoch"},
                   "tune": {"unfreeze": unfreeze, "conv_lr": conv_lr, "lr": lr, "epochs": epochs,

@@ -336,3 +336,76 @@ def test_json_dash_prints_only_json_on_stdout(cache, tmp_path):
     assert "best: logistic on gap" in out.stderr and (tmp_path / "b.head").is_file()
     info = json.loads(CliRunner().invoke(main, ["info", str(cache / "c.zarr"), "--json", "-"]).stdout)
     assert info["rows"] == 28 and info["classes"] == "a, b"
+
+
+def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(cache, tmp_path):
+    """A ValueError from our own code (not a HeadstartError) is a bug: traceback, exit status 1, the bug line."""
+    code = f"""
+        import sys
+        import headstart.pipeline.train as train
+
+        def broken(*args, **kwargs):
+            raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+        train.evaluate = broken
+        from headstart.pipeline.cli import main
+        main(["evaluate", "--cache", {str(cache / 'c.zarr')!r}, "--head-file", {str(cache / 'h.head')!r}])
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "in broken" in done.stderr
+    assert lines[-2] == "ValueError: operands could not be broadcast together with shapes (3,) (4,)"
+    assert lines[-1].startswith("this is a bug in headstart: please report it, with the traceback above, at ")
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache / "c.zarr"), "--classes-map",
+                                       str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "h.head")])
+    assert result.exit_code == 1  # a path the user gave: one line, not a bug
+    assert result.output == f"Error: {tmp_path / 'missing.yaml'}: No such file or directory\n"
+
+
+def test_what_a_user_caused_is_one_line(cache, tmp_path):
+    (tmp_path / "map.yaml").write_text("[not, a, mapping]\n")
+    result = CliRunner().invoke(main, ["train", "--cache", str(cache / "c.zarr"), "--classes-map",
+                                       str(tmp_path / "map.yaml"), "-o", str(tmp_path / "h.head")])
+    assert result.exit_code == 1 and result.output == (f"Error: {tmp_path / 'map.yaml'}: a classes map is a mapping "
+                                                       "of class name -> task label (or null to leave out)\n")
+
+
+def test_evaluate_shows_the_accuracy_interval_and_draws_the_reliability_diagram(cache, tmp_path):
+    from PIL import Image
+
+    from headstart.heads.metrics import wilson
+
+    args = ["evaluate", "--cache", str(cache / "c.zarr"), "--head-file", str(cache / "h.head")]
+    result = CliRunner().invoke(main, [*args, "--json", str(tmp_path / "e.json"), "--reliability",
+                                       str(tmp_path / "r.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e.json").read_text())
+    low, high = wilson(round(data["accuracy"] * data["n"]), data["n"])
+    assert data["accuracy_interval"] == [low, high] and low <= data["accuracy"] <= high
+    assert data["n"] == 8 and high - low > 0.2  # 8 rows: a wide interval
+    assert f"accuracy {data['accuracy']:.3f} [{low:.3f}, {high:.3f}] on 8 rows" in result.output
+    with Image.open(tmp_path / "r.png") as img:
+        assert img.format == "PNG" and img.width > 200
+    refused = CliRunner().invoke(main, ["train", "--cache", str(cache / "c.zarr"), "--head", "logistic",
+                                        "--patience", "3", "-o", str(tmp_path / "h.head")])
+    assert refused.exit_code == 2 and "--head logistic takes no --patience" in refused.output
+
+
+def test_run_usable_runs_the_session_once_on_the_usable_images_in_order():
+    from headstart.pipeline.decode import Unreadable
+    from headstart.pipeline.reader import run_usable
+
+    class Session:
+        calls = []
+
+        def run(self, outputs, feeds):
+            self.calls.append(feeds["images"].copy())
+            return [feeds["images"].sum(axis=(1, 2, 3))]
+
+    batch = [("a", np.full((2, 2, 3), 1, np.uint8)), ("b", Unreadable("zero-byte file")),
+             ("c", np.full((2, 2, 3), 2, np.uint8))]
+    outs, bad = run_usable(Session(), ["sum"], batch)
+    assert len(Session.calls) == 1 and outs["sum"].tolist() == [12, 24] and bad == {"b": "zero-byte file"}
+    assert run_usable(Session(), ["sum"], [("b", Unreadable("x"))]) == (None, {"b": "x"})
+    assert len(Session.calls) == 1  # nothing usable: no run

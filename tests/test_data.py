@@ -12,7 +12,7 @@ from conftest import generated_images
 from headstart.pipeline.cli import main
 from headstart.pipeline.data import PARITY, write_pets
 from headstart.pipeline.dataset import scan
-from headstart.pipeline.train import read_classes_map
+from headstart.pipeline.selection import read_classes_map
 
 
 def test_digits_are_written_as_an_image_folder(tmp_path):

@@ -153,9 +153,10 @@ def test_adding_images_never_moves_a_row_between_train_and_valid(tmp_path, rando
         extract(data, random_model, cache, progress=False)
         head = train_head(cache, "gap", "logistic", valid_fraction=0.25)
         fc = FeatureCache(cache)
-        from headstart.pipeline.train import select_rows, task_labels
+        from headstart.pipeline.selection import Selection, select_rows, task_labels
 
-        tr, va = select_rows(fc, task_labels(fc.classes, fc.labels, None)[1], head.meta_["selection"])
+        tr, va = select_rows(fc, task_labels(fc.classes, fc.labels, None)[1],
+                             Selection.from_record(head.meta_["selection"]))
         return set(fc.hashes[tr]), set(fc.hashes[va])
 
     train_before, valid_before = split_of_each_image()

@@ -18,8 +18,12 @@ ROOT = REPO / "pipeline" / "_root"  # the root package `headstart` (pyproject's 
 
 
 def modules() -> dict[str, Path]:
-    layered = {f"headstart.{p.parent.name}" + ("" if p.stem == "__init__" else f".{p.stem}"): p
-               for folder in LAYERS for p in sorted((REPO / folder).glob("*.py"))}
+    def name(folder: str, p: Path) -> str:  # subpackages too: pipeline/commands/heads.py is ...commands.heads
+        parts = [folder, *p.relative_to(REPO / folder).with_suffix("").parts]
+        return "headstart." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    layered = {name(folder, p): p for folder in LAYERS for p in sorted((REPO / folder).rglob("*.py"))
+               if ROOT not in p.parents and ".venv" not in p.parts}
     root = {"headstart" + ("" if p.stem == "__init__" else f".{p.stem}"): p for p in sorted(ROOT.glob("*.py"))}
     return layered | root
 

@@ -40,7 +40,9 @@ def test_the_sweeps_best_equals_the_same_single_train(tmp_path, random_model):
     saved = load_head(tmp_path / "b.head")
     X = FeatureCache(cache).features(best["layer"])
     np.testing.assert_allclose(saved.predict_proba(X), single.predict_proba(X), atol=1e-6)
-    assert "| layer | head | params | select_accuracy | select_loss | valid_accuracy" in result.output
+    assert "| layer | head | params | select_accuracy | select_loss | valid_accuracy | valid_95" in result.output
+    assert all(r["valid_low"] <= r["valid_accuracy"] <= r["valid_high"] for r in rows)
+    assert f"[{rows[0]['valid_low']:.3f}, {rows[0]['valid_high']:.3f}]" in result.output
     assert "best:" in result.output and "not used to rank" in result.output
 
 
