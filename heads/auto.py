@@ -12,14 +12,11 @@ Validation rows are never read for the choice: `fit` takes them only to log the 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import LeaveOneOut, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
@@ -27,6 +24,7 @@ from threadpoolctl import threadpool_limits
 from headstart.export.errors import UsageError
 
 from .base import FLOATS, DenseHead, EpochLog, checked, l2_normalize, margins, softmax, two_classes
+from .calibration import CALIBRATE_ROWS, fit_temperature, make_folds
 from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
 from .linear import fit_logistic, logits_of
 from .metrics import wilson
@@ -34,16 +32,10 @@ from .models import LogisticHead, MLPHead, SoftmaxHead
 
 # The penalties on the mean loss tried, strongest first (the order of the warm-started path).
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-# Below this many rows in the smallest class's folds, leave-one-out (while the rows are few enough to afford it).
-LOO_ROWS = 200
 # L-BFGS's iterations and tolerance per point of the path during selection: warm starts need few; the refit
 # gets LogisticHead's own.
 PATH_ITER = 300
 PATH_TOL = 1e-4
-# Temperatures searched, and the out-of-fold rows below which none is fitted (T = 1): on 20 rows that a
-# probe separates, the best temperature runs to 0, and is far too sure on new rows.
-TEMPERATURES = (0.1, 10.0)
-CALIBRATE_ROWS = 50
 
 
 class AutoHead(ClassifierMixin, BaseEstimator):
@@ -227,22 +219,6 @@ class AutoHead(ClassifierMixin, BaseEstimator):
                  "chosen": "<-" if r["name"] == self.winner_ else ""} for r in self.cv_results_]
 
 
-def make_folds(y: np.ndarray, folds: int, holdout_rows: int, seed: int | None) -> tuple[list, dict]:
-    """[(train rows, test rows)] of class indices y, and how they were drawn (recorded in the head file)."""
-    n, smallest = len(y), int(np.bincount(y).min())
-    if n >= holdout_rows and smallest >= 10:
-        split = StratifiedShuffleSplit(1, test_size=0.1, random_state=seed)
-        return list(split.split(np.zeros(n), y)), {"method": "held-out 10%", "splits": 1, "seed": seed, "rows": n}
-    if smallest < folds and n <= LOO_ROWS:
-        return list(LeaveOneOut().split(np.zeros(n))), {"method": "leave-one-out", "splits": n, "seed": None,
-                                                        "rows": n}
-    k = max(2, min(folds, smallest))
-    with warnings.catch_warnings():  # a class with a single row cannot be in every fold: said by the method name
-        warnings.simplefilter("ignore", UserWarning)
-        split = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))
-    return split, {"method": f"stratified {k}-fold", "splits": k, "seed": seed, "rows": n}
-
-
 class LogisticPath:
     """L-BFGS logistic regression on one fold along a path of penalties, strongest first, each fit started from
     the previous one's solution: `next(l2)` gives the test rows' logits (n_test, k). Standardized by the training
@@ -269,19 +245,6 @@ class LogisticPath:
         if len(self.present) == self.k:
             self.solutions[l2] = self.theta
         return _full_logits(logits_of(self.theta, self.Z_test, len(self.present)), self.present, self.k)
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> float:
-    """The T in TEMPERATURES' range minimizing the (weighted) mean log loss of softmax(logits / T)."""
-    weight = np.ones(len(y)) if weight is None else weight
-    z = logits.astype(np.float64)
-
-    def loss(log_t: float) -> float:
-        return float(-(log_softmax(z / np.exp(log_t), axis=1)[np.arange(len(y)), y] * weight).sum() / weight.sum())
-
-    lo, hi = np.log(TEMPERATURES)
-    found = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(found.x)) if found.fun < loss(0.0) else 1.0
 
 
 def _make(kind: str, params: dict, class_weight: str | None, seed: int | None) -> DenseHead:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .base import softmax
-from .compute import Product, Widen, cores, share
+from .compute import Product, Widen, cores, row_hashes, rows_per_block, share
 from .optimizers import Adam
 
 # Probabilities below exp(-40) of a row's largest count as 0: Intel CPUs compute the subnormals they lead to in
@@ -48,6 +48,11 @@ class InMemory:
         """The rows where `mask`, in order, as stored."""
         return self.X[mask]
 
+    def hashes(self, n: int) -> np.ndarray:
+        """(n,) each row's content hash in [0, 1) (compute.row_hashes)."""
+        step = rows_per_block(self.X.shape[1], 4)
+        return np.concatenate([row_hashes(self.X[i:i + step]) for i in range(0, n, step)])
+
 
 class Streamed:
     """Rows read block by block: `blocks(rng)` yields (rows into y, X_rows), every row once per call, in an
@@ -80,6 +85,13 @@ class Streamed:
             return np.zeros((0, self.d), np.float32)
         order = np.argsort(np.concatenate(where), kind="stable")
         return np.concatenate(parts)[order]
+
+    def hashes(self, n: int) -> np.ndarray:
+        """(n,) each row's content hash in [0, 1), by its position into y."""
+        out = np.empty(n)
+        for rows, block in self.blocks(None):
+            out[rows] = row_hashes(block)
+        return out
 
 
 class AdamTraining:
