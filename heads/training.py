@@ -37,12 +37,14 @@ class InMemory:
     def stat_blocks(self) -> Iterator[np.ndarray]:
         yield self.X
 
-    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None) -> Iterator[Batch]:
-        """(rows, X, rows) per minibatch; `keep`: (n,) bool, the rows trained on (default all)."""
-        order = rng.permutation(len(self.X) if keep is None else np.flatnonzero(keep))
-        for i in range(0, len(order), batch_size):
-            idx = np.sort(order[i:i + batch_size])  # sorted rows gather faster from memory
-            yield idx, self.X, idx
+    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None, passes: int = 1
+                ) -> Iterator[Batch]:
+        """(rows, X, rows) per minibatch, over `passes` passes; `keep`: (n,) bool, the rows trained on (or all)."""
+        for _ in range(passes):
+            order = rng.permutation(len(self.X) if keep is None else np.flatnonzero(keep))
+            for i in range(0, len(order), batch_size):
+                idx = np.sort(order[i:i + batch_size])  # sorted rows gather faster from memory
+                yield idx, self.X, idx
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """The rows where `mask`, in order, as stored."""
@@ -64,15 +66,18 @@ class Streamed:
     def stat_blocks(self) -> Iterator[np.ndarray]:
         return (block for _, block in self.blocks(None))
 
-    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None) -> Iterator[Batch]:
-        """(rows into y, the block, the rows picked from it) per minibatch; `keep` as InMemory.batches."""
+    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None, passes: int = 1
+                ) -> Iterator[Batch]:
+        """(rows into y, the block, the rows picked from it) per minibatch; `keep` as InMemory.batches. Each block
+        read serves all `passes` passes over its rows, so that small data's extra passes read nothing again."""
         for rows, block in self.blocks(rng):
-            order = rng.permutation(len(rows))
-            if keep is not None:
-                order = order[keep[rows[order]]]
-            for i in range(0, len(order), batch_size):
-                pick = np.sort(order[i:i + batch_size])
-                yield rows[pick], block, pick
+            for _ in range(passes):
+                order = rng.permutation(len(rows))
+                if keep is not None:
+                    order = order[keep[rows[order]]]
+                for i in range(0, len(order), batch_size):
+                    pick = np.sort(order[i:i + batch_size])
+                    yield rows[pick], block, pick
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """The rows where `mask` (by position into y), in y's order, gathered from the blocks."""
@@ -156,7 +161,7 @@ class AdamTraining:
 
     def snapshot(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """A copy of the current layers, out of Adam's vector."""
-        return [(np.ascontiguousarray(W), b.copy()) for W, b in self.layers]
+        return [(np.array(W, order="C"), b.copy()) for W, b in self.layers]
 
     def epoch(self, batches: Iterator[Batch]) -> float:
         """One pass of steps over `batches`; its milliseconds."""

@@ -326,8 +326,9 @@ def verify(cache: str) -> None:
 @shared("dataset", shown="the only one")
 @shared("layer", lazy_default=default_of(TRAIN, "train_head", "layer"))
 @shared("head", default="auto")
-@click.option("--calibration", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
-              help="auto: temperature scaling fitted on the winner's out-of-fold logits; none turns it off.")
+@click.option("--calibration", type=click.Choice(["temperature", "none"]), cls=Option, shown=per_kind("calibrate"),
+              help="Temperature scaling of the head's probabilities, fitted on rows it did not train on "
+                   "(out-of-fold or held out); none turns it off.")
 @shared("output", required=True)
 @shared("epochs", shown=per_kind("epochs"))
 @shared("lr", shown=per_kind("lr"))
@@ -353,7 +354,7 @@ def verify(cache: str) -> None:
 @shared("task")
 @shared("history")
 @friendly
-def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: str, output: Path,
+def train(cache: str, dataset: str | None, layer: str, kind: str, calibration: str | None, output: Path,
           epochs: int | None, lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None,
           dropout: float | None,
           seed: int, class_weight: str,
