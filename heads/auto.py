@@ -12,14 +12,12 @@ Validation rows are never read for the choice: `fit` takes them only to log the 
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import LeaveOneOut, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
@@ -27,6 +25,8 @@ from threadpoolctl import threadpool_limits
 from headstart.export.errors import UsageError
 
 from .base import FLOATS, DenseHead, EpochLog, checked, l2_normalize, margins, softmax, two_classes
+from .calibration import CALIBRATE_ROWS, fit_temperature, make_folds
+from .compute import cores
 from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
 from .linear import fit_logistic, logits_of
 from .metrics import wilson
@@ -34,16 +34,10 @@ from .models import LogisticHead, MLPHead, SoftmaxHead
 
 # The penalties on the mean loss tried, strongest first (the order of the warm-started path).
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-# Below this many rows in the smallest class's folds, leave-one-out (while the rows are few enough to afford it).
-LOO_ROWS = 200
 # L-BFGS's iterations and tolerance per point of the path during selection: warm starts need few; the refit
 # gets LogisticHead's own.
 PATH_ITER = 300
 PATH_TOL = 1e-4
-# Temperatures searched, and the out-of-fold rows below which none is fitted (T = 1): on 20 rows that a
-# probe separates, the best temperature runs to 0, and is far too sure on new rows.
-TEMPERATURES = (0.1, 10.0)
-CALIBRATE_ROWS = 50
 
 
 class AutoHead(ClassifierMixin, BaseEstimator):
@@ -127,13 +121,14 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         tested = np.concatenate([test for _, test in folds])  # each row once, or the held-out tenth
         self.cv_results_, oof, self._paths = [], [], {}
         t0 = time.perf_counter()
-        for name, kind, params, logits in self._candidates(X, yi, folds, tested, weight):
+        for name, kind, params, logits, seconds in self._candidates(X, yi, folds, tested, weight):
             loss, accuracy = _scores(yi[tested], logits[tested], weight[tested])
             correct = int(round(accuracy * len(tested)))
             low, high = wilson(correct, len(tested))
             self.cv_results_.append({"name": name, "kind": kind, "params": params, "log_loss": loss,
                                      "accuracy": accuracy, "correct": correct, "n": int(len(tested)),
-                                     "low": low, "high": high, "seconds": round(time.perf_counter() - t0, 3)})
+                                     "low": low, "high": high,
+                                     "seconds": round(seconds or time.perf_counter() - t0, 3)})
             oof.append(logits)
             t0 = time.perf_counter()
         best = choose(self.cv_results_, [_row_losses(yi[tested], z[tested], weight[tested]) for z in oof])
@@ -161,10 +156,41 @@ class AutoHead(ClassifierMixin, BaseEstimator):
             raise UsageError(f"AutoHead: need folds >= 2, a grid of l2 > 0, neighbors >= 1, adam_rows and "
                              f"holdout_rows >= 1; got {self.get_params()}")
 
-    def _candidates(self, X: np.ndarray, y: np.ndarray, folds: list, tested: np.ndarray, weight: np.ndarray):
-        """(name, kind, params, out-of-fold logits (n, C)) of every candidate, on the same folds."""
+    def _candidates(self, X: np.ndarray, y: np.ndarray, folds: list, tested: np.ndarray, weight: np.ndarray
+                    ) -> Iterator[tuple[str, str, dict, np.ndarray, float | None]]:
+        """(name, kind, params, out-of-fold logits (n, C), seconds or None) of every candidate, on the same folds.
+
+        The Adam heads, where they are candidates, train in a thread of their own beside the others (each part
+        runs on one core: the products are too small for BLAS's threads); their seconds are their own.
+        """
         grid = sorted(L2_GRID if self.l2_grid is None else self.l2_grid, reverse=True)
         k = len(self.classes_)
+        adam = len(X) >= self.adam_rows
+        worker = ThreadPoolExecutor(1, thread_name_prefix="headstart-auto") if adam and cores() > 1 else None
+        try:
+            if worker is not None:
+                started = worker.submit(self._adam_logits, X, y, folds, k)
+            yield from self._linear_and_knn(X, y, folds, tested, weight, grid, k)
+            if adam:
+                yield from (started.result() if worker is not None else self._adam_logits(X, y, folds, k))
+        finally:
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
+
+    def _adam_logits(self, X: np.ndarray, y: np.ndarray, folds: list, k: int) -> list[tuple]:
+        """The Adam candidates' rows of the table: softmax and mlp, their defaults."""
+        out = []
+        for kind in ("softmax", "mlp"):
+            t0 = time.perf_counter()
+            logits = np.zeros((len(X), k), np.float32)
+            for tr, te in folds:
+                logits[te] = _fold_logits(_make(kind, {}, self.class_weight, self.random_state), X, y, tr, te, k)
+            out.append((f"{kind} (defaults)", kind, {}, logits, time.perf_counter() - t0))
+        return out
+
+    def _linear_and_knn(self, X: np.ndarray, y: np.ndarray, folds: list, tested: np.ndarray, weight: np.ndarray,
+                        grid: list[float], k: int) -> Iterator[tuple[str, str, dict, np.ndarray, None]]:
+        """The logistic paths' and the k-NN candidates' rows of the table."""
         for normalize in (False, True):
             scaled = grid  # unit rows are fitted at a standardized row's length (LogisticHead), so one grid
             paths = [LogisticPath(X[tr], y[tr], X[te], k, normalize, self.class_weight) for tr, te in folds]
@@ -176,7 +202,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):
                     logits[te] = path.next(l2)
                 params = {"l2": float(l2), "standardize": not normalize, "normalize": normalize}
                 name = f"logistic l2={l2:.3g} {'normalized' if normalize else 'standardized'}"
-                yield name, "logistic", params, logits
+                yield name, "logistic", params, logits, None
                 # The out-of-fold loss along the path falls, then rises: a rise past its least ends the path.
                 loss = _scores(y[tested], logits[tested], weight[tested])[0]
                 best, worse = min(best, loss), (worse + 1 if loss > best else 0)
@@ -185,21 +211,15 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         unit, ks, ref = l2_normalize(X), sorted({int(n) for n in self.neighbors}), KNNHead()
         knn = {n: np.zeros((len(X), k), np.float32) for n in ks}
         for tr, te in folds:  # each fold's similarities once, for every k
-            w = _vote_weights(y[tr], k, self.class_weight)
+            w, base = _vote_weights(y[tr], k, self.class_weight), unit[tr].T
             for i in range(0, len(te), QUERY_ROWS):
                 rows = te[i:i + QUERY_ROWS]
-                sims = unit[rows] @ unit[tr].T
+                sims = unit[rows] @ base
                 top = nearest(sims, ks[-1])  # one search for every k
                 for n in ks:
                     knn[n][rows] = knn_log_proba(sims, y[tr], n, ref.tau, ref.alpha, w, top)
         for n in ks:
-            yield f"knn k={n}", "knn", {"n_neighbors": n}, knn[n]
-        if len(X) >= self.adam_rows:
-            for kind in ("softmax", "mlp"):
-                logits = np.zeros((len(X), k), np.float32)
-                for tr, te in folds:
-                    logits[te] = _fold_logits(_make(kind, {}, self.class_weight, self.random_state), X, y, tr, te, k)
-                yield f"{kind} (defaults)", kind, {}, logits
+            yield f"knn k={n}", "knn", {"n_neighbors": n}, knn[n], None
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """The winner's logits (n, n_classes), divided by the temperature."""
@@ -225,22 +245,6 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         return [{"candidate": r["name"], "cv_log_loss": round(r["log_loss"], 4),
                  "cv_accuracy": f"{r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
                  "chosen": "<-" if r["name"] == self.winner_ else ""} for r in self.cv_results_]
-
-
-def make_folds(y: np.ndarray, folds: int, holdout_rows: int, seed: int | None) -> tuple[list, dict]:
-    """[(train rows, test rows)] of class indices y, and how they were drawn (recorded in the head file)."""
-    n, smallest = len(y), int(np.bincount(y).min())
-    if n >= holdout_rows and smallest >= 10:
-        split = StratifiedShuffleSplit(1, test_size=0.1, random_state=seed)
-        return list(split.split(np.zeros(n), y)), {"method": "held-out 10%", "splits": 1, "seed": seed, "rows": n}
-    if smallest < folds and n <= LOO_ROWS:
-        return list(LeaveOneOut().split(np.zeros(n))), {"method": "leave-one-out", "splits": n, "seed": None,
-                                                        "rows": n}
-    k = max(2, min(folds, smallest))
-    with warnings.catch_warnings():  # a class with a single row cannot be in every fold: said by the method name
-        warnings.simplefilter("ignore", UserWarning)
-        split = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), y))
-    return split, {"method": f"stratified {k}-fold", "splits": k, "seed": seed, "rows": n}
 
 
 class LogisticPath:
@@ -269,19 +273,6 @@ class LogisticPath:
         if len(self.present) == self.k:
             self.solutions[l2] = self.theta
         return _full_logits(logits_of(self.theta, self.Z_test, len(self.present)), self.present, self.k)
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> float:
-    """The T in TEMPERATURES' range minimizing the (weighted) mean log loss of softmax(logits / T)."""
-    weight = np.ones(len(y)) if weight is None else weight
-    z = logits.astype(np.float64)
-
-    def loss(log_t: float) -> float:
-        return float(-(log_softmax(z / np.exp(log_t), axis=1)[np.arange(len(y)), y] * weight).sum() / weight.sum())
-
-    lo, hi = np.log(TEMPERATURES)
-    found = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(found.x)) if found.fun < loss(0.0) else 1.0
 
 
 def _make(kind: str, params: dict, class_weight: str | None, seed: int | None) -> DenseHead:

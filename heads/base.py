@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from headstart.export.errors import DataError, HeadstartError, UsageError
 
+from .calibration import CALIBRATIONS
 from .compute import mean_std, rows_per_block
 from .metrics import loss_and_accuracy
 
@@ -71,7 +72,8 @@ class DenseHead(ClassifierMixin, BaseEstimator):
     """What every head shares once fitted: inference, bookkeeping and the epoch log. Subclasses implement `_fit`.
 
     Fitted attributes: `classes_` (k,), `n_features_in_`, `mean_`/`scale_` (D,), `layers_`, `history_`
-    (one dict per epoch: train and valid loss and accuracy, milliseconds).
+    (one dict per epoch: train and valid loss and accuracy, milliseconds), `temperature_` (divides the logits;
+    1.0 uncalibrated) and `calibration_` (how it was fitted: method, rows, temperature; None uncalibrated).
     """
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, X_valid: np.ndarray | None = None,
@@ -98,12 +100,14 @@ class DenseHead(ClassifierMixin, BaseEstimator):
             X_valid = checked(validate_data, self, X_valid, reset=False, dtype=FLOATS)
             valid = (X_valid, self._encode(np.asarray(y_valid), "validation"))
         self._check_params()
-        self.history_ = []
+        self.history_, self.temperature_, self.calibration_ = [], 1.0, None
         return y_index, valid
 
     def _check_params(self) -> None:
         if self.class_weight not in (None, "balanced"):
             raise UsageError(f"class_weight must be None or 'balanced', got {self.class_weight!r}")
+        if getattr(self, "calibrate", "none") not in CALIBRATIONS:
+            raise UsageError(f"calibrate must be 'temperature' or 'none', got {self.calibrate!r}")
 
     def _encode(self, y: np.ndarray, what: str) -> np.ndarray:
         """Class indices of labels `y`; a label the head was not trained on is an error naming it."""
@@ -151,9 +155,12 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         return out
 
     def logits(self, X: np.ndarray) -> np.ndarray:
-        """Logits (n, n_classes), whose softmax is `predict_proba`: what the bundled graph computes."""
+        """Logits (n, n_classes), divided by the temperature, whose softmax is `predict_proba`: what the bundled
+        graph computes."""
         check_is_fitted(self)
-        return self._logits(checked(validate_data, self, X, reset=False, dtype=FLOATS))
+        z = self._logits(checked(validate_data, self, X, reset=False, dtype=FLOATS))
+        t = getattr(self, "temperature_", 1.0)
+        return z if t == 1.0 else z / np.float32(t)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """scikit-learn's decision values: the logits (n, n_classes), or for 2 classes the margin of the second

@@ -59,8 +59,8 @@ def _prune(graph: onnx.GraphProto, keep: list[str]) -> None:
 def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype: str | None = None
            ) -> onnx.ModelProto:
     """One graph: the body of `model_path`, then the head's standardization, dense layers and softmax (a k-NN
-    head: its similarities to the stored rows, TopK and weighted votes; an auto head: its winner's, the logits
-    divided by its temperature).
+    head: its similarities to the stored rows, TopK and weighted votes; an auto head: its winner's), the logits
+    divided by the head's temperature where it is calibrated.
 
     `head.meta_` says which layer it reads and carries the fingerprint of the features it was trained on.
     The head runs in float32 even in a float16 bundle: it is a few thousand FLOPs per image.
@@ -114,8 +114,10 @@ def head_nodes(head: DenseHead | AutoHead, x: str) -> tuple[list, list, str]:
     else:
         nodes, inits, h = dense_nodes(x, inner.mean_, inner.scale_, inner.layers_,
                                       normalize=bool(getattr(inner, "normalize", False)))
-    if isinstance(head, AutoHead) and head.temperature_ != 1.0:
-        inits.append(numpy_helper.from_array(np.array(head.temperature_, np.float32), "head.temperature"))
+    # The winner of an auto head is uncalibrated and the auto head holds the temperature; any other head its own.
+    temperature = head.temperature_ if isinstance(head, AutoHead) else getattr(head, "temperature_", 1.0)
+    if temperature != 1.0:
+        inits.append(numpy_helper.from_array(np.array(temperature, np.float32), "head.temperature"))
         nodes.append(helper.make_node("Div", [h, "head.temperature"], ["head.calibrated"]))
         h = "head.calibrated"
     return nodes, inits, h

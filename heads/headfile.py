@@ -4,7 +4,8 @@ Arrays: `mean`, `scale` (D,), then `W0`, `b0`, `W1`, `b1`, ... of the dense laye
 `labels` (m,), `vote_weight` (n_classes,) instead). JSON (`meta`): the estimator's kind, parameters and classes,
 and `info`, what the trainer recorded beside it (task, layer, the body's fingerprint, rows, metrics), which comes
 back as the estimator's `meta_`. An auto head stores its winner's arrays, and in `auto` the winner's kind and
-parameters, the candidates' cross-validation table, how the folds were drawn (their seed) and the temperature.
+parameters, the candidates' cross-validation table, how the folds were drawn (their seed) and the temperature;
+any other calibrated head its `calibration` (method, rows, temperature).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .kinds import KINDS
 from .knn import KNNHead
 from .tuned import POOLINGS, TunedHead
 
-FORMAT = "headstart-head/2"
+# /3 added the calibration of every head kind; /2 files (no calibration but auto's) still load.
+FORMAT = "headstart-head/3"
+READABLE = ("headstart-head/2", FORMAT)
 
 
 def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
@@ -55,6 +58,8 @@ def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
         inner = head.best_
         meta["auto"] = {"winner": {"kind": _kind(inner), "params": inner.get_params()}, "name": head.winner_,
                         "temperature": float(head.temperature_), "cv": head.cv_, "table": head.cv_results_}
+    elif getattr(head, "calibration_", None):
+        meta["calibration"] = head.calibration_
     arrays = {"mean": inner.mean_, "scale": inner.scale_}
     if isinstance(head, TunedHead):
         meta["side"] = head.side
@@ -108,7 +113,7 @@ def load_head(path: str | Path) -> DenseHead:
         meta = json.loads(str(arrays.pop("meta")))
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise bad(f"{type(e).__name__}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE:
         raise bad(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
     kind, params, classes = meta.get("kind"), meta.get("params"), meta.get("classes")
     if kind not in KINDS and kind != "tuned":
@@ -206,4 +211,10 @@ def _restore(kind: str, params: dict, classes: list, d: int, meta: dict, arrays:
                     for i in range(n_layers)]
     head.history_ = []
     head.meta_ = meta.get("info", {})
+    head.temperature_, head.calibration_ = 1.0, meta.get("calibration")
+    if head.calibration_ is not None:
+        t = head.calibration_.get("temperature") if isinstance(head.calibration_, dict) else None
+        if not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise bad(f"calibration needs a positive temperature, got {head.calibration_!r}")
+        head.temperature_ = float(t)
     return head

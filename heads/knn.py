@@ -14,10 +14,13 @@ from onnx import helper, numpy_helper
 from headstart.export.errors import UsageError
 
 from .base import NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
+from .calibration import calibrate
 from .metrics import loss_and_accuracy
 
 # Query rows scored at once: a (rows, n_train) block of similarities.
 QUERY_ROWS = 1024
+# Training rows that calibrate's leave-one-out votes on at most: enough for one temperature.
+LOO_QUERIES = 2000
 
 
 def nearest(sims: np.ndarray, k: int) -> np.ndarray:
@@ -53,10 +56,14 @@ class KNNHead(DenseHead):
         Temperature of the votes, exp(similarity / tau).
     alpha : float
         Smoothing added to each class's share of the votes, so no probability is 0.
+    calibrate : {"none", "temperature"}
+        "temperature": divide the logits by a temperature fitted on leave-one-out logits (each row's vote among
+        the other rows, on up to 2,000 rows drawn with `random_state`; from 50 rows); kept in the head file and
+        the bundled graph.
     class_weight : {None, "balanced"}
         "balanced" weighs each class's votes inversely to its frequency.
     random_state : int or None
-        Unused (k-NN draws nothing); kept so every head takes the same seed.
+        Seed of the rows that `calibrate` draws.
 
     Attributes
     ----------
@@ -66,6 +73,8 @@ class KNNHead(DenseHead):
         (m,) their class indices.
     vote_weight_ : numpy.ndarray
         (n_classes,) each class's vote weight (from `class_weight`).
+    temperature_ : float
+        Divides the logits (1.0 uncalibrated); `calibration_` says how it was fitted (method, rows).
 
     Examples
     --------
@@ -78,20 +87,21 @@ class KNNHead(DenseHead):
 
     standardize = False  # not a parameter: the rows are normalized, never standardized
 
-    def __init__(self, n_neighbors: int = 20, tau: float = 0.07, alpha: float = 0.01,
+    def __init__(self, n_neighbors: int = 20, tau: float = 0.07, alpha: float = 0.01, calibrate: str = "none",
                  class_weight: str | None = None, random_state: int | None = 0) -> None:
         self.n_neighbors = n_neighbors
         self.tau = tau
         self.alpha = alpha
+        self.calibrate = calibrate
         self.class_weight = class_weight
-        self.random_state = random_state  # unused (k-NN draws nothing); kept so that every head takes a seed
+        self.random_state = random_state
 
     def _check_params(self) -> None:
         super()._check_params()
         if self.n_neighbors < 1 or self.tau <= 0 or not 0 < self.alpha < 1:
             raise UsageError(f"KNNHead: need n_neighbors >= 1, tau > 0 and 0 < alpha < 1; got {self.get_params()}")
 
-    def _fit(self, X, y, valid, log: EpochLog) -> None:
+    def _fit(self, X: np.ndarray, y: np.ndarray, valid: tuple | None, log: EpochLog) -> None:
         self.rows_, self.labels_ = l2_normalize(X), y.astype(np.int64)
         counts = np.bincount(y, minlength=len(self.classes_))
         balanced = len(y) / (len(counts) * np.maximum(counts, 1))
@@ -99,6 +109,28 @@ class KNNHead(DenseHead):
         self.layers_ = []
         # Its own training rows are their own nearest neighbours: the train scores say little, as for any k-NN.
         self._log(log, 1, 0.0, loss_and_accuracy(y, softmax(self._logits(X))), valid)
+        if self.calibrate == "temperature" and len(y) > 1:
+            rows = self._leave_one_out_rows()
+            z = self._leave_one_out_logits(rows)
+            self.calibration_ = calibrate(z, y[rows], self.vote_weight_[y[rows]], "leave-one-out")
+            self.temperature_ = self.calibration_["temperature"]
+
+    def _leave_one_out_rows(self) -> np.ndarray:
+        m = len(self.rows_)
+        if m <= LOO_QUERIES:
+            return np.arange(m)
+        return np.sort(np.random.default_rng(self.random_state).choice(m, LOO_QUERIES, replace=False))
+
+    def _leave_one_out_logits(self, rows: np.ndarray) -> np.ndarray:
+        """Logits (len(rows), n_classes) of training rows voted on by the other training rows."""
+        out = np.empty((len(rows), len(self.classes_)), np.float32)
+        k = min(self.n_neighbors, len(self.rows_) - 1)
+        for i in range(0, len(rows), QUERY_ROWS):
+            part = rows[i:i + QUERY_ROWS]
+            sims = self.rows_[part] @ self.rows_.T
+            sims[np.arange(len(part)), part] = -np.inf  # not its own neighbour
+            out[i:i + QUERY_ROWS] = knn_log_proba(sims, self.labels_, k, self.tau, self.alpha, self.vote_weight_)
+        return out
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         out = np.empty((len(X), len(self.classes_)), np.float32)

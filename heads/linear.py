@@ -59,3 +59,15 @@ def as_layer(theta: np.ndarray, d: int, k: int) -> tuple[np.ndarray, np.ndarray]
     if m == 1:  # sigmoid(z) == softmax([0, z])[1]
         W, b = np.hstack([np.zeros_like(W), W]), np.array([0.0, b[0]], np.float32)
     return np.ascontiguousarray(W), b
+
+
+def out_of_fold_logits(Z: np.ndarray, y: np.ndarray, k: int, l2: float, weight: np.ndarray | None,
+                       theta: np.ndarray, folds: list, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, k) of each fold's test rows by a fit on its other rows, started from `theta`, and the rows
+    tested (the folds' test rows, concatenated)."""
+    z = np.zeros((len(y), k), np.float32)
+    for tr, te in folds:
+        part, _ = fit_logistic(Z[tr], y[tr], k, l2, None if weight is None else weight[tr], init=theta,
+                               max_iter=max_iter, tol=1e-4)
+        z[te] = logits_of(part, Z[te], k)
+    return z, np.concatenate([te for _, te in folds])

@@ -7,15 +7,18 @@ loop is `training.AdamTraining` and their optimizer `optimizers.Adam`; the fitte
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import numpy as np
+from sklearn.base import clone
 from threadpoolctl import threadpool_limits
 
 from headstart.export.errors import UsageError
 
 from .base import FLOATS, NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
+from .calibration import CALIBRATE_ROWS, calibrate, make_folds
 from .compute import mean_std
 from .metrics import loss_and_accuracy
 from .training import AdamTraining, InMemory, Streamed
@@ -25,7 +28,13 @@ __all__ = ["FLOATS", "NORM_EPS", "DenseHead", "EpochLog", "LogisticHead", "MLPHe
 
 
 class _AdamHead(DenseHead):
-    """Dense layers trained by minibatch Adam on the mean cross-entropy plus `l2` times the weights' squares."""
+    """Dense layers trained by minibatch Adam on the mean cross-entropy plus `l2` times the weights' squares.
+
+    Training runs `epochs` epochs of at least `min_steps` Adam steps in all: on small data an epoch makes several
+    passes over the rows, so 8 rows and 80,000 rows both converge. With `patience`, a `validation_fraction` of the
+    training rows, chosen by each row's content hash, is held out: training stops once their loss has not fallen
+    for `patience` epochs, and the best epoch's weights are kept.
+    """
 
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
@@ -33,9 +42,11 @@ class _AdamHead(DenseHead):
     def _check_params(self) -> None:
         super()._check_params()
         if not (all(int(h) >= 1 for h in self.hidden) and 0 <= self.dropout < 1 and self.epochs >= 1
-                and self.lr > 0 and self.batch_size >= 1 and self.l2 >= 0):
+                and self.lr > 0 and self.batch_size >= 1 and self.l2 >= 0 and self.min_steps >= 0
+                and (self.patience is None or self.patience >= 1) and 0 < self.validation_fraction < 1):
             raise UsageError(f"{type(self).__name__}: need hidden sizes >= 1, 0 <= dropout < 1, epochs >= 1, "
-                             f"lr > 0, batch_size >= 1, l2 >= 0; got {self.get_params()}")
+                             f"lr > 0, batch_size >= 1, l2 >= 0, min_steps >= 0, patience None or >= 1, "
+                             f"0 < validation_fraction < 1; got {self.get_params()}")
 
     def _fit(self, X: np.ndarray, y: np.ndarray, valid: tuple | None, log: EpochLog) -> None:
         self._train(InMemory(X), X.shape[1], y, valid, log)
@@ -47,6 +58,7 @@ class _AdamHead(DenseHead):
         `blocks(rng)` yields (rows, X_rows): positions into y (n,) and their features (len(rows), n_features),
         every row once per call, in an order it shuffles with `rng` (or as stored when rng is None). Each block
         is shuffled again into minibatches; the standardization statistics come from one pass over the blocks.
+        Held-out rows (`patience`, `calibrate`) are read into memory.
         """
         self.n_features_in_ = n_features
         y_index, valid = self._begin(np.asarray(y), X_valid, y_valid)
@@ -57,16 +69,77 @@ class _AdamHead(DenseHead):
 
     def _train(self, source: InMemory | Streamed, d: int, y: np.ndarray, valid: tuple | None, log: EpochLog
                ) -> None:
-        """Epochs of Adam steps over the source's minibatches, each epoch logged."""
+        """Hold rows out where needed, run the epochs, then fit the temperature."""
+        held = self._held_out(source, y)
+        held_X = self._epochs(source, d, y, None if held is None else ~held, held, valid, log)
+        if self.calibrate != "temperature":
+            return
+        if held is not None and held.sum() >= CALIBRATE_ROWS:
+            self.calibration_ = calibrate(self._logits(held_X), y[held], self._sample_weight(y)[held],
+                                          "held-out rows")
+        else:
+            self.calibration_ = self._out_of_fold(source, d, y)
+        self.temperature_ = self.calibration_["temperature"]
+
+    def _held_out(self, source: InMemory | Streamed, y: np.ndarray) -> np.ndarray | None:
+        """(n,) bool: the rows held out by content hash, for early stopping or a temperature; None for none."""
+        enough = len(y) * self.validation_fraction >= CALIBRATE_ROWS
+        if self.patience is None and not (self.calibrate == "temperature" and enough):
+            return None
+        held = source.hashes(len(y)) < self.validation_fraction
+        return held if 0 < held.sum() < len(y) else None
+
+    def _epochs(self, source: InMemory | Streamed, d: int, y: np.ndarray, keep: np.ndarray | None,
+                held: np.ndarray | None, valid: tuple | None, log: EpochLog) -> np.ndarray | None:
+        """Run the epochs of Adam steps over the rows `keep` (all where None), each logged.
+
+        With `patience`, the `held` rows' loss stops them and the best epoch's weights are kept. Returns the held
+        rows' features (or None).
+        """
         rng = np.random.default_rng(self.random_state)
-        run = AdamTraining(self, d, y, self._sample_weight(y), self.epochs, rng)
+        n = len(y) if keep is None else int(keep.sum())
+        passes = max(1, math.ceil(self.min_steps / (self.epochs * math.ceil(n / self.batch_size))))
+        run = AdamTraining(self, d, y, self._sample_weight(y), self.epochs * passes, rng)
         self.layers_ = run.layers  # views, so that the log scores the current weights
+        trained = slice(None) if keep is None else keep
+        held_X = None if held is None else source.take(held)
+        best, stop = None, False  # best: (held-out loss, epoch, layers)
         with threadpool_limits(1, user_api="blas"):
             for epoch in range(1, self.epochs + 1):
-                ms = run.epoch(source.batches(rng, self.batch_size))
+                ms = run.epoch(source.batches(rng, self.batch_size, keep, passes))
+                extra = {"passes": passes} if passes > 1 else {}
+                if held is not None:
+                    loss, accuracy = loss_and_accuracy(y[held], softmax(self._logits(held_X)))
+                    extra |= {"holdout_loss": loss, "holdout_accuracy": accuracy}
+                    if best is None or loss < best[0]:
+                        best = (loss, epoch, run.snapshot() if self.patience else None)
+                    stop = self.patience is not None and epoch - best[1] >= self.patience
+                    if self.patience and (stop or epoch == self.epochs):
+                        extra |= {"best_epoch": best[1], "stopped_early": stop}
                 # Running training loss and accuracy over the epoch, as Keras reports them.
-                self._log(log, epoch, ms, loss_and_accuracy(y, run.proba), valid)
-        self.layers_ = run.snapshot()
+                self._log(log, epoch, ms, loss_and_accuracy(y[trained], run.proba[trained]), valid, **extra)
+                if stop:
+                    break
+        if self.patience and best is not None:
+            self.layers_, self.best_epoch_, self.stopped_early_ = best[2], best[1], stop
+        else:
+            self.layers_ = run.snapshot()
+        return held_X
+
+    def _out_of_fold(self, source: InMemory | Streamed, d: int, y: np.ndarray) -> dict:
+        """Fit the temperature on out-of-fold logits: 3 folds by content hash, the head retrained on the others."""
+        fold = np.minimum((source.hashes(len(y)) * 3).astype(int), 2)
+        z = np.zeros((len(y), len(self.classes_)), np.float32)
+        for i in range(3):
+            test = fold == i
+            if not test.any() or test.all():
+                continue
+            part = clone(self).set_params(calibrate="none", patience=None)
+            part.classes_, part.mean_, part.scale_, part.history_ = self.classes_, self.mean_, self.scale_, []
+            part._epochs(source, d, y, ~test, None, None, lambda _: None)
+            z[test] = part._logits(source.take(test))
+        tested = np.isin(fold, [i for i in range(3) if 0 < (fold == i).sum() < len(y)])
+        return calibrate(z[tested], y[tested], self._sample_weight(y)[tested], "out-of-fold (3 folds by content hash)")
 
 
 class MLPHead(_AdamHead):
@@ -79,15 +152,27 @@ class MLPHead(_AdamHead):
     dropout : float
         The fraction of each hidden layer's outputs dropped while training, in [0, 1).
     epochs : int
-        Passes over the training rows.
+        Epochs of training: each one pass over the training rows, or as many passes as it takes for all the
+        epochs to make `min_steps` Adam steps.
     lr : float
         Adam's learning rate.
     batch_size : int
         Rows per Adam step (the command line's ``--minibatch``).
     l2 : float
         Penalty on the mean loss: `l2` times the sum of the weights' squares.
+    min_steps : int
+        The fewest Adam steps of a fit (see `epochs`): a few dozen steps from the start do not converge.
+    patience : int or None
+        Early stopping: stop once the held-out rows' loss has not fallen for this many epochs, and keep the
+        best epoch's weights (recorded in the last `history_` record: best_epoch, stopped_early). None: off.
+    validation_fraction : float
+        The share of the training rows held out for `patience` (and for `calibrate` from 500 rows), chosen by
+        each row's content hash, so the same rows whatever their order.
     standardize : bool
         Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    calibrate : {"none", "temperature"}
+        "temperature": divide the logits by a temperature fitted on the held-out rows' logits (from 50 of them),
+        else on out-of-fold logits (3 folds by content hash); kept in the head file and the bundled graph.
     class_weight : {None, "balanced"}
         "balanced" weighs each row inversely to its class's frequency.
     random_state : int or None
@@ -104,7 +189,11 @@ class MLPHead(_AdamHead):
     layers_ : list of tuple
         The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
     history_ : list of dict
-        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+        One record per epoch: train (and valid, held-out) loss and accuracy, milliseconds, passes.
+    temperature_ : float
+        Divides the logits (1.0 uncalibrated); `calibration_` says how it was fitted (method, rows).
+    best_epoch_, stopped_early_ : int, bool
+        With `patience`: the epoch whose weights were kept, and whether training stopped before `epochs`.
     meta_ : dict
         What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
 
@@ -118,15 +207,20 @@ class MLPHead(_AdamHead):
     """
 
     def __init__(self, hidden: tuple[int, ...] = (256,), dropout: float = 0.5, epochs: int = 20, lr: float = 1e-3,
-                 batch_size: int = 64, l2: float = 1e-4, standardize: bool = True, class_weight: str | None = None,
-                 random_state: int | None = 0) -> None:
+                 batch_size: int = 64, l2: float = 1e-4, min_steps: int = 2000, patience: int | None = None,
+                 validation_fraction: float = 0.1, standardize: bool = True, calibrate: str = "none",
+                 class_weight: str | None = None, random_state: int | None = 0) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.l2 = l2
+        self.min_steps = min_steps
+        self.patience = patience
+        self.validation_fraction = validation_fraction
         self.standardize = standardize
+        self.calibrate = calibrate
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -137,15 +231,27 @@ class SoftmaxHead(_AdamHead):
     Parameters
     ----------
     epochs : int
-        Passes over the training rows.
+        Epochs of training: each one pass over the training rows, or as many passes as it takes for all the
+        epochs to make `min_steps` Adam steps.
     lr : float
         Adam's learning rate.
     batch_size : int
         Rows per Adam step (the command line's ``--minibatch``).
     l2 : float
         Penalty on the mean loss: `l2` times the sum of the weights' squares.
+    min_steps : int
+        The fewest Adam steps of a fit (see `epochs`): a few dozen steps from the start do not converge.
+    patience : int or None
+        Early stopping: stop once the held-out rows' loss has not fallen for this many epochs, and keep the
+        best epoch's weights (recorded in the last `history_` record: best_epoch, stopped_early). None: off.
+    validation_fraction : float
+        The share of the training rows held out for `patience` (and for `calibrate` from 500 rows), chosen by
+        each row's content hash, so the same rows whatever their order.
     standardize : bool
         Standardize each feature by the training rows' mean and standard deviation first (kept in the head).
+    calibrate : {"none", "temperature"}
+        "temperature": divide the logits by a temperature fitted on the held-out rows' logits (from 50 of them),
+        else on out-of-fold logits (3 folds by content hash); kept in the head file and the bundled graph.
     class_weight : {None, "balanced"}
         "balanced" weighs each row inversely to its class's frequency.
     random_state : int or None
@@ -162,7 +268,11 @@ class SoftmaxHead(_AdamHead):
     layers_ : list of tuple
         The dense layers [(W (D_in, D_out), b (D_out,))], ReLU between them, softmax after the last.
     history_ : list of dict
-        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+        One record per epoch: train (and valid, held-out) loss and accuracy, milliseconds, passes.
+    temperature_ : float
+        Divides the logits (1.0 uncalibrated); `calibration_` says how it was fitted (method, rows).
+    best_epoch_, stopped_early_ : int, bool
+        With `patience`: the epoch whose weights were kept, and whether training stopped before `epochs`.
     meta_ : dict
         What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
 
@@ -176,12 +286,18 @@ class SoftmaxHead(_AdamHead):
     """
 
     def __init__(self, epochs: int = 20, lr: float = 1e-3, batch_size: int = 64, l2: float = 1e-4,
-                 standardize: bool = True, class_weight: str | None = None, random_state: int | None = 0) -> None:
+                 min_steps: int = 2000, patience: int | None = None, validation_fraction: float = 0.1,
+                 standardize: bool = True, calibrate: str = "none", class_weight: str | None = None,
+                 random_state: int | None = 0) -> None:
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.l2 = l2
+        self.min_steps = min_steps
+        self.patience = patience
+        self.validation_fraction = validation_fraction
         self.standardize = standardize
+        self.calibrate = calibrate
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -204,10 +320,13 @@ class LogisticHead(DenseHead):
     normalize : bool
         Scale each row to unit length first (then standardize, where `standardize`): the linear probe of CLIP and
         DINOv2; the head file and the bundle do the same.
+    calibrate : {"none", "temperature"}
+        "temperature": divide the logits by a temperature fitted on out-of-fold logits (5 folds, leave-one-out on
+        few rows, a held-out tenth from 10,000; from 50 rows); kept in the head file and the bundled graph.
     class_weight : {None, "balanced"}
         "balanced" weighs each row inversely to its class's frequency.
     random_state : int or None
-        Seed of the initial weights, the shuffling and dropout; None for a fresh one each fit.
+        Seed of the folds that `calibrate` draws.
 
     Attributes
     ----------
@@ -222,7 +341,9 @@ class LogisticHead(DenseHead):
     n_iter_ : int
         L-BFGS's iterations (not restored from a head file).
     history_ : list of dict
-        One record per epoch: train (and valid) loss and accuracy, milliseconds.
+        One record: train (and valid) loss and accuracy, milliseconds, iterations.
+    temperature_ : float
+        Divides the logits (1.0 uncalibrated); `calibration_` says how it was fitted (method, rows).
     meta_ : dict
         What `headstart.train_head` or `load_head` recorded: task, layer, the features' fingerprint, metrics.
 
@@ -236,11 +357,12 @@ class LogisticHead(DenseHead):
     """
 
     def __init__(self, l2: float = 1e-2, max_iter: int = 2000, standardize: bool = True, normalize: bool = False,
-                 class_weight: str | None = None, random_state: int | None = 0) -> None:
+                 calibrate: str = "none", class_weight: str | None = None, random_state: int | None = 0) -> None:
         self.l2 = l2
         self.max_iter = max_iter
         self.standardize = standardize
         self.normalize = normalize
+        self.calibrate = calibrate
         self.class_weight = class_weight
         self.random_state = random_state
 
@@ -251,7 +373,7 @@ class LogisticHead(DenseHead):
                              f"max_iter={self.max_iter}")
 
     def _fit(self, X, y, valid, log: EpochLog) -> None:
-        from .linear import as_layer, fit_logistic
+        from .linear import as_layer, fit_logistic, out_of_fold_logits
 
         t0 = time.perf_counter()
         Z = l2_normalize(X) if self.normalize else X.astype(np.float32)
@@ -268,5 +390,11 @@ class LogisticHead(DenseHead):
         W, b = as_layer(theta, Z.shape[1], k)
         self.layers_ = [(W * length, b)]
         self.n_iter_ = iterations
+        if self.calibrate == "temperature":  # each fold's fit starts from the whole fit's optimum
+            folds, how = make_folds(y, 5, 10_000, self.random_state)
+            z, tested = out_of_fold_logits(Z * length, y, k, self.l2, weight, theta, folds, self.max_iter)
+            self.calibration_ = calibrate(z[tested], y[tested], self._sample_weight(y)[tested],
+                                          f"out-of-fold ({how['method']})")
+            self.temperature_ = self.calibration_["temperature"]
         ms = (time.perf_counter() - t0) * 1000
         self._log(log, 1, ms, loss_and_accuracy(y, softmax(self._logits(X))), valid, iterations=iterations)

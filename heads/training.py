@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .base import softmax
-from .compute import Product, Widen, cores, share
+from .compute import Product, Widen, cores, row_hashes, rows_per_block, share
 from .optimizers import Adam
 
 # Probabilities below exp(-40) of a row's largest count as 0: Intel CPUs compute the subnormals they lead to in
@@ -37,16 +37,23 @@ class InMemory:
     def stat_blocks(self) -> Iterator[np.ndarray]:
         yield self.X
 
-    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None) -> Iterator[Batch]:
-        """(rows, X, rows) per minibatch; `keep`: (n,) bool, the rows trained on (default all)."""
-        order = rng.permutation(len(self.X) if keep is None else np.flatnonzero(keep))
-        for i in range(0, len(order), batch_size):
-            idx = np.sort(order[i:i + batch_size])  # sorted rows gather faster from memory
-            yield idx, self.X, idx
+    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None, passes: int = 1
+                ) -> Iterator[Batch]:
+        """(rows, X, rows) per minibatch, over `passes` passes; `keep`: (n,) bool, the rows trained on (or all)."""
+        for _ in range(passes):
+            order = rng.permutation(len(self.X) if keep is None else np.flatnonzero(keep))
+            for i in range(0, len(order), batch_size):
+                idx = np.sort(order[i:i + batch_size])  # sorted rows gather faster from memory
+                yield idx, self.X, idx
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """The rows where `mask`, in order, as stored."""
         return self.X[mask]
+
+    def hashes(self, n: int) -> np.ndarray:
+        """(n,) each row's content hash in [0, 1) (compute.row_hashes)."""
+        step = rows_per_block(self.X.shape[1], 4)
+        return np.concatenate([row_hashes(self.X[i:i + step]) for i in range(0, n, step)])
 
 
 class Streamed:
@@ -59,15 +66,18 @@ class Streamed:
     def stat_blocks(self) -> Iterator[np.ndarray]:
         return (block for _, block in self.blocks(None))
 
-    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None) -> Iterator[Batch]:
-        """(rows into y, the block, the rows picked from it) per minibatch; `keep` as InMemory.batches."""
+    def batches(self, rng: np.random.Generator, batch_size: int, keep: np.ndarray | None = None, passes: int = 1
+                ) -> Iterator[Batch]:
+        """(rows into y, the block, the rows picked from it) per minibatch; `keep` as InMemory.batches. Each block
+        read serves all `passes` passes over its rows, so that small data's extra passes read nothing again."""
         for rows, block in self.blocks(rng):
-            order = rng.permutation(len(rows))
-            if keep is not None:
-                order = order[keep[rows[order]]]
-            for i in range(0, len(order), batch_size):
-                pick = np.sort(order[i:i + batch_size])
-                yield rows[pick], block, pick
+            for _ in range(passes):
+                order = rng.permutation(len(rows))
+                if keep is not None:
+                    order = order[keep[rows[order]]]
+                for i in range(0, len(order), batch_size):
+                    pick = np.sort(order[i:i + batch_size])
+                    yield rows[pick], block, pick
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         """The rows where `mask` (by position into y), in y's order, gathered from the blocks."""
@@ -80,6 +90,13 @@ class Streamed:
             return np.zeros((0, self.d), np.float32)
         order = np.argsort(np.concatenate(where), kind="stable")
         return np.concatenate(parts)[order]
+
+    def hashes(self, n: int) -> np.ndarray:
+        """(n,) each row's content hash in [0, 1), by its position into y."""
+        out = np.empty(n)
+        for rows, block in self.blocks(None):
+            out[rows] = row_hashes(block)
+        return out
 
 
 class AdamTraining:
@@ -144,7 +161,7 @@ class AdamTraining:
 
     def snapshot(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """A copy of the current layers, out of Adam's vector."""
-        return [(np.ascontiguousarray(W), b.copy()) for W, b in self.layers]
+        return [(np.array(W, order="C"), b.copy()) for W, b in self.layers]
 
     def epoch(self, batches: Iterator[Batch]) -> float:
         """One pass of steps over `batches`; its milliseconds."""

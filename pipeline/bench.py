@@ -256,7 +256,7 @@ def bench_epochs(n_images: int = 256, image_size: int = 224, layer: str = "gap",
     X = np.concatenate(feats).astype(np.float16)
     y = np.random.default_rng(0).integers(0, classes, len(X))
     y[:classes] = np.arange(classes)
-    head = SoftmaxHead(epochs=1, batch_size=batch_size)
+    head = SoftmaxHead(epochs=1, batch_size=batch_size, min_steps=0)
     t0 = time.perf_counter()
     head.fit(X, y)
     head_epoch = (time.perf_counter() - t0)
@@ -373,7 +373,7 @@ def bench_heads(rows: int = 25_000, epochs: int = 10, mlp_rows: int = 1_999, mlp
         for i in range(0, n, 1000):  # in blocks: a float32 copy of the whole pool5 array would be 2.5 GB
             X[i:i + 1000] = rng.standard_normal((min(1000, n - i), dim), np.float32) + 0.05 * y[i:i + 1000, None]
         t0 = time.perf_counter()
-        head = cls(epochs=n_epochs, batch_size=batch_size).fit(X, y)
+        head = cls(epochs=n_epochs, batch_size=batch_size, min_steps=0).fit(X, y)  # one pass an epoch
         total = time.perf_counter() - t0
         out.append({"head": "mlp" if cls is MLPHead else "softmax", "rows": n, "dim": dim, "dtype": dtype,
                     "epochs": n_epochs, "batch": batch_size, "seconds": total,

@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
 from headstart.export.graph import IR_VERSION, OPSET
-from headstart.heads import AutoHead, KNNHead, LogisticHead, load_head, save_head
+from headstart.heads import AutoHead, KNNHead, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.heads.auto import fit_temperature, make_folds
 from headstart.heads.bundle import bundle, head_nodes
 from headstart.heads.linear import fit_logistic, logits_of
@@ -201,7 +201,8 @@ def test_balanced_class_weights_raise_balanced_accuracy_on_a_10_to_1_toy():
     X, y = draw(500, 50)
     Xt, yt = draw(500, 500)
     for make in (lambda w: AutoHead(class_weight=w), lambda w: KNNHead(class_weight=w),
-                 lambda w: LogisticHead(class_weight=w)):
+                 lambda w: LogisticHead(class_weight=w), lambda w: SoftmaxHead(class_weight=w),
+                 lambda w: MLPHead(hidden=(32,), class_weight=w)):
         plain = balanced_accuracy_score(yt, make(None).fit(X, y).predict(Xt))
         weighted = balanced_accuracy_score(yt, make("balanced").fit(X, y).predict(Xt))
         assert weighted > plain + 0.03, (plain, weighted)

@@ -67,8 +67,8 @@ def test_float16_batches_widened_by_onnxruntime_train_exactly_as_float32(hidden,
         monkeypatch.setattr(training, "COMPILE_WORK", 0)
     X, y = blobs(n=500, d=40)
     X16 = (X * 3).astype(np.float16)
-    a = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16, y)
-    b = MLPHead(hidden=hidden, dropout=0.0, epochs=3).fit(X16.astype(np.float32), y)
+    a = MLPHead(hidden=hidden, dropout=0.0, epochs=3, min_steps=0).fit(X16, y)
+    b = MLPHead(hidden=hidden, dropout=0.0, epochs=3, min_steps=0).fit(X16.astype(np.float32), y)
     for (Wa, ba), (Wb, bb) in zip(a.layers_, b.layers_, strict=True):
         np.testing.assert_array_equal(Wa, Wb)
         np.testing.assert_array_equal(ba, bb)
@@ -81,10 +81,10 @@ def test_large_batches_train_as_small_ones_do(hidden, class_weight, monkeypatch)
     softmax step, its rows shared among threads; a small one's stays in numpy. The weights must agree."""
     X, y = blobs(n=500, d=40)
     y[:300] = "cat"  # unbalanced, so that class weights matter
-    small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
+    small = MLPHead(hidden=hidden, dropout=0.5, epochs=3, min_steps=0, class_weight=class_weight).fit(X, y)
     monkeypatch.setattr(training, "LARGE", 0)
     monkeypatch.setattr(training, "COMPILE_WORK", 0)
-    large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, class_weight=class_weight).fit(X, y)
+    large = MLPHead(hidden=hidden, dropout=0.5, epochs=3, min_steps=0, class_weight=class_weight).fit(X, y)
     np.testing.assert_allclose(small.history_[-1]["train_loss"], large.history_[-1]["train_loss"], rtol=1e-4)
     for (Wa, ba), (Wb, bb) in zip(small.layers_, large.layers_, strict=True):
         np.testing.assert_allclose(Wa, Wb, rtol=1e-4, atol=1e-5)
@@ -103,14 +103,14 @@ def test_streamed_blocks_train_the_same_in_the_compiled_step(classes, monkeypatc
         starts = range(0, 600, 200) if rng is None else rng.permutation(3) * 200
         return ((np.arange(i, i + 200), X[i:i + 200]) for i in starts)
 
-    numpy_path = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
+    numpy_path = SoftmaxHead(epochs=3, batch_size=37, min_steps=0).fit_blocks(blocks, 50, y)
     monkeypatch.setattr(training, "LARGE", 0)
     monkeypatch.setattr(training, "COMPILE_WORK", 0)
     from headstart.heads import kernels
 
     calls, original = [], kernels.linear_rows
     monkeypatch.setattr(kernels, "linear_rows", lambda *a: (calls.append(len(a[1])), original(*a)))
-    compiled = SoftmaxHead(epochs=3, batch_size=37).fit_blocks(blocks, 50, y)
+    compiled = SoftmaxHead(epochs=3, batch_size=37, min_steps=0).fit_blocks(blocks, 50, y)
     assert sum(calls) == 3 * 600  # every row of every epoch went through the compiled step
     for (Wa, ba), (Wb, bb) in zip(numpy_path.layers_, compiled.layers_, strict=True):
         np.testing.assert_allclose(Wa, Wb, rtol=1e-4, atol=1e-5)
@@ -206,9 +206,9 @@ def test_folding_the_standardization_into_the_weights_trains_the_standardized_mo
     """Folded (softmax: the layer is narrower than the batch) == standardizing the features beforehand."""
     X, y = blobs(n=500, d=40)
     X = X * np.linspace(0.1, 50, 40, dtype=np.float32) + 7
-    folded = SoftmaxHead(epochs=3).fit(X, y)
+    folded = SoftmaxHead(epochs=3, min_steps=0).fit(X, y)
     Z = (X - folded.mean_) / folded.scale_
-    plain = SoftmaxHead(epochs=3, standardize=False).fit(Z, y)
+    plain = SoftmaxHead(epochs=3, min_steps=0, standardize=False).fit(Z, y)
     np.testing.assert_allclose(folded.layers_[0][0], plain.layers_[0][0], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(folded.predict_proba(X), plain.predict_proba(Z), atol=1e-4)
 
@@ -335,11 +335,11 @@ def test_standardization_statistics_are_exact_in_one_pass_even_far_from_zero(dty
     spread, centre = (1.0, 200.0) if dtype == np.float16 else (0.01, 1000.0)
     X = (rng.standard_normal((9000, 30)) * spread + centre).astype(dtype)
     y = np.arange(9000) % 2
-    head = SoftmaxHead(epochs=1).fit(X, y)
+    head = SoftmaxHead(epochs=1, min_steps=0).fit(X, y)
     exact = X.astype(np.float64)
     np.testing.assert_allclose(head.mean_, exact.mean(0), rtol=1e-6)
     np.testing.assert_allclose(head.scale_, exact.std(0), rtol=1e-4)
-    streamed = SoftmaxHead(epochs=1).fit_blocks(lambda rng: ((np.arange(i, i + 1000), X[i:i + 1000])
+    streamed = SoftmaxHead(epochs=1, min_steps=0).fit_blocks(lambda rng: ((np.arange(i, i + 1000), X[i:i + 1000])
                                                             for i in range(0, 9000, 1000)), 30, y)
     np.testing.assert_allclose(streamed.mean_, head.mean_, rtol=1e-6)
     np.testing.assert_allclose(streamed.scale_, head.scale_, rtol=1e-5)
@@ -387,6 +387,16 @@ def test_a_linear_softmax_head_starts_at_zero_and_learns_a_linear_rule():
     assert search.best_score_ >= 0.9
     mlp = MLPHead(epochs=1, lr=1e-9).fit(X, y)  # hidden layers keep their random start
     assert np.abs(mlp.predict_proba(X) - 0.5).max() > 1e-3
+
+
+def test_softmax_defaults_learn_a_linear_rule_from_300_rows_in_a_grid_search():
+    """Training runs at least min_steps Adam steps: 200 rows a fold get 2,000, not 20 epochs' 80."""
+    from sklearn.model_selection import GridSearchCV
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 20)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(int)
+    assert GridSearchCV(SoftmaxHead(), {"l2": [1e-4, 1e-2]}, cv=3).fit(X, y).best_score_ >= 0.9
 
 
 def test_every_error_a_user_can_cause_is_a_headstart_error(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import link_photos, photos
 
-from headstart.heads import LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
+from headstart.heads import KNNHead, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.pipeline.cache import FeatureCache
 from headstart.pipeline.cli import main
 from headstart.pipeline.extract import extract
@@ -193,12 +193,12 @@ def test_the_compiled_softmax_step_scores_as_numpy_does_on_the_photos(photo_cach
     Batches of 50: each core's share of 25 rows ends in a group of fewer than 4."""
     from headstart.heads import kernels, training
 
-    numpy_path = train_head(photo_cache, "pool5", "softmax", batch_size=50)
+    numpy_path = train_head(photo_cache, "pool5", "softmax", batch_size=50, min_steps=0)
     monkeypatch.setattr(training, "LARGE", 0)
     monkeypatch.setattr(training, "COMPILE_WORK", 0)
     rows, original = [], kernels.linear_rows
     monkeypatch.setattr(kernels, "linear_rows", lambda *a: (rows.append(len(a[1])), original(*a)))
-    compiled = train_head(photo_cache, "pool5", "softmax", batch_size=50)
+    compiled = train_head(photo_cache, "pool5", "softmax", batch_size=50, min_steps=0)
     assert sum(rows) == 800 * compiled.epochs
     a, b = (h.meta_["metrics"]["valid_accuracy"] for h in (numpy_path, compiled))
     assert b >= 0.92 and abs(a - b) <= 0.005, (a, b)  # one photo at most
@@ -216,3 +216,112 @@ def test_streamed_training_reaches_the_in_memory_accuracy(photo_cache, kind):
     in_memory = train_head(photo_cache, "pool5", kind)
     a, b = (h.meta_["metrics"]["valid_accuracy"] for h in (streamed, in_memory))
     assert a >= 0.92 and abs(a - b) <= 0.02, (a, b)
+
+
+def _noisy(n, seed, d=100):
+    """3 classes told apart by 3 of d features: an unpenalized fit on a few hundred rows is far too sure."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    X[:, :3] += np.eye(3, dtype=np.float32)[y]
+    return X, y
+
+
+def _head_graph(head, X):
+    """The head's own ONNX nodes alone (what the bundle appends to the body), on float32 features."""
+    from onnx import TensorProto, helper
+
+    from headstart.export.graph import IR_VERSION, OPSET
+    from headstart.heads.bundle import head_nodes
+
+    nodes, inits, h = head_nodes(head, "x")
+    nodes.append(helper.make_node("Softmax", [h], ["p"], axis=1))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", X.shape[1]])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", len(head.classes_)])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["p"], {"x": X.astype(np.float32)})[0]
+
+
+@pytest.mark.parametrize("make", [lambda c: SoftmaxHead(calibrate=c), lambda c: MLPHead(hidden=(32,), calibrate=c),
+                                  lambda c: LogisticHead(l2=1e-5, calibrate=c),
+                                  lambda c: KNNHead(n_neighbors=5, calibrate=c)])
+def test_temperature_scaling_lowers_the_calibration_error_of_every_head_kind(make, tmp_path):
+    from headstart.heads.metrics import expected_calibration_error
+
+    X, y = _noisy(400, 0)
+    Xt, yt = _noisy(2000, 1)
+    plain, scaled = make("none").fit(X, y), make("temperature").fit(X, y)
+    assert plain.temperature_ == 1.0 and scaled.temperature_ > 1.5  # too sure: softened
+    before = expected_calibration_error(yt, plain.predict_proba(Xt))
+    after = expected_calibration_error(yt, scaled.predict_proba(Xt))
+    assert after < before / 2, (before, after)
+    np.testing.assert_array_equal(scaled.predict(Xt), plain.predict(Xt))  # the same fit, only softened
+    loaded = load_head(save_head(scaled, tmp_path / "h.head"))
+    assert loaded.temperature_ == scaled.temperature_ and loaded.calibration_ == scaled.calibration_
+    np.testing.assert_array_equal(loaded.predict_proba(Xt), scaled.predict_proba(Xt))
+    np.testing.assert_allclose(_head_graph(loaded, Xt[:300]), scaled.predict_proba(Xt[:300]), atol=1e-5)
+
+
+def test_a_calibrated_bundle_gives_the_heads_probabilities(tmp_path, random_model):
+    from conftest import generated_images, pixels
+
+    from headstart.heads.bundle import bundle
+
+    data = tmp_path / "d"
+    generated_images(data, 30, "train")
+    valid = generated_images(data, 5, "valid", seed=1)
+    cache = tmp_path / "c.zarr"
+    extract(data, random_model, cache, dtype="float32", progress=False)
+    head = train_head(cache, "gap", "knn", calibrate="temperature")
+    assert head.calibration_["rows"] == 60 and head.temperature_ != 1.0
+    fc = FeatureCache(cache)
+    rows = np.flatnonzero(fc.splits == "valid")
+    want = head.predict_proba(fc.features("gap", rows))
+    order = {str(p): i for i, p in enumerate(fc.paths[rows])}
+    images = pixels(sorted(valid, key=lambda p: order[str(p)]), 32)
+    session = onnxruntime.InferenceSession(bundle(random_model, head).SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["probabilities"], {"images": images})[0], want, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_epoch_on_rows_held_out_by_content():
+    from headstart.heads.metrics import loss_and_accuracy
+    from headstart.heads.training import InMemory
+
+    X, y = _noisy(1000, 2)
+    head = MLPHead(hidden=(64,), dropout=0.0, epochs=40, lr=0.01, patience=3).fit(X, y)
+    last = head.history_[-1]
+    assert last["stopped_early"] and head.stopped_early_ and len(head.history_) < 40
+    assert last["best_epoch"] == head.best_epoch_ == len(head.history_) - 3
+    losses = [r["holdout_loss"] for r in head.history_]
+    assert min(losses) == losses[head.best_epoch_ - 1]
+    hashes = InMemory(X).hashes(len(X))
+    order = np.random.default_rng(0).permutation(len(X))  # by content, not position: the same rows in any order
+    np.testing.assert_array_equal(InMemory(X[order]).hashes(len(X)), hashes[order])
+    X16 = X.astype(np.float16)
+    np.testing.assert_array_equal(InMemory(X16).hashes(len(X)), InMemory(X16.astype(np.float32)).hashes(len(X)))
+    held = hashes < head.validation_fraction
+    assert 50 < held.sum() < 150
+    kept = loss_and_accuracy(y[held], head.predict_proba(X[held]))[0]
+    assert kept == pytest.approx(losses[head.best_epoch_ - 1], rel=1e-5)  # the best epoch's weights, restored
+    plain = MLPHead(hidden=(64,), dropout=0.0, epochs=5, lr=0.01).fit(X, y)
+    assert len(plain.history_) == 5 and "holdout_loss" not in plain.history_[-1]
+
+
+def test_training_takes_at_least_min_steps_whatever_the_rows(monkeypatch):
+    import headstart.heads.optimizers as optimizers
+
+    steps, step = [], optimizers.Adam.step
+    monkeypatch.setattr(optimizers.Adam, "step", lambda self, lr: (steps.append(1), step(self, lr)))
+    X, y = _noisy(1000, 3, d=10)
+    for rows, passes in ((8, 100), (1000, 7)):  # 1 step a pass; 16 steps a pass
+        steps.clear()
+        head = SoftmaxHead().fit(X[:rows], y[:rows])
+        assert len(head.history_) == 20 and head.history_[-1]["passes"] == passes
+        assert len(steps) == 20 * passes * -(-rows // 64) >= 2000
+    steps.clear()
+    head = SoftmaxHead(min_steps=0).fit(X[:8], y[:8])
+    assert len(steps) == 20 and "passes" not in head.history_[-1]
+    assert SoftmaxHead().fit(X[:8], y[:8]).score(X[:8], y[:8]) == 1.0  # 8 rows converge

@@ -35,8 +35,9 @@ TUNE = "headstart.pipeline.tune"
 @shared("cache", default="cache/features.zarr")
 @shared("layer", lazy_default=default_of(TRAIN, "train_head", "layer"))
 @shared("head", default="auto")
-@click.option("--calibration", type=click.Choice(["temperature", "none"]), default="temperature", show_default=True,
-              help="auto: temperature scaling fitted on the winner's out-of-fold logits; none turns it off.")
+@click.option("--calibration", type=click.Choice(["temperature", "none"]), cls=Option, shown=per_kind("calibrate"),
+              help="Temperature scaling of the head's probabilities, fitted on rows it did not train on "
+                   "(out-of-fold or held out); none turns it off.")
 @shared("output", required=True)
 @shared("epochs", shown=per_kind("epochs"))
 @shared("lr", shown=per_kind("lr"))
@@ -53,10 +54,10 @@ TUNE = "headstart.pipeline.tune"
 @selection_options()
 @shared("task")
 @shared("history")
-def train(cache: str, layer: str, kind: str, calibration: str, output: Path, epochs: int | None, lr: float | None,
-          minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None, patience: int | None,
-          class_weight: str, standardize: bool, memory: int | None, selection: Selection, task: str | None,
-          history: Path | None) -> None:
+def train(cache: str, layer: str, kind: str, calibration: str | None, output: Path, epochs: int | None,
+          lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None,
+          patience: int | None, class_weight: str, standardize: bool, memory: int | None, selection: Selection,
+          task: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features, in seconds: by default (auto) the best of several
     candidates, chosen by cross-validation on the training rows and refit on all of them.
 
