@@ -232,20 +232,19 @@ class FeatureCache:
         if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
             raise CacheError(f"{self.path}: rows outside 0..{self.rows - 1} asked of {layer}")
         self._check_same()
+        arr = node(self.root, self.folder, f"features/{layer}")
+        if len(rows) == 0:
+            return np.zeros((0, arr.shape[1]), dtype)
+        self._check_chunks(f"features/{layer}", arr.chunks[0], rows)
+        # Reading in row order touches each chunk once; then put the rows back in the caller's order.
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), arr.shape[1]), dtype)
         try:
-            arr = node(self.root, self.folder, f"features/{layer}")
-            if len(rows) == 0:
-                return np.zeros((0, arr.shape[1]), dtype)
-            self._check_chunks(f"features/{layer}", arr.chunks[0], rows)
-            # Reading in row order touches each chunk once; then put the rows back in the caller's order.
-            order = np.argsort(rows, kind="stable")
-            out = np.empty((len(rows), arr.shape[1]), dtype)
-            out[order] = arr.get_orthogonal_selection((rows[order], slice(None)))
-            self._check_same()  # and still the same after reading: nothing of another cache slipped in
-        except CacheError:
-            raise
-        except Exception as e:  # a damaged chunk fails its checksum or decompression inside zarr
+            block = arr.get_orthogonal_selection((rows[order], slice(None)))
+        except Exception as e:  # a damaged chunk fails its checksum or decompression inside zarr; only zarr's read
             raise self._damaged(e) from None
+        out[order] = block
+        self._check_same()  # and still the same after reading: nothing of another cache slipped in
         return out
 
     def xy(self, layer: str, split: str | None = "train", dataset: str | None = None

@@ -106,3 +106,16 @@ def test_a_damaged_zarr_json_in_an_object_store_is_named_and_replace_starts_afre
     assert fs.cat_file(key) == b""
     report = extract(pristine / "d", random_model, cache, replace=True, progress=False)
     assert (report.reused, report.computed) == (0, 16) and len(FeatureCache(cache)) == 16
+
+
+def test_a_bug_while_reading_features_keeps_its_exception(pristine, monkeypatch):
+    """Only zarr's read of a chunk is taken for damage; an error of our own around it is a bug, not a CacheError."""
+    cache = FeatureCache(pristine / "c.zarr")
+
+    def broken(*_):
+        raise ValueError("a bug in our code")
+
+    monkeypatch.setattr(FeatureCache, "_check_chunks", broken)
+    with pytest.raises(ValueError, match="a bug in our code") as caught:
+        cache.features("pool5")
+    assert not isinstance(caught.value, DamagedCacheError) and type(caught.value) is ValueError
