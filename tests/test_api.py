@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, generated_images
+from helpers import REPO, generated_images
 
 import headstart as hs
 from headstart.pipeline.cli import main

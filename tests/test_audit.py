@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import STRICT
+from helpers import STRICT
 from PIL import Image, ImageDraw, ImageFilter
 
 from headstart.export.errors import DataError

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images, kill_9_after
+from helpers import generated_images, kill_9_after
 
 from headstart.export import open_session
 from headstart.pipeline.augment import view_key, view_spec

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images, pixels
+from helpers import generated_images, pixels
 from onnx import TensorProto, helper
 from sklearn.base import clone
 from sklearn.decomposition import PCA

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import link_photos, photos
+from helpers import link_photos, photos
 
 from headstart.heads import load_head, save_head
 from headstart.heads.bundle import bundle_files

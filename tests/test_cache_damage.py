@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 
 from headstart.pipeline.cache import DamagedCacheError, FeatureCache, verify
 from headstart.pipeline.cli import main

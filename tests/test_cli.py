@@ -14,7 +14,7 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, generated_images
+from helpers import REPO, generated_images
 
 from headstart.heads import save_head
 from headstart.pipeline import clidoc

@@ -7,7 +7,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 
 from headstart.pipeline.cli import main
 from headstart.pipeline.data import PARITY, write_pets

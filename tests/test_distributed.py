@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import committed_rows, generated_images, kill_9_after
+from helpers import committed_rows, generated_images, kill_9_after
 
 from headstart.pipeline.cache import FeatureCache
 from headstart.pipeline.distributed import blocks

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import REPO, generated_images
+from helpers import REPO, generated_images
 
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]

@@ -6,7 +6,7 @@ import multiprocessing
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 

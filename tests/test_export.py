@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import photos, pixels
+from helpers import photos, pixels
 
 from headstart.export import build_body, open_session, read_metadata, save
 from headstart.export.weights import (

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import committed_rows, generated_images, kill_9_after, link_photos
+from helpers import committed_rows, generated_images, kill_9_after, link_photos
 from PIL import Image
 
 from headstart.export import build_body, open_session, save

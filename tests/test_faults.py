@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 
 from headstart.export import build_body, save
 from headstart.export.weights import Weights, WeightsError, fetch_lpips_ckpt, random_weights

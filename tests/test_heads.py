@@ -5,7 +5,7 @@ import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner
-from conftest import link_photos, photos
+from helpers import link_photos, photos
 
 from headstart.heads import KNNHead, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.pipeline.cache import FeatureCache
@@ -265,7 +265,7 @@ def test_temperature_scaling_lowers_the_calibration_error_of_every_head_kind(mak
 
 
 def test_a_calibrated_bundle_gives_the_heads_probabilities(tmp_path, random_model):
-    from conftest import generated_images, pixels
+    from helpers import generated_images, pixels
 
     from headstart.heads.bundle import bundle
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from headstart.export import vgg
 
@@ -172,7 +172,7 @@ def test_the_graph_follows_the_data(tmp_path):
 
 
 def test_pool4_is_an_output_and_is_cached_like_any_layer(tmp_path):
-    from conftest import generated_images
+    from helpers import generated_images
 
     from headstart.export import build_body, open_session, save
     from headstart.export.weights import random_weights
@@ -185,7 +185,7 @@ def test_pool4_is_an_output_and_is_cached_like_any_layer(tmp_path):
     fc = FeatureCache(tmp_path / "c.zarr")
     pool4 = fc.features("pool4")
     assert fc.layers == ["pool4", "gap"] and pool4.shape == (4, 512 * 4 * 4)
-    from conftest import pixels
+    from helpers import pixels
 
     want = open_session(model, quiet=True).run(["pool4"], {"images": pixels(fc.paths, 64)})[0]
     np.testing.assert_allclose(pool4, want.reshape(4, -1), rtol=1e-6)

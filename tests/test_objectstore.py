@@ -9,7 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images, kill_9_after
+from helpers import generated_images, kill_9_after
 
 from headstart.export.fingerprint import features_fingerprint
 from headstart.export.graph import read_metadata

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO
+from helpers import REPO
 
 from headstart.export.errors import BusyError
 from headstart.pipeline.cli import main

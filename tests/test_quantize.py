@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images, photos, pixels
+from helpers import generated_images, photos, pixels
 from onnx import numpy_helper
 
 from headstart.export import (

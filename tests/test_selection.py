@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 
 from headstart.heads import load_head
 from headstart.pipeline.cache import FeatureCache

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import allow_real_photos, link_photos, photos, pixels
+from helpers import allow_real_photos, link_photos, photos, pixels
 
 from headstart.export import build_body, open_session, save
 from headstart.heads import load_head

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import generated_images
+from helpers import generated_images
 
 from headstart.export.errors import IncompatibleError, ModelError, UsageError
 from headstart.export.graph import read_metadata
