@@ -3,7 +3,8 @@
 The wrapped model keeps the body contract of the VGG16 one (`images` uint8 (N, S, S, 3), the preprocessing inside
 the graph, a dynamic batch, one float output per layer). Its layers are graph outputs or intermediate tensors of
 the source model, each kept whole or pooled to a vector. The source file's sha256, the preprocessing and the
-outputs go into its metadata, hence into the fingerprint of its features.
+outputs go into its metadata, hence into the fingerprint of its features. One module past 400 lines: choosing
+tensors, preprocessing, pooling and the checks on the result are the steps of one graph rewrite, read in order.
 """
 
 from __future__ import annotations
