@@ -12,7 +12,7 @@ from setuptools.build_meta import *  # noqa: F403
 from setuptools.warnings import InformationOnly
 
 
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):  # noqa: ANN001, ANN201
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Editable installation", category=InformationOnly)
         return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from headstart.export.errors import UsageError
+
 RANKINGS = ("self_confidence", "normalized_margin")
 
 
@@ -87,7 +89,7 @@ def label_quality(labels: np.ndarray, proba: np.ndarray, method: str = "self_con
         other = proba.copy()
         other[np.arange(len(labels)), labels] = -np.inf
         return (given - other.max(1) + 1) / 2
-    raise ValueError(f"ranking {method!r}: expected one of {', '.join(RANKINGS)}")
+    raise UsageError(f"ranking {method!r}: expected one of {', '.join(RANKINGS)}")
 
 
 def find_label_issues(labels: np.ndarray, proba: np.ndarray, rank_by: str = "self_confidence",
@@ -120,9 +122,9 @@ def find_label_issues(labels: np.ndarray, proba: np.ndarray, rank_by: str = "sel
     labels = np.asarray(labels, np.int64)
     proba = np.asarray(proba, np.float64)
     if proba.ndim != 2 or len(proba) != len(labels):
-        raise ValueError(f"proba must be (n, K) for n={len(labels)} labels, got shape {proba.shape}")
+        raise UsageError(f"proba must be (n, K) for n={len(labels)} labels, got shape {proba.shape}")
     if rank_by not in RANKINGS:
-        raise ValueError(f"ranking {rank_by!r}: expected one of {', '.join(RANKINGS)}")
+        raise UsageError(f"ranking {rank_by!r}: expected one of {', '.join(RANKINGS)}")
     k = proba.shape[1]
     prune = _keep_per_class(confident_joint(labels, proba), min_per_class)
     issue = np.zeros(len(labels), bool)

@@ -103,7 +103,7 @@ def wrapped_model(model: str | Path, *, image_size: int | None = None, layers: s
     return body
 
 
-def wrap_body(model: str | Path, output: str | Path, **options: Any) -> Path:  # noqa: ANN401
+def wrap_body(model: str | Path, output: str | Path, **options: Any) -> Path:
     """Write a user's ONNX image model as a headstart body, as ``headstart export --onnx`` does.
 
     Parameters

@@ -34,7 +34,7 @@ class CNN(torch.nn.Module):
                                             torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU())
         self.fc = torch.nn.Linear(16, 5)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         if self.nhwc:
             x = x.permute(0, 3, 1, 2)
         return self.fc(self.features(x).mean(dim=(2, 3)))
@@ -52,13 +52,13 @@ class ViT(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, 10)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         t = self.embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos
         return self.head(self.norm(self.block(t))[:, 0])
 
 
-def export(model: torch.nn.Module, path, nhwc: bool = False, dynamic: bool = True, size: int = 32):  # noqa: ANN001, ANN201
+def export(model: torch.nn.Module, path, nhwc: bool = False, dynamic: bool = True, size: int = 32):
     x = torch.randn(2, size, size, 3) if nhwc else torch.randn(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: onnxscript is not installed
@@ -67,7 +67,7 @@ def export(model: torch.nn.Module, path, nhwc: bool = False, dynamic: bool = Tru
     return path
 
 
-def tensor_of(path, op: str, index: int = -1) -> str:  # noqa: ANN001
+def tensor_of(path, op: str, index: int = -1) -> str:
     """The name of the `index`-th output of an `op` node: the exporter's own names."""
     return [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == op][index]
 
@@ -172,7 +172,7 @@ def test_a_wrong_tensor_name_lists_candidates_and_a_bad_pool_says_why(models):
     assert no_model.exit_code == 2 and "describe an --onnx model" in no_model.output
 
 
-def _fixed_size(models):  # noqa: ANN001, ANN202
+def _fixed_size(models):
     """A model whose input is fixed at 32 px, asked for 64."""
     path = models["root"] / "fixed.onnx"
     model = onnx.load(str(models["cnn_path"]))
@@ -184,7 +184,7 @@ def _fixed_size(models):  # noqa: ANN001, ANN202
 
 def test_a_model_with_its_batch_baked_in_is_refused(models, tmp_path):
     class Flat(torch.nn.Module):
-        def forward(self, x):  # noqa: ANN001, ANN201
+        def forward(self, x):
             return x.reshape(2, -1)  # the batch as a constant: what an export without dynamic axes keeps
 
     path = export(Flat(), tmp_path / "flat.onnx", dynamic=False)
@@ -226,7 +226,7 @@ def test_the_flop_count_matches_vgg16s_own(tmp_path):
     assert count_gflop(build_body(random_weights(0), 64, ("gap",))) == pytest.approx(body_gflop(64), rel=1e-9)
 
 
-def _cli(*args) -> str:  # noqa: ANN002
+def _cli(*args) -> str:
     out = CliRunner().invoke(main, [str(a) for a in args])
     assert out.exit_code == 0, out.output
     return out.output
@@ -324,7 +324,7 @@ class Block(torch.nn.Module):
         self.down = None if stride == 1 and cin == cout else torch.nn.Sequential(
             torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
         return torch.relu(y + (x if self.down is None else self.down(x)))
 
@@ -340,7 +340,7 @@ class ResNet18(torch.nn.Module):
         self.layers = torch.nn.Sequential(*(torch.nn.Sequential(Block(a, b, s), Block(b, b, 1)) for a, b, s in widths))
         self.fc = torch.nn.Linear(512, 1000)
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.fc(self.layers(self.stem(x)).mean(dim=(2, 3)))
 
 
