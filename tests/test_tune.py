@@ -58,7 +58,8 @@ def test_a_tuned_head_bundles_to_the_torch_model_and_evaluates(tune_cache, tmp_p
         want = torch.softmax(to_torch(head)(torch.from_numpy(pool4)), 1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
     ev = CliRunner().invoke(main, ["evaluate", "--cache", str(cache), "--head-file", str(tmp_path / "t.head")])
-    assert ev.exit_code == 0 and "TunedHead on pool4, valid, n=100" in ev.output, ev.output
+    assert ev.exit_code == 0, ev.output
+    assert "TunedHead on pool4, valid: accuracy" in ev.output and "on 100 rows" in ev.output, ev.output
 
 
 def test_tune_without_torch_says_what_to_install(tmp_path, monkeypatch):
