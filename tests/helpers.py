@@ -100,3 +100,21 @@ def kill_9_after(cmd: list[str], cache: Path | str, rows: int, group: bool = Fal
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return committed_rows(cache)
+
+
+def run_head_graph(head, X: np.ndarray) -> np.ndarray:
+    """The head's own ONNX nodes alone, on float32 features: what the bundle appends to the body."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from headstart.export.graph import IR_VERSION, OPSET
+    from headstart.heads.bundle import head_nodes
+
+    nodes, inits, h = head_nodes(head, "x")
+    nodes.append(helper.make_node("Softmax", [h], ["p"], axis=1))
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", X.shape[1]])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", len(head.classes_)])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["p"], {"x": X.astype(np.float32)})[0]

@@ -4,8 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from helpers import generated_images, pixels
-from onnx import TensorProto, helper
+from helpers import generated_images, pixels, run_head_graph
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
@@ -14,10 +13,9 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
-from headstart.export.graph import IR_VERSION, OPSET
 from headstart.heads import AutoHead, KNNHead, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.heads.auto import fit_temperature, make_folds
-from headstart.heads.bundle import bundle, head_nodes
+from headstart.heads.bundle import bundle
 from headstart.heads.linear import fit_logistic, logits_of
 from headstart.heads.metrics import expected_calibration_error, wilson
 from headstart.heads.models import softmax
@@ -33,18 +31,6 @@ def blobs(n=120, d=24, k=3, spread=1.5, seed=0):
     centres = rng.standard_normal((k, d)) * spread
     X = np.abs(rng.standard_normal((n, d)) + centres[y] + 3).astype(np.float32)  # positive, as ReLU features are
     return X, np.array(["ant", "bee", "cow", "dog"])[y]
-
-
-def run_head_graph(head, X):
-    """The head's own ONNX nodes alone, on float32 features: what the bundle appends to the body."""
-    nodes, inits, h = head_nodes(head, "x")
-    nodes.append(helper.make_node("Softmax", [h], ["p"], axis=1))
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", X.shape[1]])],
-                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", len(head.classes_)])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["p"], {"x": X.astype(np.float32)})[0]
 
 
 def test_auto_is_a_plain_estimator_that_records_its_choice():

@@ -5,7 +5,7 @@ import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner
-from helpers import link_photos, photos
+from helpers import link_photos, photos, run_head_graph
 
 from headstart.heads import KNNHead, LogisticHead, MLPHead, SoftmaxHead, load_head, save_head
 from headstart.pipeline.cache import FeatureCache
@@ -227,23 +227,6 @@ def _noisy(n, seed, d=100):
     return X, y
 
 
-def _head_graph(head, X):
-    """The head's own ONNX nodes alone (what the bundle appends to the body), on float32 features."""
-    from onnx import TensorProto, helper
-
-    from headstart.export.graph import IR_VERSION, OPSET
-    from headstart.heads.bundle import head_nodes
-
-    nodes, inits, h = head_nodes(head, "x")
-    nodes.append(helper.make_node("Softmax", [h], ["p"], axis=1))
-    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", X.shape[1]])],
-                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", len(head.classes_)])],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["p"], {"x": X.astype(np.float32)})[0]
-
-
 @pytest.mark.parametrize("make", [lambda c: SoftmaxHead(calibrate=c), lambda c: MLPHead(hidden=(32,), calibrate=c),
                                   lambda c: LogisticHead(l2=1e-5, calibrate=c),
                                   lambda c: KNNHead(n_neighbors=5, calibrate=c)])
@@ -261,7 +244,7 @@ def test_temperature_scaling_lowers_the_calibration_error_of_every_head_kind(mak
     loaded = load_head(save_head(scaled, tmp_path / "h.head"))
     assert loaded.temperature_ == scaled.temperature_ and loaded.calibration_ == scaled.calibration_
     np.testing.assert_array_equal(loaded.predict_proba(Xt), scaled.predict_proba(Xt))
-    np.testing.assert_allclose(_head_graph(loaded, Xt[:300]), scaled.predict_proba(Xt[:300]), atol=1e-5)
+    np.testing.assert_allclose(run_head_graph(loaded, Xt[:300]), scaled.predict_proba(Xt[:300]), atol=1e-5)
 
 
 def test_a_calibrated_bundle_gives_the_heads_probabilities(tmp_path, random_model):
