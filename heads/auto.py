@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy.special import log_softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from headstart.export.errors import UsageError
 
-from .base import FLOATS, DenseHead, EpochLog, checked, l2_normalize, margins, softmax, two_classes
+from .base import FLOATS, DenseHead, EpochLog, FromLogits, checked, l2_normalize, two_classes
 from .calibration import CALIBRATE_ROWS, fit_temperature, make_folds
 from .compute import cores
 from .knn import QUERY_ROWS, KNNHead, knn_log_proba, nearest
@@ -40,7 +40,7 @@ PATH_ITER = 300
 PATH_TOL = 1e-4
 
 
-class AutoHead(ClassifierMixin, BaseEstimator):
+class AutoHead(FromLogits, BaseEstimator):
     """The best head for the data: candidates compared by cross-validation on the training rows, the winner refit.
 
     Parameters
@@ -225,19 +225,6 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         """The winner's logits (n, n_classes), divided by the temperature."""
         check_is_fitted(self)
         return self.best_.logits(X) / np.float32(self.temperature_)
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """scikit-learn's decision values: the logits, or for 2 classes the second class's margin (n,)."""
-        return margins(self.logits(X))
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities (n, n_classes), columns in the order of `classes_`."""
-        return softmax(self.logits(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Labels (n,), from `classes_`."""
-        index = self.logits(X).argmax(axis=1)  # first: an unfitted head raises NotFittedError
-        return self.classes_[index]
 
     def table(self) -> list[dict]:
         """The candidates' CV scores as rows to print, the winner marked: accuracy with its 95% interval."""

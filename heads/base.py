@@ -68,7 +68,25 @@ def two_classes(classes: np.ndarray) -> None:
                         f"{'es' if len(classes) != 1 else ''}: {classes.tolist()}")
 
 
-class DenseHead(ClassifierMixin, BaseEstimator):
+class FromLogits(ClassifierMixin):
+    """scikit-learn's classifier methods, all from one `logits(X)` (n, n_classes) that a head defines."""
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """scikit-learn's decision values: the logits (n, n_classes), or for 2 classes the margin of the second
+        class over the first, (n,)."""
+        return margins(self.logits(X))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, n_classes), columns in the order of `classes_`."""
+        return softmax(self.logits(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Labels (n,), from `classes_`."""
+        index = self.logits(X).argmax(axis=1)  # first: an unfitted head raises NotFittedError
+        return self.classes_[index]
+
+
+class DenseHead(FromLogits, BaseEstimator):
     """What every head shares once fitted: inference, bookkeeping and the epoch log. Subclasses implement `_fit`.
 
     Fitted attributes: `classes_` (k,), `n_features_in_`, `mean_`/`scale_` (D,), `layers_`, `history_`
@@ -162,19 +180,6 @@ class DenseHead(ClassifierMixin, BaseEstimator):
         t = getattr(self, "temperature_", 1.0)
         return z if t == 1.0 else z / np.float32(t)
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """scikit-learn's decision values: the logits (n, n_classes), or for 2 classes the margin of the second
-        class over the first, (n,)."""
-        return margins(self.logits(X))
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, n_classes), columns in the order of `classes_`."""
-        return softmax(self.logits(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Labels (n,), from `classes_`."""
-        index = self.logits(X).argmax(axis=1)  # first: an unfitted head raises NotFittedError
-        return self.classes_[index]
 
     def _log(self, log: EpochLog, epoch: int, ms: float, train: tuple[float, float],
              valid: tuple[np.ndarray, np.ndarray] | None, **extra: object) -> None:
