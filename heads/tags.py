@@ -17,6 +17,8 @@ from threadpoolctl import threadpool_limits
 
 from headstart.export.errors import UsageError
 
+from .base import l2_normalize
+
 L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
 
@@ -50,9 +52,7 @@ def _logits(theta: np.ndarray, Z: np.ndarray, t: int) -> np.ndarray:
 
 def _normalized(X: np.ndarray) -> np.ndarray:
     """L2-normalized rows at the length of a standardized row (sqrt(d)), as AutoHead's probes fit them."""
-    X = np.asarray(X, np.float32)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.maximum(norm, 1e-12) * np.float32(np.sqrt(X.shape[1]))
+    return l2_normalize(X) * np.float32(np.sqrt(X.shape[1]))
 
 
 def best_thresholds(Y: np.ndarray, proba: np.ndarray) -> np.ndarray:
