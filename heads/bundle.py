@@ -1,4 +1,5 @@
-"""Body + head as one ONNX classifier: uint8 images in, `probabilities` (N, C) and `label` (N,) out.
+"""Body + head as one ONNX classifier: uint8 images in, `probabilities` (N, C) and `label` (N,) out; a tags
+head's `probabilities` (N, T) and `tags` (N, T) booleans, a value head's `value` (N,) instead.
 
 The classic "pop the last layer, add Dense(softmax)" as a file any onnxruntime runs, headstart or not.
 """
@@ -19,6 +20,7 @@ from headstart.export.graph import make_model, read_metadata
 from .auto import AutoHead
 from .base import DenseHead
 from .headfile import load_head
+from .kinds import task_kind_of
 from .knn import KNNHead
 from .tuned import TunedHead, dense_nodes
 
@@ -89,11 +91,17 @@ def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype
         nodes = [helper.make_node("Flatten", [layer], ["head.flat"]),
                  helper.make_node("Cast", ["head.flat"], ["head.x"], to=TensorProto.FLOAT)]
         more, inits, h = head_nodes(head, "head.x")
-    nodes += [*more, helper.make_node("Softmax", [h], ["probabilities"], axis=1),
-              helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
-    classes = [str(c) for c in head.classes_]
-    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),
-               helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])]
+    task_kind = task_kind_of(head)
+    if task_kind is None:
+        classes = [str(c) for c in head.classes_]
+        nodes += [*more, helper.make_node("Softmax", [h], ["probabilities"], axis=1),
+                  helper.make_node("ArgMax", [h], ["label"], axis=1, keepdims=0)]
+        outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(classes)]),
+                   helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])]
+    else:
+        classes = [str(c) for c in head.outputs_]
+        more2, inits2, outputs = _task_outputs(head, task_kind, h, len(classes))
+        nodes, inits = [*nodes, *more, *more2], [*inits, *inits2]
     task = info.get("task", "head")
     graph = helper.make_graph(list(g.node) + nodes, f"{task}_classifier", list(g.input), outputs,
                               list(g.initializer) + inits)
@@ -101,13 +109,35 @@ def bundle(model_path: str | Path, head: DenseHead | AutoHead | TunedHead, dtype
     fingerprint = info["fingerprint"] | {"dtype": dtype or meta["dtype"], "layers": [layer]}
     return make_model(graph, body | {
         "kind": "classifier", "classes": json.dumps(classes), "task": task, "layer": layer,
+        "task_kind": task_kind or "classes",
         "head": type(head).__name__, "dtype": fingerprint["dtype"], "resize": fingerprint["resize"],
         "fingerprint": json.dumps(fingerprint), "head_metrics": json.dumps(info.get("metrics", {})),
     }, like=model)
 
 
+def _task_outputs(head: object, task_kind: str, h: str, n: int) -> tuple[list, list, list]:
+    """The outputs of a tags head, `probabilities` (N, n) and `tags` (N, n) booleans at each tag's threshold, or
+    of a value head, `value` ((N,) for one target, else (N, n)): nodes, initializers, graph outputs."""
+    if task_kind == "tags":
+        inits = [numpy_helper.from_array(np.asarray(head.thresholds_, np.float32), "head.thresholds")]
+        nodes = [helper.make_node("Sigmoid", [h], ["probabilities"]),
+                 helper.make_node("GreaterOrEqual", ["probabilities", "head.thresholds"], ["tags"])]
+        return nodes, inits, [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n]),
+                              helper.make_tensor_value_info("tags", TensorProto.BOOL, ["N", n])]
+    if n > 1:
+        return [helper.make_node("Identity", [h], ["value"])], [], [
+            helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N", n])]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "head.flat_shape")]
+    return [helper.make_node("Reshape", [h, "head.flat_shape"], ["value"])], inits, [
+        helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N"])]
+
+
 def head_nodes(head: DenseHead | AutoHead, x: str) -> tuple[list, list, str]:
     """ONNX nodes and initializers from `x`, (N, D) float32 features, to the head's logits (their name)."""
+    if task_kind_of(head) is not None:  # tags' logits or the values: dense layers, no temperature
+        mean, scale, layers, normalize = head.dense_layers() if hasattr(head, "dense_layers") else (
+            head.mean_, head.scale_, head.layers_, False)
+        return dense_nodes(x, mean, scale, layers, normalize=normalize)
     inner = head.best_ if isinstance(head, AutoHead) else head
     if isinstance(inner, KNNHead):
         nodes, inits, h = inner.onnx_nodes(x)

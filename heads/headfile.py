@@ -22,13 +22,17 @@ from headstart.export.files import atomic_write
 
 from .auto import AutoHead
 from .base import DenseHead
-from .kinds import KINDS
+from .kinds import KINDS, TASK_KINDS, task_head_name, task_kind_of
 from .knn import KNNHead
 from .tuned import POOLINGS, TunedHead
 
 # /3 added the calibration of every head kind; /2 files (no calibration but auto's) still load.
 FORMAT = "headstart-head/3"
 READABLE = ("headstart-head/2", FORMAT)
+# A tags or value head's fitted attributes kept as arrays (`layers_`: W0, b0, W1, ...), by its class.
+TASK_ARRAYS = {"TagHead": ("coef_", "intercept_", "thresholds_"), "RidgeHead": ("coef_", "intercept_"),
+               "SigmoidHead": ("mean_", "scale_", "layers_", "thresholds_"),
+               "MLPRegressorHead": ("mean_", "scale_", "layers_")}
 
 
 def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
@@ -51,6 +55,8 @@ def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
     >>> hs.save_head(hs.train_head("cache/features.zarr", "gap", "logistic"), "models/digits.head")  # doctest: +SKIP
     PosixPath('models/digits.head')
     """
+    if task_kind_of(head) is not None:
+        return _save_task(head, path)
     meta = {"format": FORMAT, "kind": _kind(head), "params": head.get_params(), "classes": head.classes_.tolist(),
             "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {})}
     inner = head
@@ -72,6 +78,67 @@ def save_head(head: DenseHead | AutoHead | TunedHead, path: str | Path) -> Path:
     with atomic_write(path) as partial, open(partial, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
     return Path(path)
+
+
+def _save_task(head: object, path: str | Path) -> Path:
+    """Write a tags or value head: its fitted arrays by attribute name (`layers_` as W0, b0, ...), its outputs."""
+    arrays = {}
+    for name in TASK_ARRAYS[type(head).__name__]:
+        if name == "layers_":
+            arrays |= {f"{p}{i}": a for i, layer in enumerate(head.layers_) for p, a in zip("Wb", layer, strict=True)}
+        else:
+            arrays[name] = np.asarray(getattr(head, name))
+    meta = {"format": FORMAT, "kind": task_head_name(head), "task_kind": task_kind_of(head),
+            "params": head.get_params(), "outputs": [str(o) for o in head.outputs_],
+            "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {}),
+            "fitted": {k: float(getattr(head, k)) for k in ("l2_", "alpha_") if hasattr(head, k)},
+            "cv": getattr(head, "cv_results_", [])}
+    with atomic_write(path) as partial, open(partial, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    return Path(path)
+
+
+def _load_task(meta: dict, arrays: dict, bad: Callable[[str], HeadFileError]) -> object:
+    """Rebuild a tags or value head, refusing arrays that are absent, not finite or of the wrong shapes."""
+    task_kind, kind, outputs, d = meta.get("task_kind"), meta.get("kind"), meta.get("outputs"), meta["n_features"]
+    cls = TASK_KINDS.get(task_kind, {}).get(kind)
+    if cls is None or kind == "auto":
+        raise bad(f"unknown {task_kind} head kind {kind!r}")
+    if not isinstance(outputs, list) or not outputs or len(set(outputs)) != len(outputs):
+        raise bad(f"outputs must be distinct tag or target names, got {outputs!r}")
+    names = TASK_ARRAYS[cls.__name__]
+    n_layers = sum(1 for k in arrays if k.startswith("W"))
+    expected = {n for n in names if n != "layers_"} | ({f"{p}{i}" for i in range(n_layers) for p in "Wb"}
+                                                      if "layers_" in names else set())
+    if set(arrays) != expected or ("layers_" in names and n_layers < 1):
+        raise bad(f"arrays {sorted(arrays)}, expected {sorted(expected) if n_layers else names}")
+    for name, a in arrays.items():
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise bad(f"{name} is {a.dtype} {a.shape}, expected finite floats")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    try:
+        head = cls(**params)
+    except TypeError as e:
+        raise bad(f"parameters {sorted(params)} do not fit a {kind} head ({e})") from None
+    for name in names:
+        if name == "layers_":
+            head.layers_ = [(arrays[f"W{i}"].astype(np.float32), arrays[f"b{i}"].astype(np.float32))
+                            for i in range(n_layers)]
+        else:
+            a = arrays[name]
+            setattr(head, name, float(a) if a.ndim == 0 else a.astype(np.float32))
+    for k, v in meta.get("fitted", {}).items():
+        setattr(head, k, v)
+    head.n_features_in_, head.outputs_, head.cv_results_ = d, outputs, meta.get("cv", [])
+    if task_kind == "tags":
+        head.tags_ = np.array(outputs)
+    try:  # the shapes checked whole, by the head's own arithmetic
+        out = np.asarray(head.predict(np.zeros((2, d), np.float32)))
+    except ValueError as e:
+        raise bad(f"its arrays do not fit together ({e})") from None
+    if out.shape not in ((2, len(outputs)), (2,) if len(outputs) == 1 and task_kind == "value" else None):
+        raise bad(f"it predicts {out.shape[1:] or 'one value'} a row for {len(outputs)} outputs {outputs}")
+    return head
 
 
 def _kind(head: object) -> str:
@@ -115,6 +182,13 @@ def load_head(path: str | Path) -> DenseHead:
         raise bad(f"{type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") not in READABLE:
         raise bad(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}")
+    if meta.get("task_kind") is not None:
+        if not isinstance(meta.get("n_features"), int) or meta["n_features"] < 1 or \
+                not isinstance(meta.get("params"), dict) or not isinstance(meta.get("info", {}), dict):
+            raise bad("n_features must be a positive integer, params and info mappings")
+        head = _load_task(meta, arrays, bad)
+        head.meta_ = meta.get("info", {})
+        return head
     kind, params, classes = meta.get("kind"), meta.get("params"), meta.get("classes")
     if kind not in KINDS and kind != "tuned":
         raise bad(f"unknown head kind {kind!r}")

@@ -3,6 +3,24 @@
 from .auto import AutoHead
 from .knn import KNNHead
 from .models import LogisticHead, MLPHead, SoftmaxHead
+from .regression import RidgeHead
+from .tags import TagHead
 
 KINDS: dict[str, type] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp": MLPHead, "knn": KNNHead,
                           "auto": AutoHead}
+# The heads of tasks beyond one label an image (pipeline.targets): task kind -> head kind -> estimator.
+# `auto` is the closed-form or L-BFGS probe, whose penalty cross-validation chooses on the training rows.
+TASK_KINDS: dict[str, dict[str, type]] = {
+    "tags": {"auto": TagHead, "logistic": TagHead},
+    "value": {"auto": RidgeHead, "ridge": RidgeHead},
+}
+
+
+def task_kind_of(head: object) -> str | None:
+    """'tags' or 'value' for the heads of those tasks, None for a head of classes."""
+    return next((k for k, reg in TASK_KINDS.items() if type(head) in reg.values()), None)
+
+
+def task_head_name(head: object) -> str:
+    """The name of a tags or value head's kind, as a head file records it (never `auto`)."""
+    return next(n for reg in TASK_KINDS.values() for n, cls in reg.items() if type(head) is cls and n != "auto")

@@ -81,6 +81,13 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         self.coef_, self.intercept_ = (W[:, 0], float(b[0])) if y.ndim == 1 else (W, b)
         return self
 
+    def dense_layers(self) -> tuple[np.ndarray, np.ndarray, list, bool]:
+        """(mean, scale, [(W, b)], normalize): one linear layer on the raw features, as bundle.dense_nodes builds it."""
+        d = self.coef_.shape[0]
+        W = np.asarray(self.coef_, np.float32).reshape(d, -1)
+        b = np.atleast_1d(self.intercept_).astype(np.float32)
+        return np.zeros(d, np.float32), np.ones(d, np.float32), [(W, b)], False
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         """The predicted values, (n,) or (n, n_targets)."""
         check_is_fitted(self)

@@ -156,6 +156,12 @@ class TagHead(BaseEstimator):
         self.intercept_ = theta[d * t:].astype(np.float32)
         return self
 
+    def dense_layers(self) -> tuple[np.ndarray, np.ndarray, list, bool]:
+        """(mean, scale, [(W, b)], normalize): the head as bundle.dense_nodes builds it, (unit rows - 0) * sqrt(d)."""
+        d = self.coef_.shape[0]
+        return (np.zeros(d, np.float32), np.full(d, 1 / np.sqrt(d), np.float32), [(self.coef_, self.intercept_)],
+                True)
+
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """(n, n_tags) logits."""
         check_is_fitted(self)

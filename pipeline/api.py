@@ -321,11 +321,14 @@ class Predictions:
     paths : numpy.ndarray
         (n,) str, each image's path as shown in the CSV.
     classes : list of str
-        The classifier's classes, the columns of `probabilities`.
+        The classifier's classes (or tags, or the target's name), the columns of `probabilities`.
     probabilities : numpy.ndarray
-        (n, k) float32, each image's probability of each class (clipped where `predict` was asked to clip).
+        (n, k) float32, each image's probability of each class (clipped where `predict` was asked to clip), or
+        of each tag; (n, 0) for a value classifier.
     labels : numpy.ndarray
-        (n,) str, the most probable class of each image.
+        (n,) str, the most probable class of each image, or its tags joined by '|'.
+    values : numpy.ndarray or None
+        (n,) float64, each image's predicted value, for a classifier of a value task.
     skipped : list of dict
         The files that could not be used: ``{"path": ..., "reason": ...}``.
     csv : Path or None
@@ -341,6 +344,7 @@ class Predictions:
     classes: list[str]
     probabilities: np.ndarray
     labels: np.ndarray
+    values: np.ndarray | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
     csv: Path | None = None
 
@@ -423,7 +427,8 @@ def predict(classifier: str | Path, images: str | Path, *, output: str | Path | 
 
     from .predict import write_csv
 
-    classes = classifier_metadata(classifier)["classes"]
+    meta = classifier_metadata(classifier)
+    classes, kind = meta["classes"], meta.get("task_kind", "classes")
     rows = prediction_rows(images, classifier, batch_size, jobs, device, clip, client, quiet=True)
     kept: list[dict] = []
 
@@ -433,12 +438,14 @@ def predict(classifier: str | Path, images: str | Path, *, output: str | Path | 
             yield row
 
     if output is not None:
-        write_csv(keep(rows), output, classes)
+        write_csv(keep(rows), output, classes, kind)
     else:
         kept = list(rows)
     good = [r for r in kept if not r["error"]]
-    proba = np.array([[r["proba"][c] for c in classes] for r in good], np.float32).reshape(len(good), len(classes))
+    width = 0 if kind == "value" else len(classes)
+    proba = np.array([[r["proba"][c] for c in classes[:width]] for r in good], np.float32).reshape(len(good), width)
+    values = np.array([r["value"] for r in good], np.float64) if kind == "value" else None
     return Predictions(paths=np.array([r["path"] for r in good], dtype=str), classes=list(classes),
-                       probabilities=proba, labels=np.array([r["label"] for r in good], dtype=str),
+                       probabilities=proba, labels=np.array([r["label"] for r in good], dtype=str), values=values,
                        skipped=[{"path": r["path"], "reason": r["error"]} for r in kept if r["error"]],
                        csv=None if output is None else Path(output))

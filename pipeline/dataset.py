@@ -7,6 +7,7 @@ relative to it, absolute, or URLs. Paths are kept as text: local paths, or URLs 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import posixpath
 import re
@@ -19,11 +20,12 @@ from headstart.export.errors import DataError, UsageError
 from .storage import filesystem, is_url
 
 LAYOUTS = ("DATA/<split>/<class>/*.jpg", "DATA/<class>/*.jpg", "DATA/*.jpg (unlabelled)",
-           "a CSV manifest with columns path,label[,split]")
+           "a CSV manifest with columns path,label[,split] (and any task columns: labels, a number)")
 # Common names of the usual splits, mapped to the names headstart uses (train/valid are its defaults).
 SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid",
           "dev": "valid", "test": "test", "testing": "test"}
 COLUMNS = ("path", "label", "split")
+TAGS_COLUMN = "labels"  # several labels an image, as `cat|outdoor`: the multi-label tasks' column
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -54,6 +56,7 @@ class Dataset:
     paths: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     label_names: list[str | None] = field(default_factory=list)
+    columns: dict[str, list[str]] = field(default_factory=dict)  # a manifest's task columns: name -> values
 
     @property
     def classes(self) -> list[str]:
@@ -135,12 +138,18 @@ def scan_csv(path: str | Path) -> Dataset:
     # -sig: a byte-order mark is not part of a name
     with io.StringIO(content.decode("utf-8-sig"), newline="") as f:
         reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        unknown = [h for h in header if h not in COLUMNS]
-        if "path" not in header or unknown or len(set(header)) != len(header):
+        header = [h.strip() for h in next(reader, [])]
+        header = [h.lower() if h.lower() in COLUMNS else h for h in header]
+        typos = [h for h in header if h not in COLUMNS and h != TAGS_COLUMN
+                 and difflib.get_close_matches(h.lower(), [c for c in COLUMNS if c not in header], 1, 0.75)]
+        if "path" not in header or typos or len(set(header)) != len(header) or "" in header:
             raise DataError(f"{path}: header {','.join(header) or '(none)'} is not a manifest's: its columns are "
-                             f"path (required), label and split" + (f"; unknown: {', '.join(unknown)}" if unknown
-                                                                    else ""))
+                             "path (required), label, split and task columns (labels, numbers), each named once"
+                             + (f"; {', '.join(typos)} looks like a misspelt "
+                                f"{difflib.get_close_matches(typos[0].lower(), COLUMNS, 1, 0.75)[0]}" if typos
+                                else ""))
+        extra = [h for h in header if h not in COLUMNS]
+        ds.columns = {h: [] for h in extra}
         for n, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
                 continue
@@ -150,6 +159,8 @@ def scan_csv(path: str | Path) -> Dataset:
             if not row["path"]:
                 raise DataError(f"{path}, line {n}: empty path")
             ds.add(_join(parent, row["path"]), row.get("split") or "train", row.get("label") or None)
+            for h in extra:
+                ds.columns[h].append(row[h])
     return ds
 
 

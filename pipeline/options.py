@@ -147,9 +147,9 @@ def per_kind(param: str) -> Callable[[], str]:
 
 
 def _kinds() -> list[str]:
-    from headstart.heads.kinds import KINDS
+    from headstart.heads.kinds import KINDS, TASK_KINDS
 
-    return list(KINDS)
+    return list(dict.fromkeys([*KINDS, *(k for reg in TASK_KINDS.values() for k in reg)]))
 
 
 def _body_dtypes() -> tuple[str, ...]:
@@ -206,6 +206,14 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
     "classes_map": (("--classes-map",), {"help": "YAML/JSON file: cache class name -> task label, or null to leave "
                                                  "a class out ('' for none)."}),
     "task": (("--task",), {"help": "Name of the task (default: the dataset's name)."}),
+    "tags": (("--tags", "tags_column"), {"metavar": "COLUMN", "help": "A multi-label task: each image's tags, "
+                                         "from this column of the manifest (`cat|outdoor`)."}),
+    "tags_map": (("--tags-map",), {"type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                   "help": "A multi-label task: YAML file, cache class name -> its tags."}),
+    "target": (("--target",), {"metavar": "COLUMN", "help": "A regression task: each image's number, from this "
+                                                           "column of the manifest."}),
+    "manifest": (("--manifest",), {"type": WHERE, "help": "The CSV manifest holding the --tags or --target column "
+                                                         "(default: the one the dataset was extracted from)."}),
     "history": (("--history",), {"type": FILE, "help": "Write the per-epoch log as JSON."}),
     "augmented": (("--augmented",), {"is_flag": True, "help": "Each epoch, train on one of each image's cached views "
                                                               "(from `extract --augment K`)."}),

@@ -14,6 +14,7 @@ from headstart.heads.bundle import classifier_metadata
 
 from .dataset import Dataset, display, scan
 from .reader import read_batches, run_usable
+from .targets import TAG_SEPARATOR
 
 
 def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 32, jobs: int = 2,
@@ -34,23 +35,34 @@ def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: 
                   clip: tuple[float, float] | None) -> Iterator[dict]:
     """predict's rows for `paths`, with an open session of the classifier whose metadata is `meta`."""
     classes, fingerprint = meta["classes"], meta["fingerprint"]
+    kind = meta.get("task_kind", "classes")
+    names = {"classes": ["probabilities"], "tags": ["probabilities", "tags"], "value": ["value"]}[kind]
     batches = read_batches(((p, p, None) for p in paths), fingerprint["image_size"], fingerprint["resize"],
                            batch_size, jobs)
     for batch in batches:
-        outs, bad = run_usable(session, ["probabilities"], [(i, x) for i, (_, x, _) in enumerate(batch)])
+        outs, bad = run_usable(session, names, [(i, x) for i, (_, x, _) in enumerate(batch)])
         k = 0
         for i, (path, _, _) in enumerate(batch):
-            row = {"id": display(Path(path).stem), "path": display(path), "label": "", "error": ""}
+            row = {"id": display(Path(path).stem), "path": display(path), "label": "", "error": bad.get(i, "")}
             if i in bad:
-                row.update(proba=dict.fromkeys(classes), error=bad[i])
+                row.update(proba=dict.fromkeys(classes) if kind != "value" else {}, value=None)
             else:
-                p = outs["probabilities"][k].astype(np.float64)
+                row.update(_outputs(kind, classes, outs, k, clip))
                 k += 1
-                row["label"] = classes[int(p.argmax())]
-                if clip:
-                    p = np.clip(p, *clip)
-                row["proba"] = {c: float(v) for c, v in zip(classes, p, strict=True)}
             yield row
+
+
+def _outputs(kind: str, classes: list[str], outs: dict, k: int, clip: tuple[float, float] | None) -> dict:
+    """The row's label (the most probable class, or its tags as `cat|bright`), probabilities, or value."""
+    if kind == "value":  # a number an image (or one per target)
+        v = outs["value"][k].astype(np.float64)
+        return {"value": float(v) if v.ndim == 0 else v.tolist(), "proba": {}}
+    p = outs["probabilities"][k].astype(np.float64)
+    label = (TAG_SEPARATOR.join(c for c, on in zip(classes, outs["tags"][k], strict=True) if on) if kind == "tags"
+             else classes[int(p.argmax())])
+    if clip:
+        p = np.clip(p, *clip)
+    return {"label": label, "proba": {c: float(v) for c, v in zip(classes, p, strict=True)}}
 
 
 FIXED = ("id", "label", "path", "error")
@@ -68,19 +80,30 @@ def probability_columns(classes: list[str]) -> dict[str, str]:
     return out
 
 
-def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str]
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "|".join(f"{v:.6g}" for v in value) if isinstance(value, list) else str(value)
+
+
+def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str], kind: str = "classes"
               ) -> tuple[int, list[dict], dict[str, list[str]]]:
-    """Write rows, atomically: on any error the file at `path` is left as it was.
+    """Write rows, atomically: on any error the file at `path` is left as it was. `kind`: the classifier's task
+    kind; its second column is the label, the tags (`cat|bright`) or the value.
 
     Returns (count, rows that could not be predicted, {id: paths} for ids shared by several files).
     """
     n, bad, seen = 0, [], {}
-    columns = probability_columns(classes)
+    columns = probability_columns(classes) if kind != "value" else {}
+    first = {"classes": "label", "tags": "tags", "value": "value"}[kind]
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        w = csv.DictWriter(f, ["id", "label", *columns.values(), "path", "error"])
+        w = csv.DictWriter(f, ["id", first, *columns.values(), "path", "error"])
         w.writeheader()
         for row in rows:
-            w.writerow({**{k: row[k] for k in FIXED},
+            given = row.get("value") if kind == "value" else row["label"]
+            w.writerow({"id": row["id"], first: _cell(given), "path": row["path"], "error": row["error"],
                         **{columns[c]: "" if v is None else f"{v:.6f}" for c, v in row["proba"].items()}})
             seen.setdefault(row["id"], []).append(row["path"])
             n += 1

@@ -191,7 +191,6 @@ def task_labels_of(fc: FeatureCache, selection: Selection, say: Callable[[str], 
                    ) -> tuple[list[str], np.ndarray]:
     """The task's classes and (N,) labels of `fc`'s entries under `selection`: its classes map, then its relabels,
     then its exclusions (label -1: outside the task)."""
-    import numpy as np
 
     classes, y = task_labels(fc.classes, fc.labels, selection.classes_map)
     if not selection.relabel and not selection.exclude:
@@ -210,20 +209,29 @@ def task_labels_of(fc: FeatureCache, selection: Selection, say: Callable[[str], 
             raise DataError(f"{where}: {path} matches {len(rows)} files of dataset {fc.dataset!r} "
                             f"({', '.join(fc.paths[rows][:2])}, ...); write more of its path")
         y[rows] = classes.index(label)
-    if selection.exclude:
-        hashes = fc.hashes if any(_is_hash(e) for e in selection.exclude) else np.array([], str)
-        out = np.zeros(len(y), bool)
-        for entry in selection.exclude:
-            rows = np.flatnonzero(hashes == entry.lower()) if _is_hash(entry) else \
-                _matches(fc, entry, by_path, tails)
-            if len(rows) == 0:
-                LOG.warning(f"{selection.origin.get(entry, 'exclude')}: {entry} matches no row of dataset "
-                            f"{fc.dataset!r}; nothing left out for it")
-            out[rows] = True
-        if out.any():
-            say(f"exclusions leave out {int(out.sum())} rows")
-        y[out] = -1
+    y[excluded(fc, selection, say, (by_path, tails))] = -1
     return classes, y
+
+
+def excluded(fc: FeatureCache, selection: Selection, say: Callable[[str], None] = lambda _: None,
+             index: tuple | None = None) -> np.ndarray:
+    """(N,) bool: the entries of `fc` that the selection's exclusions leave out."""
+    import numpy as np
+
+    out = np.zeros(len(fc.paths), bool)
+    if not selection.exclude:
+        return out
+    by_path, tails = index or _path_index(fc)
+    hashes = fc.hashes if any(_is_hash(e) for e in selection.exclude) else np.array([], str)
+    for entry in selection.exclude:
+        rows = np.flatnonzero(hashes == entry.lower()) if _is_hash(entry) else _matches(fc, entry, by_path, tails)
+        if len(rows) == 0:
+            LOG.warning(f"{selection.origin.get(entry, 'exclude')}: {entry} matches no row of dataset "
+                        f"{fc.dataset!r}; nothing left out for it")
+        out[rows] = True
+    if out.any():
+        say(f"exclusions leave out {int(out.sum())} rows")
+    return out
 
 
 def _is_hash(entry: str) -> bool:

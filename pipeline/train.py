@@ -23,11 +23,12 @@ from headstart.heads.models import DenseHead, EpochLog, MLPHead, SoftmaxHead
 from .cache import FeatureCache
 from .decode import BadImage, read_bytes
 from .selection import Selection, select_rows, task_labels_of, task_rows
+from .targets import Target
 
 
 def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", selection: Selection | None = None, *,
-               task: str | None = None, memory: int | None = None, log: EpochLog | None = None,
-               say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
+               task: str | None = None, target: Target | None = None, memory: int | None = None,
+               log: EpochLog | None = None, say: Callable[[str], None] | None = None, **params: object) -> DenseHead:
     """Fit a head on cached features, as ``headstart train`` does, recording what it was trained on.
 
     Parameters
@@ -44,6 +45,9 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", select
         keywords (``valid_fraction=0``), which replace the selection's.
     task : str, optional
         The task's name, kept in the head (default: the dataset's name).
+    target : Target, optional
+        A task of tags or of a value an image (pipeline.targets: a manifest column, or a tags map) instead of
+        the class labels; `kind` is then one of `headstart.heads.kinds.TASK_KINDS[target.kind]`.
     memory : int, optional
         Bytes the training features may take (default: half the memory available); softmax and mlp heads
         stream larger ones from the cache in blocks.
@@ -67,13 +71,17 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", select
     >>> head.meta_["metrics"]["valid_accuracy"]  # doctest: +SKIP
     0.97
     """
-    if kind not in KINDS:
+    if kind not in KINDS and target is None:
         raise UsageError(f"unknown head {kind!r}; choose from {', '.join(KINDS)}")
     say = say or (lambda _: None)
     selection = Selection.take(selection, params)
     dataset = selection.dataset
     fc = cache if isinstance(cache, FeatureCache) and dataset in (None, cache.dataset) else \
         FeatureCache(getattr(cache, "path", cache), dataset)
+    if target is not None:
+        from .tasks import train_task_head
+
+        return train_task_head(fc, layer, kind, selection, target, task=task, say=say, **params)
     classes, y, record, train, valid = task_rows(fc, selection, say)
     names = np.array(classes)
     storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32

@@ -120,7 +120,7 @@ def test_manifest_headers_are_normalized(tmp_path, header):
 def test_unknown_manifest_column_is_a_clear_error(tmp_path, random_model):
     (tmp_path / "m.csv").write_text("paht,label\nx.jpg,a\n")
     out = run("extract", tmp_path / "m.csv", "--body", random_model, "--cache", tmp_path / "c.zarr")
-    assert "header paht,label is not a manifest's" in out and "unknown: paht" in out
+    assert "header paht,label is not a manifest's" in out and "paht looks like a misspelt path" in out
 
 
 # Folder layouts -----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Everything a notebook needs is here, imported on first use so that ``import head
 - ``export_body``, ``extract``, ``FeatureCache``: the body and the feature cache.
 - ``AutoHead``, ``SoftmaxHead``, ``LogisticHead``, ``MLPHead``, ``KNNHead``, ``train_head``, ``save_head``,
   ``load_head``: heads.
+- ``Target``, ``TagHead``, ``RidgeHead``: tasks of several tags or of a number an image, on the same cache.
 - ``bundle``, ``predict``, ``Predictions``: the classifier file and its predictions.
 - ``HeadstartError`` and its kinds (``CacheError``, ``HeadFileError``, ``IncompatibleError``, ``WeightsError``,
   ``DeviceError``, ``UsageError``, ``DataError``, ``ModelError``, ``BusyError``): what a caller may catch; each
@@ -42,6 +43,9 @@ _NAMES = {
     "MLPHead": "headstart.heads.models",
     "AutoHead": "headstart.heads.auto",
     "KNNHead": "headstart.heads.knn",
+    "TagHead": "headstart.heads.tags",
+    "RidgeHead": "headstart.heads.regression",
+    "Target": "headstart.pipeline.targets",
     "save_head": "headstart.heads.headfile",
     "load_head": "headstart.heads.headfile",
     **{name: "headstart.export.errors" for name in (
@@ -53,8 +57,8 @@ _SUBPACKAGES = ("export", "heads", "pipeline")
 __all__ = [  # the keys of _NAMES and __version__ (a test checks they agree)
     "AutoHead", "BusyError", "CacheError", "DataError", "DeviceError", "FeatureCache", "HeadFileError",
     "HeadstartError", "IncompatibleError", "KNNHead", "LogisticHead", "MLPHead", "ModelError", "Predictions",
-    "SoftmaxHead", "UsageError", "WeightsError", "__version__", "bundle", "export_body", "extract", "load_head",
-    "predict", "save_head", "train_head", "wrap_body",
+    "RidgeHead", "SoftmaxHead", "TagHead", "Target", "UsageError", "WeightsError", "__version__", "bundle",
+    "export_body", "extract", "load_head", "predict", "save_head", "train_head", "wrap_body",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports on demand
@@ -74,8 +78,11 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
     from headstart.heads.headfile import load_head, save_head
     from headstart.heads.knn import KNNHead
     from headstart.heads.models import LogisticHead, MLPHead, SoftmaxHead
+    from headstart.heads.regression import RidgeHead
+    from headstart.heads.tags import TagHead
     from headstart.pipeline.api import Predictions, bundle, export_body, extract, predict, wrap_body
     from headstart.pipeline.cache import FeatureCache
+    from headstart.pipeline.targets import Target
     from headstart.pipeline.train import train_head
 
     __version__: str

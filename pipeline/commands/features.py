@@ -132,7 +132,8 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
         if not 0 <= lo < hi <= 1:
             raise Failure(f"--clip {clip!r}: need 0 <= LO < HI <= 1")
         bounds = (lo, hi)
-    classes = classifier_metadata(classifier)["classes"]
+    meta = classifier_metadata(classifier)
+    classes, kind = meta["classes"], meta.get("task_kind", "classes")
     images = scan(images)  # once: its length sizes the bar, its paths are what is predicted
     total = len(images)
     if dask_address:
@@ -141,11 +142,11 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
         with dask_client(dask_address) as client:
             rows = bar(prediction_rows(images, classifier, batch_size, jobs, device, bounds, client), total=total,
                        desc="predicting", unit="img")
-            n, bad, shared_ids = write_csv(rows, output, classes)
+            n, bad, shared_ids = write_csv(rows, output, classes, kind)
     else:
         rows = bar(prediction_rows(images, classifier, batch_size, jobs, device, bounds), total=total,
                    desc="predicting", unit="img")
-        n, bad, shared_ids = write_csv(rows, output, classes)
+        n, bad, shared_ids = write_csv(rows, output, classes, kind)
     for row in bad:
         click.echo(f"skipped {row['path']}: {row['error']}", err=True)
     for key, paths in list(shared_ids.items())[:5]:

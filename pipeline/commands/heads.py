@@ -53,30 +53,44 @@ TUNE = "headstart.pipeline.tune"
 @shared("memory", shown="half the memory available")
 @selection_options()
 @shared("task")
+@shared("tags")
+@shared("tags_map")
+@shared("target")
+@shared("manifest")
 @shared("history")
 def train(cache: str, layer: str, kind: str, calibration: str | None, output: Path, epochs: int | None,
           lr: float | None, minibatch: int | None, l2: float | None, hidden: str | None, dropout: float | None,
           patience: int | None, class_weight: str, standardize: bool, memory: int | None, selection: Selection,
-          task: str | None, history: Path | None) -> None:
+          task: str | None, tags_column: str | None, tags_map: Path | None, target: str | None,
+          manifest: str | None, history: Path | None) -> None:
     """Train a replacement head on cached features, in seconds: by default (auto) the best of several
     candidates, chosen by cross-validation on the training rows and refit on all of them.
 
     The held-out valid share (--valid-fraction, where the cache has no valid split) is chosen by each image's
     content hash and --seed, so adding images never moves one between train and valid.
+
+    --tags, --tags-map or --target train a head of several tags or of a number an image instead, on the same
+    features (auto: per-tag logistic regression, or ridge, their penalty chosen by cross-validation).
     """
     import time
 
     from headstart.heads.headfile import save_head
-    from headstart.heads.kinds import KINDS
+    from headstart.heads.kinds import KINDS, TASK_KINDS, task_head_name
 
+    from ..targets import target_of
     from ..train import train_head
 
+    answers = target_of(tags_column, tags_map, target, manifest)
+    registry = KINDS if answers is None else TASK_KINDS[answers.kind]
+    if kind not in registry:
+        raise click.UsageError(f"--head {kind}: a {answers.kind if answers else 'classes'} task takes "
+                               f"{', '.join(registry)}")
     sizes = _sizes(hidden)
     given = {"epochs": epochs, "lr": lr, "batch_size": minibatch, "l2": l2, "hidden": sizes, "dropout": dropout,
              "patience": patience, "standardize": standardize,
              "class_weight": None if class_weight == "none" else class_weight, "calibrate": calibration}
     flags = {"batch_size": "minibatch", "calibrate": "calibration"}
-    accepted = inspect.signature(KINDS[kind]).parameters
+    accepted = inspect.signature(registry[kind]).parameters
     ctx = click.get_current_context()
     ignored = [k for k, v in given.items() if v is not None and k not in accepted and k != "class_weight"
                and ctx.get_parameter_source(flags.get(k, k)) is click.core.ParameterSource.COMMANDLINE]
@@ -86,9 +100,19 @@ def train(cache: str, layer: str, kind: str, calibration: str | None, output: Pa
     params = {k: v for k, v in given.items() if k in accepted and v is not None}
 
     t0 = time.perf_counter()
-    head = train_head(cache, layer, kind, selection, task=task, memory=memory, log=epoch_line, say=say, **params)
+    head = train_head(cache, layer, kind, selection, task=task, target=answers, memory=memory, log=epoch_line,
+                      say=say, **params)
     save_head(head, output)
     _write_history(head, history)
+    if answers is not None:
+        m, rows = head.meta_["metrics"], head.meta_["rows"]
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "valid_n")
+        name = kind if kind != "auto" else f"auto ({task_head_name(head)})"
+        click.echo(f"{head.meta_['task']}: {name} {answers.kind} head on {layer} ({head.n_features_in_} features, "
+                   f"{len(head.outputs_)} {'tags' if answers.kind == 'tags' else 'target'}: "
+                   f"{', '.join(head.outputs_)}), {rows['train']} train / {rows['valid']} valid rows: "
+                   f"{shown or 'no valid rows'}, trained in {time.perf_counter() - t0:.2f} s -> {output}")
+        return
     if hasattr(head, "cv_results_"):
         _print_choice(head)
     m, rows = head.meta_["metrics"], head.meta_["rows"]
@@ -269,6 +293,14 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
     # The head's own rows and labels (its recorded exclusions and relabels), unless these are given
     given = {k: v for k, v in (("dataset", dataset), ("exclude", exclude), ("relabel", relabel)) if v is not None}
     selection = build_selection(given, Selection.from_record(head.meta_["selection"]))
+    if "target" in head.meta_:
+        extra = [f for f, v in (("--predictions", predictions), ("--errors", n_errors), ("--errors-plot", errors_plot),
+                                ("--errors-csv", errors_csv), ("--reliability", reliability)) if v]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)}: reports of a head of classes; {head_path} is a "
+                                   f"{head.meta_['target']['kind']} head")
+        _evaluate_task(cache, head, split, selection, metrics, details, confusion, plot, json_out)
+        return
     result, y, proba, paths = score(cache, head, split, selection)
     write_reports(result, y, proba.argmax(1), metrics, details, confusion, plot)
     errors = confident_errors(y, proba, paths, list(result["per_class"]), n_errors)
@@ -293,3 +325,25 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
         click.echo(f"  {c}: precision {r['precision']:.3f} recall {r['recall']:.3f} (n={r['support']})")
     for e in errors:
         click.echo(f"  wrong: {e['path']}: {e['actual']} taken for {e['predicted']} (p={e['probability']:.3f})")
+
+
+def _evaluate_task(cache: str, head, split: str | None, selection: Selection, metrics: Path | None,
+                   details: Path | None, pairs: Path | None, plot: Path | None, json_out: Path | None) -> None:
+    """evaluate for a tags or value head: mAP and F1, or MAE, RMSE and R2; --plot draws precision-recall curves
+    or predicted against true values."""
+    from ..tasks import evaluate_task, write_task_reports
+
+    result, Y, out, _ = evaluate_task(cache, head, split, selection)
+    write_task_reports(result, Y, out, head, metrics, details, pairs, plot)
+    if write_json(result, json_out):
+        return
+    where = f"{result['task']}: {result['head']} on {result['layer']}, {result['split']}, {result['n']} rows"
+    if result["task_kind"] == "value":
+        click.echo(f"{where}: R2 {result['r2']:.3f}, MAE {result['mae']:.4g}, RMSE {result['rmse']:.4g}")
+        return
+    low, high = result["cell_accuracy_interval"]
+    click.echo(f"{where}: mAP {result['mAP']:.3f}, micro F1 {result['micro_f1']:.3f}, macro F1 "
+               f"{result['macro_f1']:.3f}; decisions right {result['cell_accuracy']:.3f} [{low:.3f}, {high:.3f}]")
+    for t, r in result["per_tag"].items():
+        ap = "-" if r["ap"] is None else f"{r['ap']:.3f}"
+        click.echo(f"  {t}: AP {ap}, F1 {r['f1']:.3f}")

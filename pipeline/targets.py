@@ -1,0 +1,196 @@
+"""Tasks beyond one label an image: tags (several labels an image) and values (a number an image).
+
+A `Target` says where a task's answers come from: a column of a CSV manifest (`labels` as `cat|outdoor`, or a
+number such as `age`), or a YAML map of the cache's class names to tag sets. Its rows are the cache's own,
+matched by stored path: no forward pass is added, and a head file records the Target so that `evaluate` reads
+the same answers again.
+
+This module imports nothing heavy at import time: the CLI reads it for `--help`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from headstart.export.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .cache import FeatureCache
+
+TAG_SEPARATOR = "|"
+KINDS = ("tags", "value")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a task's tags or values are read.
+
+    Parameters
+    ----------
+    kind : {"tags", "value"}
+        Several labels an image, or one number an image.
+    column : str, optional
+        The manifest column: tags separated by '|' (kind tags), or a number (kind value).
+    tags_map : dict, optional
+        Cache class name -> its tags (kind tags, instead of a column): a class folder stands for a tag set.
+    manifest : str, optional
+        The CSV manifest holding `column` (default: the manifest the dataset was extracted from).
+
+    Examples
+    --------
+    >>> age = hs.Target("value", "age")  # a number an image, from the manifest's `age` column
+    >>> head = hs.train_head("cache/features.zarr", "gap", "ridge", target=age)  # doctest: +SKIP
+    >>> tags = hs.Target("tags", "labels")  # tags as `cat|outdoor`, from the `labels` column
+    """
+
+    kind: str
+    column: str | None = None
+    tags_map: Mapping[str, tuple[str, ...]] | None = None
+    manifest: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"task kind {self.kind!r}: choose from {', '.join(KINDS)}")
+        if (self.column is None) == (self.tags_map is None) or (self.kind == "value" and self.column is None):
+            raise UsageError("a tags task reads a manifest column (--tags COLUMN) or a tags map (--tags-map FILE); "
+                             "a value task a numeric column (--target COLUMN)")
+
+    def record(self) -> dict:
+        """What a head file keeps of it (JSON)."""
+        return {"kind": self.kind, "column": self.column, "manifest": self.manifest,
+                "tags_map": None if self.tags_map is None else {k: list(v) for k, v in self.tags_map.items()}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Target:
+        tags_map = record.get("tags_map")
+        return cls(record["kind"], record.get("column"),
+                   None if tags_map is None else {k: tuple(v) for k, v in tags_map.items()}, record.get("manifest"))
+
+    def describe(self) -> str:
+        where = f"column {self.column!r} of {self.manifest or 'the manifest'}" if self.column else "the tags map"
+        return f"{'tags' if self.kind == 'tags' else 'a value'} from {where}"
+
+
+def read_tags_map(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """A YAML or JSON mapping of the cache's class names to tag lists (a bare string is one tag, [] none)."""
+    import yaml
+
+    try:
+        mapping = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DataError(f"{path}: cannot read the tags map ({e})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise DataError(f"{path}: a tags map is a mapping of class name -> list of tags, such as `cats: [cat, pet]`")
+    out = {}
+    for k, v in mapping.items():
+        tags = [v] if isinstance(v, str) else v if isinstance(v, list) else None
+        if tags is None or not all(isinstance(t, str | int) and str(t).strip() for t in tags):
+            raise DataError(f"{path}: class {k!r} maps to {v!r}; give a list of tag names (or [] for none)")
+        out[str(k)] = tuple(sorted({str(t).strip() for t in tags}))
+    return out
+
+
+def target_of(tags: str | None = None, tags_map: str | Path | None = None, value: str | None = None,
+              manifest: str | Path | None = None) -> Target | None:
+    """The Target of train's options, or None for a task of one label an image (the classes)."""
+    given = [n for n, v in (("--tags", tags), ("--tags-map", tags_map), ("--target", value)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each define the task: give one")
+    if not given:
+        if manifest is not None:
+            raise UsageError("--manifest names where --tags or --target columns are read; give one of them")
+        return None
+    if tags_map is not None:
+        return Target("tags", tags_map=read_tags_map(tags_map))
+    where = None if manifest is None else str(manifest)
+    return Target("tags", column=tags, manifest=where) if tags is not None else Target("value", value, manifest=where)
+
+
+def _manifest_of(fc: FeatureCache, target: Target) -> str:
+    if target.manifest:
+        return target.manifest
+    source = str(fc.summary.get("source", ""))
+    if not source.lower().endswith(".csv"):
+        raise DataError(f"dataset {fc.dataset!r} of {fc.path} was not read from a CSV manifest ({source or 'unknown'}),"
+                        f" so it has no column {target.column!r}; give --manifest FILE.csv with columns "
+                        f"path,{target.column}")
+    return source
+
+
+def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, list[str | None]]:
+    """For each cache entry, its value in the manifest's `column` (None where the manifest has no such row)."""
+    from .dataset import display, scan_csv
+
+    ds = scan_csv(manifest)
+    if column not in ds.columns:
+        raise DataError(f"{manifest}: no column {column!r}; its columns are path, "
+                        f"{', '.join([*(['label'] if any(ds.label_names) else []), *ds.columns]) or '(none else)'}")
+    by_path: dict[str, str] = {}
+    for p, v in zip(ds.paths, ds.columns[column], strict=True):
+        by_path[display(p)] = v
+        if "://" not in p:  # the same file however the path was written: relative, absolute, through a link
+            by_path.setdefault(os.path.realpath(p), v)
+    stored = fc.paths.tolist()
+    values = [by_path.get(p, by_path.get(os.path.realpath(p)) if "://" not in p else None) for p in stored]
+    if not any(v is not None for v in values):
+        raise DataError(f"{manifest}: none of its paths is a file of dataset {fc.dataset!r} in {fc.path} "
+                        f"(such as {stored[0] if stored else '-'}); write them as extract read them "
+                        "(`headstart info` lists them)")
+    import numpy as np
+
+    return np.array([v is not None for v in values]), values
+
+
+def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, Y, known) for the cache's entries: tags -> the tag names and Y (N, n_tags) of 0/1; value -> the
+    column's name and Y (N,) float64. `known` (N,) is False for rows outside the task (no manifest row, an
+    empty cell, or a class the tags map does not name)."""
+    import numpy as np
+
+    if target.tags_map is not None:
+        unknown = sorted(set(target.tags_map) - set(fc.classes))
+        if unknown:
+            raise DataError(f"the tags map names class(es) {', '.join(unknown)}, which dataset {fc.dataset!r} does "
+                            f"not have (it has {', '.join(fc.classes) or 'no classes'})")
+        names = sorted({t for tags in target.tags_map.values() for t in tags})
+        per_class = np.zeros((len(fc.classes) + 1, len(names)), np.float32)  # the last row serves label -1
+        for i, c in enumerate(fc.classes):
+            for t in target.tags_map.get(c, ()):
+                per_class[i, names.index(t)] = 1
+        known = np.array([c in target.tags_map for c in fc.classes] + [False])[fc.labels]
+        return _checked_tags(names, per_class[fc.labels], known, "the tags map")
+    manifest = _manifest_of(fc, target)
+    known, cells = _rows_of(fc, manifest, target.column)
+    known &= np.array([v is not None and v.strip() != "" for v in cells])
+    if target.kind == "tags":
+        sets = [{t.strip() for t in v.split(TAG_SEPARATOR) if t.strip()} if k else set()
+                for k, v in zip(known, cells, strict=True)]
+        names = sorted(set().union(*sets))
+        Y = np.zeros((len(cells), len(names)), np.float32)
+        for i, tags in enumerate(sets):
+            Y[i, [names.index(t) for t in tags]] = 1
+        return _checked_tags(names, Y, known, f"column {target.column!r} of {manifest}")
+    Y = np.full(len(cells), np.nan)
+    for i in np.flatnonzero(known):
+        try:
+            Y[i] = float(cells[i])
+        except ValueError:
+            raise DataError(f"{manifest}: {target.column} of {fc.paths[i]} is {cells[i]!r}, not a number; "
+                            "write a number, or leave the cell empty to leave the image out") from None
+        if not math.isfinite(Y[i]):
+            raise DataError(f"{manifest}: {target.column} of {fc.paths[i]} is {cells[i]!r}; give a finite number")
+    return [target.column], Y, known
+
+
+def _checked_tags(names: list[str], Y: np.ndarray, known: np.ndarray, where: str
+                  ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    if not names:
+        raise DataError(f"{where}: no tags on any image; write them as `cat|outdoor`")
+    return names, Y, known

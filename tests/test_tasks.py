@@ -1,0 +1,148 @@
+"""Tags and values as tasks on the cache: manifest columns and tags maps -> train -> evaluate -> bundle -> predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from headstart.pipeline.cli import main
+from tests.helpers import generated_images
+
+
+def cli(*args, ok: bool = True) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in result.output
+    return result.output
+
+
+def brightness(path) -> float:
+    with Image.open(path) as img:
+        return float(np.asarray(img.convert("RGB"), np.float64).mean())
+
+
+@pytest.fixture(scope="module")
+def manifest_cache(random_model, tmp_path_factory):
+    """Generated images of three colours, a manifest with their tags (colour, and `bright` above the median
+    brightness) and brightness, and a cache of them."""
+    root = tmp_path_factory.mktemp("tasks")
+    images = generated_images(root / "img", 24, classes=("a", "b", "c"))
+    values = [brightness(p) for p in images]
+    median = float(np.median(values))
+    with open(root / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split", "labels", "brightness"])
+        for i, (p, v) in enumerate(zip(images, values, strict=True)):
+            tags = [p.parent.name] + (["bright"] if v > median else [])
+            w.writerow([p.relative_to(root), p.parent.name, "valid" if i % 4 == 0 else "train", "|".join(tags),
+                        f"{v:.3f}" if i != 5 else ""])  # one image without a value: outside the value task
+    cli("extract", root / "m.csv", "--body", random_model, "--cache", root / "c.zarr")
+    return root, images, values
+
+
+def test_a_manifests_task_columns_are_kept_and_a_misspelt_core_column_is_refused(tmp_path):
+    from headstart.pipeline.dataset import scan
+
+    (tmp_path / "m.csv").write_text("path,label,labels,age\na.jpg,cat,cat|dark,3.5\nb.jpg,dog,dog,\n")
+    ds = scan(tmp_path / "m.csv")
+    assert ds.columns == {"labels": ["cat|dark", "dog"], "age": ["3.5", ""]} and ds.classes == ["cat", "dog"]
+    (tmp_path / "m.csv").write_text("path,lable\na.jpg,cat\n")
+    out = cli("extract", tmp_path / "m.csv", "--body", "x.onnx", "--cache", tmp_path / "c", ok=False)
+    assert "lable looks like a misspelt label" in out
+
+
+def test_value_task_trains_evaluates_bundles_and_predicts(manifest_cache, random_model, tmp_path):
+    root, images, values = manifest_cache
+    out = cli("train", "--cache", root / "c.zarr", "--layer", "gap", "--target", "brightness", "-o",
+              tmp_path / "v.head")
+    assert "1 of 72 rows have no brightness" in out and "value head on gap" in out
+    out = cli("evaluate", "--cache", root / "c.zarr", "--head-file", tmp_path / "v.head", "--metrics",
+              tmp_path / "m.json", "--plot", tmp_path / "scatter.png", "--confusion", tmp_path / "pairs.csv")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"r2", "mae", "rmse", "n"} and metrics["n"] == 18
+    assert metrics["r2"] > 0.9  # the classes' colours set the brightness; a head that learned nothing scores ~0
+    assert f"R2 {metrics['r2']:.3f}" in out
+    with Image.open(tmp_path / "scatter.png") as img:
+        assert img.size[0] > 300
+    pairs = list(csv.DictReader(open(tmp_path / "pairs.csv")))
+    valid_values = sorted(round(v, 3) for i, v in enumerate(values) if i % 4 == 0)
+    assert sorted(float(r["actual"]) for r in pairs) == pytest.approx(valid_values, abs=1e-3)
+    # bundle -> predict: the classifier's value is the head's on the cached features
+    cli("bundle", "--body", random_model, "--head-file", tmp_path / "v.head", "-o", tmp_path / "v.onnx")
+    cli("predict", root / "m.csv", "--classifier", tmp_path / "v.onnx", "-o", tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(rows[0]) == ["id", "value", "path", "error"] and len(rows) == len(images)
+    from headstart.heads.headfile import load_head
+    from headstart.pipeline.cache import FeatureCache
+
+    fc, head = FeatureCache(root / "c.zarr"), load_head(tmp_path / "v.head")
+    expected = dict(zip(fc.paths, head.predict(fc.features("gap")), strict=True))
+    got = {r["path"]: float(r["value"]) for r in rows}
+    scale = max(abs(v) for v in expected.values())
+    assert max(abs(got[p] - v) for p, v in expected.items()) / scale < 1e-4
+
+
+def test_tags_task_from_a_manifest_column(manifest_cache, random_model, tmp_path):
+    root, images, _ = manifest_cache
+    out = cli("train", "--cache", root / "c.zarr", "--tags", "labels", "-o", tmp_path / "t.head")
+    assert "4 tags: a, b, bright, c" in out
+    out = cli("evaluate", "--cache", root / "c.zarr", "--head-file", tmp_path / "t.head", "--json", "-")
+    result = json.loads(out)
+    # the colour tags are the classes' own colours: a head that learned nothing could not separate them
+    assert all(result["per_tag"][t]["ap"] > 0.9 for t in "abc"), result["per_tag"]
+    cli("bundle", "--body", random_model, "--head-file", tmp_path / "t.head", "-o", tmp_path / "t.onnx")
+    session = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "tags"]
+    cli("predict", root / "img", "--classifier", tmp_path / "t.onnx", "-o", tmp_path / "p.csv")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert list(rows[0])[:2] == ["id", "tags"] and {"a", "b", "bright", "c"} <= set(rows[0])
+    for r in rows:  # the tags column is the tags whose probability reaches their threshold
+        from headstart.heads.headfile import load_head
+
+        head = load_head(tmp_path / "t.head")
+        on = [t for t, th in zip(head.tags_, head.thresholds_, strict=True) if float(r[t]) >= th - 1e-5]
+        assert r["tags"].split("|") == on or (r["tags"] == "" and not on)
+    colour = {r["path"].rsplit("/", 2)[-2]: r["tags"] for r in rows}
+    assert all(c in colour[c].split("|") for c in "abc")
+
+
+def test_tags_map_task_on_class_folders(manifest_cache, tmp_path):
+    root, _, _ = manifest_cache
+    (tmp_path / "tags.yaml").write_text("a: [warm, first]\nb: warm\nc: []\n")
+    out = cli("train", "--cache", root / "c.zarr", "--tags-map", tmp_path / "tags.yaml", "-o", tmp_path / "t.head")
+    assert "2 tags: first, warm" in out
+    result = json.loads(cli("evaluate", "--cache", root / "c.zarr", "--head-file", tmp_path / "t.head", "--json",
+                            "-"))
+    assert result["mAP"] > 0.9 and result["n"] == 18
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "nope"], "no column 'nope'"),
+    (["--target", "labels"], "is 'a', not a number"),
+    (["--target", "brightness", "--head", "softmax"], "--head softmax: a value task takes auto, ridge"),
+    (["--tags", "labels", "--target", "brightness"], "--tags and --target each define the task"),
+    (["--target", "brightness", "--classes-map", "CMAP"], "--classes-map and --relabel change class labels"),
+])
+def test_task_mistakes_are_one_line_errors(manifest_cache, tmp_path, args, message):
+    root, _, _ = manifest_cache
+    (tmp_path / "cmap.yaml").write_text("a: x\nb: y\n")
+    args = [tmp_path / "cmap.yaml" if a == "CMAP" else a for a in args]
+    out = cli("train", "--cache", root / "c.zarr", *args, "-o", tmp_path / "h.head", ok=False)
+    assert message in out, out
+    assert not (tmp_path / "h.head").exists()
+
+
+def test_a_column_needs_a_manifest(random_model, tmp_path):
+    generated_images(tmp_path / "d", 4)
+    cli("extract", tmp_path / "d", "--body", random_model, "--cache", tmp_path / "c.zarr")
+    out = cli("train", "--cache", tmp_path / "c.zarr", "--target", "age", "-o", tmp_path / "h.head", ok=False)
+    assert "was not read from a CSV manifest" in out and "--manifest FILE.csv" in out
