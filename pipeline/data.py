@@ -20,9 +20,12 @@ PETS_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/data/"
 PETS_MD5 = {"images.tar.gz": "5c4f3ee8e5d25df40f4fd59a7f44e54c",
             "annotations.tar.gz": "95a8c909bbe2e81eed6a22bccdf3f68f"}
 PARITY = {str(d): "even" if d % 2 == 0 else "odd" for d in range(10)}
+# The tags map of the multi-label task: each digit's properties, several or none a digit.
+TAGS = {str(d): [t for t, has in (("odd", d % 2 == 1), ("prime", d in (2, 3, 5, 7)), ("loop", d in (0, 6, 8, 9)))
+                 if has] for d in range(10)}
 
 
-DIGITS_LAYOUT = {"train", "valid", "parity.yaml"}  # what write_digits writes in its folder, and nothing else
+DIGITS_LAYOUT = {"train", "valid", "parity.yaml", "tags.yaml"}  # what write_digits writes in its folder, and nothing else
 
 
 def _fresh(out: Path) -> None:
@@ -35,7 +38,8 @@ def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0, re
                  ) -> dict[str, int]:
     """scikit-learn's 1,797 8x8 digits as PNGs: out/{train,valid}/<digit>/<index>.png, stratified split.
 
-    Also writes out/parity.yaml, the classes map of the odd/even task. Returns images per split. `replace`:
+    Also writes out/parity.yaml, the classes map of the odd/even task, and out/tags.yaml, the tags map of a
+    multi-label task (odd, prime, loop: a digit has several, or none). Returns images per split. `replace`:
     an earlier digits folder in `out` (train/, valid/ and parity.yaml, nothing else) is deleted first; any
     other content is refused, never deleted.
     """
@@ -61,6 +65,7 @@ def write_digits(out: str | Path, valid_fraction: float = 0.2, seed: int = 0, re
             pixels = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)  # 0..16 ink levels
             Image.fromarray(pixels, "L").save(folder / f"{i:04d}.png")
     (out / "parity.yaml").write_text("".join(f'"{k}": {v}\n' for k, v in PARITY.items()))
+    (out / "tags.yaml").write_text("".join(f'"{k}": [{", ".join(v)}]\n' for k, v in TAGS.items()))
     return {"train": len(train), "valid": len(valid)}
 
 

@@ -13,6 +13,7 @@ from headstart.pipeline.cli import main
 from headstart.pipeline.data import PARITY, write_pets
 from headstart.pipeline.dataset import scan
 from headstart.pipeline.selection import read_classes_map
+from headstart.pipeline.targets import read_tags_map
 
 
 def test_digits_are_written_as_an_image_folder(tmp_path):
@@ -22,6 +23,8 @@ def test_digits_are_written_as_an_image_folder(tmp_path):
     ds = scan(tmp_path / "digits")
     assert len(ds) == 1797 and ds.classes == [str(d) for d in range(10)]
     assert read_classes_map(tmp_path / "digits" / "parity.yaml") == PARITY
+    tags = read_tags_map(tmp_path / "digits" / "tags.yaml")
+    assert tags["3"] == ("odd", "prime") and tags["4"] == () and tags["9"] == ("loop", "odd")
     again = CliRunner().invoke(main, ["data", "digits", str(tmp_path / "digits")])
     assert again.exit_code != 0 and "exists and is not empty" in again.output
 

@@ -50,7 +50,8 @@ def project(tmp_path_factory, real_weights):
 
 def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     out = dvc(project, "repro")
-    for stage in ("data", "export", "extract", "train@digit", "train@parity", "evaluate@digit", "evaluate@parity"):
+    for stage in ("data", "export", "extract", "train@digit", "train@parity", "train@properties", "evaluate@digit",
+                  "evaluate@parity", "evaluate@properties"):
         assert f"Running stage '{stage}'" in out, out
     digit = json.loads((project / "metrics/digit/metrics.json").read_text())
     parity = json.loads((project / "metrics/parity/metrics.json").read_text())
@@ -59,6 +60,11 @@ def test_dvc_repro_runs_reruns_nothing_then_only_what_changed(project):
     details = json.loads((project / "metrics/digit/details.json").read_text())
     assert len(details["per_class"]) == 10
     assert set(json.loads((project / "metrics/parity/details.json").read_text())["per_class"]) == {"even", "odd"}
+    # the multi-label task beside them, on the same features: mean average precision over its three tags
+    properties = json.loads((project / "metrics/properties/metrics.json").read_text())
+    assert set(properties) == {"mAP", "micro_f1", "macro_f1", "n"} and properties["n"] == 360
+    assert properties["mAP"] > 0.8, properties
+    assert (project / "metrics/properties/confusion.png").stat().st_size > 10_000  # its precision-recall curves
     # Each task gets the options its head takes, no more: the auto heads carry no epochs, lr or l2.
     tasks = yaml.safe_load((project / "params.yaml").read_text())["tasks"]
     assert tasks["parity"].keys() == {"layer", "head", "classes-map"} and tasks["digit"]["head"] == "auto"
