@@ -8,7 +8,7 @@ from headstart.export.lazy import attach
 
 _WHERE = {"HeadFileError": ".headfile", "load_head": ".headfile", "save_head": ".headfile", "KINDS": ".kinds",
           "LogisticHead": ".models", "MLPHead": ".models", "SoftmaxHead": ".models", "AutoHead": ".auto",
-          "KNNHead": ".knn"}
+          "KNNHead": ".knn", "MLPRegressorHead": ".adam_tasks", "SigmoidHead": ".adam_tasks"}
 
 __all__ = sorted(_WHERE)
 

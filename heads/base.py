@@ -36,6 +36,36 @@ def l2_normalize(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), NORM_EPS)
 
 
+def standardization(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`mean_`, `scale_` (float32) from the training rows' per-feature mean and standard deviation: a constant
+    feature is divided by 1. NaN or infinite statistics (from such values in the rows) are a DataError."""
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
+    if len(bad):
+        raise DataError(f"the training features hold NaN or infinite values (or values beyond float32's range) "
+                         f"in {len(bad)} of {len(mean)} columns (first: {bad[:5].tolist()}); remove or repair "
+                         "the rows that hold them")
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def dense_outputs(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, layers: list, normalize: bool = False
+                  ) -> np.ndarray:
+    """The last dense layer's outputs (n, D_out) float32: (L2-normalize rows,) standardize, the layers with ReLU
+    between them; block by block, so float16 X is widened a block at a time. What heads.tuned.dense_nodes builds."""
+    out = np.empty((len(X), layers[-1][0].shape[1]), np.float32)
+    batch = rows_per_block(X.shape[1], 4)
+    for i in range(0, len(X), batch):
+        h = X[i:i + batch].astype(np.float32)
+        if normalize:
+            h = l2_normalize(h)
+        h = (h - mean) / scale
+        for j, (W, b) in enumerate(layers):
+            h = h @ W + b
+            if j < len(layers) - 1:
+                h = np.maximum(h, 0)
+        out[i:i + batch] = h
+    return out
+
+
 def softmax(z: np.ndarray, flush: float | None = None) -> np.ndarray:
     """Row-wise softmax of (n, k) logits; `flush`: probabilities below exp(flush) times the largest become 0."""
     z = z - z.max(axis=1, keepdims=True)
@@ -145,32 +175,14 @@ class DenseHead(FromLogits, BaseEstimator):
             self._set_stats(np.zeros(d), np.ones(d))
 
     def _set_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
-        bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(std)))
-        if len(bad):
-            raise DataError(f"the training features hold NaN or infinite values (or values beyond float32's range) "
-                             f"in {len(bad)} of {len(mean)} columns (first: {bad[:5].tolist()}); remove or repair "
-                             "the rows that hold them")
-        if not self.standardize:
-            mean, std = np.zeros_like(mean), np.ones_like(std)
-        self.mean_, self.scale_ = mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+        mean_, scale_ = standardization(mean, std)  # checked even unstandardized: finiteness comes from it
+        self.mean_, self.scale_ = (mean_, scale_) if self.standardize else (np.zeros_like(mean_), np.ones_like(scale_))
 
     def _sample_weight(self, y_index: np.ndarray) -> np.ndarray:
         return compute_sample_weight(self.class_weight, y_index).astype(np.float32)
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
-        out = np.empty((len(X), len(self.classes_)), np.float32)
-        batch = rows_per_block(X.shape[1], 4)
-        for i in range(0, len(X), batch):
-            h = X[i:i + batch].astype(np.float32)
-            if getattr(self, "normalize", False):
-                h = l2_normalize(h)
-            h = (h - self.mean_) / self.scale_
-            for j, (W, b) in enumerate(self.layers_):
-                h = h @ W + b
-                if j < len(self.layers_) - 1:
-                    h = np.maximum(h, 0)
-            out[i:i + batch] = h
-        return out
+        return dense_outputs(X, self.mean_, self.scale_, self.layers_, bool(getattr(self, "normalize", False)))
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         """Logits (n, n_classes), divided by the temperature, whose softmax is `predict_proba`: what the bundled

@@ -2,7 +2,9 @@
 _backprop, _update): `AdamTraining` holds one fit's parameters and buffers; `epoch` runs one pass of `step`s.
 
 Where its rows come from is a source: `InMemory` (an array) or `Streamed` (blocks read one at a time), both
-giving minibatches as (rows into y, the array holding them, their rows in that array).
+giving minibatches as (rows into y, the array holding them, their rows in that array). What it minimizes is a
+loss: `SoftmaxCE` (the classifier heads), `SigmoidBCE` (multi-label tags) or `SquaredError` (regression), each
+turning a batch's outputs and targets into the outputs' gradient.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from scipy.special import expit
 
 from .base import softmax
 from .compute import Product, Widen, cores, row_hashes, rows_per_block, share
@@ -26,6 +29,42 @@ LARGE = 2**20
 COMPILE_WORK = 6 * 10**8
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class SoftmaxCE:
+    """Softmax cross-entropy over `width` classes; targets are class indices (n,)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.onehot = np.eye(width, dtype=np.float32)
+
+    def gradient(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's probabilities, d(CE)/d(logits) per row) from logits z (b, k) and class indices y (b,)."""
+        p = softmax(z, flush=FLUSH)
+        return p, p - self.onehot[y]
+
+
+class SigmoidBCE:
+    """One sigmoid per output with binary cross-entropy, summed over outputs; targets are 0/1 (n, width)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def gradient(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's probabilities, d(BCE)/d(logits) per row) from logits z (b, t) and targets y (b, t)."""
+        p = expit(z)  # float32 in, float32 out, no overflow
+        return p, p - y
+
+
+class SquaredError:
+    """Half the squared error, summed over outputs; targets are numbers (n, width)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def gradient(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the batch's predictions, d(loss)/d(outputs) per row) from outputs z (b, t) and targets y (b, t)."""
+        return z, z - y
 
 
 class InMemory:
@@ -100,8 +139,9 @@ class Streamed:
 
 
 class AdamTraining:
-    """One fit of dense layers by minibatch Adam on the weighted mean cross-entropy plus `l2` times the weights'
-    squares: the parameters (in Adam's one vector), the buffers reused by every step, and the steps.
+    """One fit of dense layers by minibatch Adam on the weighted mean loss (softmax cross-entropy unless another
+    is given) plus `l2` times the weights' squares: the parameters (in Adam's one vector), the buffers reused by
+    every step, and the steps.
 
     Standardizing a batch costs 2 passes over it; folding the standardization into the first layer instead costs
     2 passes over that layer's weights: it is folded where the layer is narrower than the batch (a softmax head).
@@ -112,16 +152,18 @@ class AdamTraining:
     """
 
     def __init__(self, head: object, d: int, y: np.ndarray, sample_weight: np.ndarray, epochs: int,
-                 rng: np.random.Generator) -> None:
-        """`head`: the estimator (its hidden, dropout, batch_size, lr, l2, classes_, mean_, scale_); y: (n,) class
-        indices; `epochs`: how many will run (it decides whether the compiled step pays)."""
+                 rng: np.random.Generator, loss: SoftmaxCE | SigmoidBCE | SquaredError | None = None) -> None:
+        """`head`: the estimator (its hidden, dropout, batch_size, lr, l2, mean_, scale_, and classes_ where
+        `loss` is None); y: the targets `loss` takes, (n,) class indices for the default SoftmaxCE over
+        classes_; `epochs`: how many will run (it decides whether the compiled step pays)."""
         self.y, self.sw, self.rng = y, sample_weight, rng
         self.dropout, self.lr, self.batch_size = head.dropout, head.lr, head.batch_size
-        k = len(head.classes_)
+        self.loss = SoftmaxCE(len(head.classes_)) if loss is None else loss
+        k = self.loss.width
         self.sizes = [d, *(int(h) for h in head.hidden), k]
         self.fold = self.sizes[1] < self.batch_size
-        self.onehot = np.eye(k, dtype=np.float32)
-        self.proba = np.empty((len(y), k), np.float32)  # each row's probabilities when its batch was trained on
+        # Each row's outputs when its batch was trained on: probabilities (predictions for SquaredError).
+        self.proba = np.empty((len(y), k), np.float32)
         self.inv, self.mean = 1.0 / head.scale_, head.mean_
         self.shift = self.mean * self.inv
         self.w_eff = np.empty((self.sizes[1], d), np.float32) if self.fold else None
@@ -130,7 +172,9 @@ class AdamTraining:
         self.batch = np.empty((self.batch_size, d), np.float32)  # reused: allocating a pool5 batch costs more
         large = self.batch_size * d * 4 >= LARGE
         self.product = Product(large)
-        self.compiled = self.fold and len(self.sizes) == 2 and large and len(y) * epochs * d >= COMPILE_WORK
+        # The compiled loop computes softmax cross-entropy itself: only for that loss.
+        self.compiled = (isinstance(self.loss, SoftmaxCE) and self.fold and len(self.sizes) == 2 and large
+                         and len(y) * epochs * d >= COMPILE_WORK)
         init = self._init_params(rng)
         self.adam = Adam([p for layer in init for p in layer], decay=[head.l2, 0.0] * len(init),  # not biases
                          compiled=self.compiled)
@@ -140,7 +184,7 @@ class AdamTraining:
         self.P = np.empty((self.batch_size, k), np.float32) if self.compiled else None
 
     def _init_params(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The starting layers: a linear softmax layer at zero, hidden layers at He's random start.
+        """The starting layers: a linear layer (no hidden ones) at zero, hidden layers at He's random start.
 
         Zero as scikit-learn's solvers start: the problem is convex, and a random start is noise that a small
         dataset's few steps cannot undo. The draws are made either way, so the seed gives the same stream.
@@ -171,7 +215,7 @@ class AdamTraining:
         return (time.perf_counter() - t0) * 1000
 
     def step(self, idx: np.ndarray, source: np.ndarray, rows: np.ndarray) -> None:
-        """One Adam step on the minibatch `source[rows]`, whose class indices are y[idx]."""
+        """One Adam step on the minibatch `source[rows]`, whose targets are y[idx]."""
         scale = self.sw[idx] / self.sw[idx].sum()  # each row's weight in the batch's mean loss
         if self.fold:  # ((h - mean) * inv) @ W0.T + b0 == h @ w_eff.T + b_eff: h stays as it is
             W0, b0 = self.params[0], self.params[1]
@@ -181,15 +225,14 @@ class AdamTraining:
             self._compiled_step(idx, source, rows, scale)
         else:
             acts, masks, z = self._forward(self.widen(source, rows, self.batch[:len(idx)]))
-            p = softmax(z, flush=FLUSH)
-            self.proba[idx] = p
-            g = p - self.onehot[self.y[idx]]  # d(weighted mean CE)/d(logits)
-            g *= scale[:, None]
+            out, g = self.loss.gradient(z, self.y[idx])
+            self.proba[idx] = out
+            g *= scale[:, None]  # d(weighted mean loss)/d(outputs)
             self._backward(g, acts, masks)
         self._update()
 
     def _forward(self, h: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-        """The layers' inputs (after ReLU and dropout), the dropout masks and the logits, from a raw batch h."""
+        """The layers' inputs (after ReLU and dropout), the dropout masks and the outputs, from a raw batch h."""
         W0, b0 = self.params[0], self.params[1]
         if self.fold:
             z = self.product(h, self.w_eff, trans_b=True) + self.b_eff
@@ -210,7 +253,7 @@ class AdamTraining:
         return acts, masks, z
 
     def _backward(self, g: np.ndarray, acts: list[np.ndarray], masks: list[np.ndarray]) -> None:
-        """The gradients into Adam's `grads`, from the logits' gradient g; the folded layer's from the raw rows."""
+        """The gradients into Adam's `grads`, from the outputs' gradient g; the folded layer's from the raw rows."""
         grads, layers = self.grads, self.layers
         for j in range(len(layers) - 1, -1, -1):
             grads[2 * j + 1][:] = g.sum(0)

@@ -5,10 +5,11 @@ Small parameters keep the run short; a check that cannot apply is an expected fa
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from headstart.heads import AutoHead, KNNHead, LogisticHead, MLPHead, SoftmaxHead
+from headstart.heads import AutoHead, KNNHead, LogisticHead, MLPHead, MLPRegressorHead, SoftmaxHead
 
 HEADS = [SoftmaxHead(epochs=5), MLPHead(hidden=(16,), epochs=20, lr=0.01), LogisticHead(), KNNHead(n_neighbors=3),
-         AutoHead(folds=3, l2_grid=(1.0, 1e-2), neighbors=(3,))]
+         AutoHead(folds=3, l2_grid=(1.0, 1e-2), neighbors=(3,)),
+         MLPRegressorHead(hidden=(16,), epochs=5, min_steps=200)]
 
 CANNOT_APPLY = {
     "check_class_weight_classifiers": "class_weight takes None or 'balanced' only: a head file keeps its "
