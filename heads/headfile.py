@@ -130,6 +130,8 @@ def _load_task(meta: dict, arrays: dict, bad: Callable[[str], HeadFileError]) ->
     for k, v in meta.get("fitted", {}).items():
         setattr(head, k, v)
     head.n_features_in_, head.outputs_, head.cv_results_ = d, outputs, meta.get("cv", [])
+    if task_kind == "value":
+        head.n_outputs_ = len(outputs)
     if task_kind == "tags":
         head.tags_ = np.array(outputs)
     try:  # the shapes checked whole, by the head's own arithmetic

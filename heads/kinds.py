@@ -1,5 +1,6 @@
 """Every head kind by the name the command line, head files and sweeps use: the one registry of them."""
 
+from .adam_tasks import MLPRegressorHead, SigmoidHead
 from .auto import AutoHead
 from .knn import KNNHead
 from .models import LogisticHead, MLPHead, SoftmaxHead
@@ -11,8 +12,8 @@ KINDS: dict[str, type] = {"softmax": SoftmaxHead, "logistic": LogisticHead, "mlp
 # The heads of tasks beyond one label an image (pipeline.targets): task kind -> head kind -> estimator.
 # `auto` is the closed-form or L-BFGS probe, whose penalty cross-validation chooses on the training rows.
 TASK_KINDS: dict[str, dict[str, type]] = {
-    "tags": {"auto": TagHead, "logistic": TagHead},
-    "value": {"auto": RidgeHead, "ridge": RidgeHead},
+    "tags": {"auto": TagHead, "logistic": TagHead, "sigmoid": SigmoidHead},
+    "value": {"auto": RidgeHead, "ridge": RidgeHead, "mlp": MLPRegressorHead},
 }
 
 

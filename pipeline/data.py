@@ -25,7 +25,8 @@ TAGS = {str(d): [t for t, has in (("odd", d % 2 == 1), ("prime", d in (2, 3, 5, 
                  if has] for d in range(10)}
 
 
-DIGITS_LAYOUT = {"train", "valid", "parity.yaml", "tags.yaml"}  # what write_digits writes in its folder, and nothing else
+# What write_digits writes in its folder, and nothing else.
+DIGITS_LAYOUT = {"train", "valid", "parity.yaml", "tags.yaml"}
 
 
 def _fresh(out: Path) -> None:
