@@ -214,4 +214,7 @@ def bundle(body: Path, head_path: Path, output: Path, dtype: str | None) -> None
     from ..api import bundle as run
 
     meta = classifier_metadata(run(body, head_path, output, dtype=dtype))
-    click.echo(f"wrote {output}: {meta['task']} classifier, classes {json.dumps(meta['classes'])}, {meta['dtype']}")
+    kind = meta.get("task_kind", "classes")
+    what = {"classes": "classes", "tags": "tags", "value": "value of"}[kind]
+    click.echo(f"wrote {output}: {meta['task']} {'classifier' if kind != 'value' else 'regressor'}, {what} "
+               f"{json.dumps(meta['classes'])}, {meta['dtype']}")
