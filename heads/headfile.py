@@ -5,7 +5,9 @@ Arrays: `mean`, `scale` (D,), then `W0`, `b0`, `W1`, `b1`, ... of the dense laye
 and `info`, what the trainer recorded beside it (task, layer, the body's fingerprint, rows, metrics), which comes
 back as the estimator's `meta_`. An auto head stores its winner's arrays, and in `auto` the winner's kind and
 parameters, the candidates' cross-validation table, how the folds were drawn (their seed) and the temperature;
-any other calibrated head its `calibration` (method, rows, temperature).
+any other calibrated head its `calibration` (method, rows, temperature). A head of tags or of a value
+(`task_kind` tags or value) keeps its fitted arrays by attribute name instead (`coef_`, `thresholds_`, or
+`mean_`, `scale_` and `layers_` as W0, b0, ...) and its `outputs`, the tags or the target's name.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _load_task(meta: dict, arrays: dict, bad: Callable[[str], HeadFileError]) ->
                             for i in range(n_layers)]
         else:
             a = arrays[name]
-            setattr(head, name, float(a) if a.ndim == 0 else a.astype(np.float32))
+            setattr(head, name, float(a) if a.ndim == 0 else a)  # as saved: ridge's weights are float64
     for k, v in meta.get("fitted", {}).items():
         setattr(head, k, v)
     head.n_features_in_, head.outputs_, head.cv_results_ = d, outputs, meta.get("cv", [])

@@ -28,6 +28,9 @@ from .targets import Target, target_values
 def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Callable[[str], None] = lambda _: None
                 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(output names, Y for every entry, known (N,) bool, train entries, valid entries) of a tags or value task."""
+    if selection.augmented:
+        raise UsageError("--augmented trains heads of classes by epochs; a tags or value head trains on each image's "
+                         "plain view")
     if selection.classes_map is not None or selection.relabel:
         raise UsageError("--classes-map and --relabel change class labels; a tags or value task reads its answers "
                          f"from {target.describe()} instead: edit them there")

@@ -150,3 +150,26 @@ def test_a_column_needs_a_manifest(random_model, tmp_path):
     cli("extract", tmp_path / "d", "--body", random_model, "--cache", tmp_path / "c.zarr")
     out = cli("train", "--cache", tmp_path / "c.zarr", "--target", "age", "-o", tmp_path / "h.head", ok=False)
     assert "was not read from a CSV manifest" in out and "--manifest FILE.csv" in out
+
+
+def test_the_python_api_and_a_damaged_task_head_file(manifest_cache, tmp_path):
+    import headstart as hs
+
+    root, _, values = manifest_cache
+    head = hs.train_head(root / "c.zarr", "gap", "ridge", target=hs.Target("value", "brightness"), seed=3)
+    assert head.meta_["target"]["column"] == "brightness" and head.meta_["selection"]["seed"] == 3
+    hs.save_head(head, tmp_path / "v.head")
+    back = hs.load_head(tmp_path / "v.head")
+    X = hs.FeatureCache(root / "c.zarr").features("gap")
+    assert np.array_equal(back.predict(X), head.predict(X)) and back.alpha_ == head.alpha_
+    # a file whose arrays do not fit its metadata is refused when loaded, naming it
+    with np.load(tmp_path / "v.head") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["coef_"] = arrays["coef_"][:100]
+    with open(tmp_path / "bad.head", "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(hs.HeadFileError, match="bad.head: not a usable head file: its arrays do not fit"):
+        hs.load_head(tmp_path / "bad.head")
+    out = cli("train", "--cache", root / "c.zarr", "--target", "brightness", "--augmented", "-o", tmp_path / "a.head",
+              ok=False)
+    assert "--augmented trains heads of classes" in out
