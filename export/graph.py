@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import ModelError, UsageError
 from .files import atomic_write
 from .metadata import META_PREFIX, model_metadata
-from .vgg import DEFAULT_LAYERS, FC_SIZE, LAST, LAYERS, STAGES, check_image_size, layer_shape
+from .vgg import DEFAULT_LAYERS, FC_SIZE, LAST, LAYERS, SHALLOW_GAPS, STAGES, check_image_size, layer_shape
 from .weights import Weights
 
 # torchvision trained these weights on RGB in [0, 1] normalised with these statistics.
@@ -85,9 +85,10 @@ def body_nodes(weights: Weights, layers: tuple[str, ...], image_size: int, dtype
         else:
             nodes.append(helper.make_node("MaxPool", [x], [out], kernel_shape=[2, 2], strides=[2, 2]))
         x = out
-    if "gap" in layers:
-        nodes += [helper.make_node("GlobalAveragePool", [p + LAST.name], [p + "gap_4d"]),
-                  helper.make_node("Flatten", [p + "gap_4d"], [p + "gap"])]
+    for gap, stage in (("gap", LAST), *SHALLOW_GAPS.items()):
+        if gap in layers:
+            nodes += [helper.make_node("GlobalAveragePool", [p + stage.name], [p + gap + "_4d"]),
+                      helper.make_node("Flatten", [p + gap + "_4d"], [p + gap])]
     if "fc6" in layers or "fc7" in layers:
         (w6, b6), (w7, b7) = weights.fc
         nodes += [
@@ -137,7 +138,8 @@ def build_body(weights: Weights, image_size: int = 224, layers: tuple[str, ...] 
                dtype: str = "float32") -> onnx.ModelProto:
     """VGG16 body, preprocessing inside: `images` uint8 (N, S, S, 3) -> one output per layer, one pass.
 
-    Outputs: conv5_3 (N, 512, S/16, S/16), pool5 (N, 512, S/32, S/32), gap (N, 512), fc6/fc7 (N, 4096).
+    Outputs: conv5_3 (N, 512, S/16, S/16), pool5 (N, 512, S/32, S/32), gap (N, 512), gap1-gap4 (N, 64 to 512,
+    the averages of pool1-pool4), fc6/fc7 (N, 4096).
     """
     layers = tuple(dict.fromkeys(layers))
     elem, _ = _dtype(dtype)

@@ -17,7 +17,8 @@ CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 
 
 class TorchVGG16:
-    """`__call__(images uint8 (N, S, S, 3)) -> {"pool4", "conv5_3", "pool5", "gap"}` as float32 numpy arrays."""
+    """`__call__(images uint8 (N, S, S, 3)) -> {"pool4", "conv5_3", "pool5", "gap", "gap1".."gap4"}` as float32
+    numpy arrays."""
 
     def __init__(self, weights: Weights, threads: int | None = None) -> None:
         import torch
@@ -40,7 +41,8 @@ class TorchVGG16:
             conv = x
             x = F.max_pool2d(x, 2)
             pools.append(x)
-        return {"pool4": pools[3], "conv5_3": conv, "pool5": x, "gap": x.mean(dim=(2, 3))}
+        return {"pool4": pools[3], "conv5_3": conv, "pool5": x, "gap": x.mean(dim=(2, 3)),
+                **{f"gap{i}": pools[i - 1].mean(dim=(2, 3)) for i in range(1, 5)}}
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         with self.torch.inference_mode():

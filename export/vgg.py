@@ -43,8 +43,10 @@ STAGES = _stages()
 CONVS = tuple(s for s in STAGES if s.kind == "conv")
 LAST = STAGES[-1]  # pool5
 # The outputs a body can give: pool4 (the input of block 5, for training that block on cached activations),
-# conv5_3 and pool5, the global average of pool5, and the classifier's fc6/fc7.
-LAYERS = ("pool4", "conv5_3", "pool5", "gap", "fc6", "fc7")
+# conv5_3 and pool5, the global average of pool5 (gap) and of a shallower block's pool (gap1-gap4: they keep
+# more of an image's colour and brightness, docs/heads.md), and the classifier's fc6/fc7.
+LAYERS = ("pool4", "conv5_3", "pool5", "gap", "gap1", "gap2", "gap3", "gap4", "fc6", "fc7")
+SHALLOW_GAPS = {f"gap{s.name[4:]}": s for s in STAGES if s.kind == "pool" and s is not LAST}
 DEFAULT_LAYERS = ("gap", "pool5")
 
 
@@ -58,6 +60,8 @@ def layer_shape(layer: str, image_size: int) -> tuple[int, ...]:
     """Per-image shape of a body output: (C, H, W) for a stage, (C,) for gap and fc6/fc7."""
     if layer == "gap":
         return (LAST.cout,)
+    if layer in SHALLOW_GAPS:
+        return (SHALLOW_GAPS[layer].cout,)
     if layer in ("fc6", "fc7"):
         return (FC[layer == "fc7"],)
     stage = next((s for s in STAGES if s.name == layer), None)

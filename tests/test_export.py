@@ -35,13 +35,16 @@ def reference(real_weights):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 1e-2)])
 def test_cli_export_matches_torch_on_real_photos(tmp_path, reference, dtype, tol):
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(main, ["export", "-o", str(out), "--dtype", dtype, "--layers", "pool4,pool5,gap"])
+    result = CliRunner().invoke(main, ["export", "-o", str(out), "--dtype", dtype, "--layers",
+                                       "pool4,pool5,gap,gap1,gap3"])
     assert result.exit_code == 0, result.output
     x = pixels(photos("valid", 2), 224)
-    pool4, gap, pool5 = open_session(out).run(["pool4", "gap", "pool5"], {"images": x})
+    pool4, gap, pool5, gap1, gap3 = open_session(out).run(["pool4", "gap", "pool5", "gap1", "gap3"], {"images": x})
     ref = reference(x)
     assert gap.shape == (4, 512) and pool5.shape == (4, 512, 7, 7) and pool4.shape == (4, 512, 14, 14)
+    assert gap1.shape == (4, 64) and gap3.shape == (4, 256)
     assert rel_err(gap, ref["gap"]) < tol
+    assert rel_err(gap1, ref["gap1"]) < tol and rel_err(gap3, ref["gap3"]) < tol
     assert rel_err(pool5, ref["pool5"]) < tol
     assert rel_err(pool4, ref["pool4"]) < tol
     assert gap.dtype == (np.float16 if dtype == "float16" else np.float32)

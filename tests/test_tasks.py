@@ -9,10 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from helpers import allow_real_photos, generated_images, photos
 from PIL import Image
 
 from headstart.pipeline.cli import main
-from tests.helpers import generated_images
 
 
 def cli(*args, ok: bool = True) -> str:
@@ -173,3 +173,42 @@ def test_the_python_api_and_a_damaged_task_head_file(manifest_cache, tmp_path):
     out = cli("train", "--cache", root / "c.zarr", "--target", "brightness", "--augmented", "-o", tmp_path / "a.head",
               ok=False)
     assert "--augmented trains heads of classes" in out
+
+
+@pytest.fixture(scope="module")
+def catsdogs_manifest(photo_cache):
+    """A manifest of photo_cache's photos (their own paths, which the cache holds as links) with each photo's
+    brightness and two tags: its species, and `dark` (brightness below the training photos' median)."""
+    allow_real_photos()
+    train, valid = photos("train", 400), photos("valid")
+    values = {p: brightness(p) for p in train + valid}
+    median = float(np.median([values[p] for p in train]))
+    path = photo_cache.parent / "m.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "labels", "brightness"])
+        for p, v in values.items():
+            w.writerow([p, "|".join([p.parent.name[:-1]] + (["dark"] if v < median else [])), f"{v:.3f}"])
+    return path
+
+
+@pytest.mark.slow
+def test_brightness_and_two_tags_on_the_catsdogs_photos(photo_cache, catsdogs_manifest, tmp_path, capsys):
+    cache, manifest, root = photo_cache, catsdogs_manifest, tmp_path
+    scores = {}
+    for layer in ("gap3", "gap"):
+        cli("train", "--cache", cache, "--layer", layer, "--target", "brightness", "--manifest",
+            manifest, "-o", root / f"b-{layer}.head")
+        scores[layer] = json.loads(cli("evaluate", "--cache", cache, "--head-file", root / f"b-{layer}.head",
+                                       "--json", "-"))
+    assert scores["gap3"]["n"] == 200 and scores["gap3"]["r2"] > 0.8, scores["gap3"]
+    cli("train", "--cache", cache, "--layer", "gap", "--tags", "labels", "--manifest", manifest,
+        "-o", root / "t.head")
+    tags = json.loads(cli("evaluate", "--cache", cache, "--head-file", root / "t.head", "--json", "-"))
+    assert tags["outputs"] == ["cat", "dark", "dog"] and tags["n"] == 200
+    assert tags["per_tag"]["cat"]["ap"] > 0.9 and tags["mAP"] > 0.85, tags
+    with capsys.disabled():  # the figures docs/heads.md reports
+        print(f"\nbrightness R2: gap3 {scores['gap3']['r2']:.3f} (MAE {scores['gap3']['mae']:.2f}), gap "
+              f"{scores['gap']['r2']:.3f}; tags mAP {tags['mAP']:.3f}, AP " +
+              ", ".join(f"{t} {r['ap']:.3f}" for t, r in tags["per_tag"].items()) +
+              f", micro F1 {tags['micro_f1']:.3f}")
