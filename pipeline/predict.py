@@ -70,7 +70,7 @@ FIXED = ("id", "label", "path", "error")
 
 def probability_columns(classes: list[str]) -> dict[str, str]:
     """Column of each class's probability: its name, or `p_` before it where that would clash."""
-    used, out = set(FIXED), {}
+    used, out = {*FIXED, "tags", "value"}, {}
     for c in classes:
         name = c
         while name in used:

@@ -150,8 +150,9 @@ def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, 
 
 def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, Y, known) for the cache's entries: tags -> the tag names and Y (N, n_tags) of 0/1; value -> the
-    column's name and Y (N,) float64. `known` (N,) is False for rows outside the task (no manifest row, an
-    empty cell, or a class the tags map does not name)."""
+    column's name and Y (N,) float64. `known` (N,) is False for rows outside the task: no manifest row, an
+    empty number, or a class the tags map does not name (an empty tags cell is an image with none of the tags).
+    """
     import numpy as np
 
     if target.tags_map is not None:
@@ -168,7 +169,6 @@ def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarr
         return _checked_tags(names, per_class[fc.labels], known, "the tags map")
     manifest = _manifest_of(fc, target)
     known, cells = _rows_of(fc, manifest, target.column)
-    known &= np.array([v is not None and v.strip() != "" for v in cells])
     if target.kind == "tags":
         sets = [{t.strip() for t in v.split(TAG_SEPARATOR) if t.strip()} if k else set()
                 for k, v in zip(known, cells, strict=True)]
@@ -177,6 +177,7 @@ def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarr
         for i, tags in enumerate(sets):
             Y[i, [names.index(t) for t in tags]] = 1
         return _checked_tags(names, Y, known, f"column {target.column!r} of {manifest}")
+    known &= np.array([v is not None and v.strip() != "" for v in cells])
     Y = np.full(len(cells), np.nan)
     for i in np.flatnonzero(known):
         try:

@@ -38,8 +38,9 @@ def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Cal
     known &= ~excluded(fc, selection, say)
     outside = int((~known).sum())
     if outside:
-        say(f"{outside} of {len(known)} rows have no {'tags' if target.kind == 'tags' else target.column}: "
-            "left out of the task")
+        why = (f"have no {target.column}" if target.kind == "value" else "are not in the manifest"
+               if target.column else "are of classes the tags map does not name")
+        say(f"{outside} of {len(known)} rows {why}: left out of the task")
     train, valid = select_rows(fc, np.where(known, 0, -1), selection)
     if target.kind == "tags":
         never = [t for j, t in enumerate(names) if not Y[train, j].any()]

@@ -42,7 +42,7 @@ def manifest_cache(random_model, tmp_path_factory):
         w = csv.writer(f)
         w.writerow(["path", "label", "split", "labels", "brightness"])
         for i, (p, v) in enumerate(zip(images, values, strict=True)):
-            tags = [p.parent.name] + (["bright"] if v > median else [])
+            tags = [p.parent.name] + (["bright"] if v > median else []) if i != 7 else []  # 7: none of the tags
             w.writerow([p.relative_to(root), p.parent.name, "valid" if i % 4 == 0 else "train", "|".join(tags),
                         f"{v:.3f}" if i != 5 else ""])  # one image without a value: outside the value task
     cli("extract", root / "m.csv", "--body", random_model, "--cache", root / "c.zarr")
@@ -98,6 +98,7 @@ def test_tags_task_from_a_manifest_column(manifest_cache, random_model, tmp_path
     root, images, _ = manifest_cache
     out = cli("train", "--cache", root / "c.zarr", "--tags", "labels", "--head", kind, "-o", tmp_path / "t.head")
     assert "4 tags: a, b, bright, c" in out
+    assert "54 train / 18 valid rows" in out  # all of them: an empty tags cell is an image with none of the tags
     out = cli("evaluate", "--cache", root / "c.zarr", "--head-file", tmp_path / "t.head", "--json", "-")
     result = json.loads(out)
     # the colour tags are the classes' own colours: a head that learned nothing could not separate them
