@@ -6,6 +6,7 @@ on the same rows a Selection picks.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +51,8 @@ def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Cal
 
 
 def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selection, target: Target, *,
-                    task: str | None = None, say: Callable[[str], None] = lambda _: None, **params: object):
+                    task: str | None = None, log: Callable[[dict], None] | None = None,
+                    say: Callable[[str], None] = lambda _: None, **params: object):
     """Fit the `kind` head of a tags or value task on `layer`, recording what it was trained on (as train_head)."""
     kinds = TASK_KINDS[target.kind]
     if kind not in kinds:
@@ -59,18 +61,22 @@ def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selectio
     head = kinds[kind](**params)
     if "random_state" in head.get_params():
         head.set_params(random_state=selection.seed)
-    X = fc.features(layer, train)
+    X, X_valid = fc.features(layer, train), fc.features(layer, valid)
+    by_epoch = {}  # the Adam heads score the valid rows after each epoch, for the log and --history
+    if "log" in inspect.signature(head.fit).parameters and len(valid):
+        by_epoch = {"X_valid": X_valid, "Y_valid" if target.kind == "tags" else "y_valid": Y[valid], "log": log}
     if target.kind == "tags":
-        head.fit(X, Y[train], tags=names)
+        head.fit(X, Y[train], tags=names, **by_epoch)
     else:
-        head.fit(X, Y[train])
+        head.fit(X, Y[train], **by_epoch)
     head.outputs_ = names
-    scores = score(head, fc.features(layer, valid), Y[valid], target.kind, names) if len(valid) else {}
+    scores = score(head, X_valid, Y[valid], target.kind, names) if len(valid) else {}
     head.meta_ = {"task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint,
                   "selection": selection.record(fc.dataset), "target": target.record(),
                   "rows": {"train": int(len(train)), "valid": int(len(valid))},
                   "metrics": {f"valid_{k}": scores[k] for k in HEADLINE[target.kind] if k in scores}}
-    head.history_ = [{"epoch": 0, **head.meta_["metrics"]}]
+    if not getattr(head, "history_", None):  # the probes fit in one go: their record is the final scores
+        head.history_ = [{"epoch": 0, **head.meta_["metrics"]}]
     return head
 
 

@@ -81,7 +81,7 @@ def train_head(cache: str | Path, layer: str = "gap", kind: str = "auto", select
     if target is not None:
         from .tasks import train_task_head
 
-        return train_task_head(fc, layer, kind, selection, target, task=task, say=say, **params)
+        return train_task_head(fc, layer, kind, selection, target, task=task, log=log, say=say, **params)
     classes, y, record, train, valid = task_rows(fc, selection, say)
     names = np.array(classes)
     storage = np.float16 if fc.attrs.get("dtype") == "float16" else np.float32

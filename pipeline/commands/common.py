@@ -37,6 +37,10 @@ def write_json(data: object, out: Path | None) -> bool:
 
 def epoch_line(rec: dict) -> None:
     """One training epoch as a status line."""
+    if "train_accuracy" not in rec:  # a head of tags or values: its own measures
+        shown = "  ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in rec.items() if k not in ("epoch", "ms"))
+        LOG.info(f"epoch {rec['epoch']:3d}  {shown}  {rec['ms']:.0f} ms")
+        return
     valid = (f"  valid loss {rec['valid_loss']:.4f} acc {rec['valid_accuracy']:.4f}" if "valid_loss" in rec else "")
     LOG.info(f"epoch {rec['epoch']:3d}  train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
              f"{valid}  {rec['ms']:.0f} ms")
