@@ -131,6 +131,8 @@ class TagHead(BaseEstimator):
                              f"{Y.shape}")
         if self.folds < 2:
             raise UsageError(f"folds must be at least 2, got {self.folds!r}")
+        if len(X) < 2:
+            raise UsageError(f"tags need at least 2 training rows (one a fold), got {len(X)}")
         self.tags_ = np.array([str(i) for i in range(Y.shape[1])] if tags is None else [str(t) for t in tags])
         if len(self.tags_) != Y.shape[1]:
             raise UsageError(f"{len(self.tags_)} tag names for {Y.shape[1]} columns")

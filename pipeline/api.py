@@ -429,6 +429,8 @@ def predict(classifier: str | Path, images: str | Path, *, output: str | Path | 
 
     meta = classifier_metadata(classifier)
     classes, kind = meta["classes"], meta.get("task_kind", "classes")
+    if kind == "value" and clip:
+        raise UsageError(f"clip clips probabilities; {classifier} predicts a value and has none")
     rows = prediction_rows(images, classifier, batch_size, jobs, device, clip, client, quiet=True)
     kept: list[dict] = []
 

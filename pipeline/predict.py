@@ -83,9 +83,9 @@ def probability_columns(classes: list[str]) -> dict[str, str]:
 def _cell(value: object) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "|".join(f"{v:.6g}" for v in value) if isinstance(value, list) else str(value)
+    if isinstance(value, float):  # the graph's float32, every digit it has
+        return f"{value:.9g}"
+    return "|".join(f"{v:.9g}" for v in value) if isinstance(value, list) else str(value)
 
 
 def write_csv(rows: Iterator[dict], path: str | Path, classes: list[str], kind: str = "classes"

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from headstart.export.errors import DataError, UsageError
 
+from .storage import is_url
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -56,6 +58,8 @@ class Target:
     manifest: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tags_map is not None:  # frozen: the normalized map replaces the given one once, here
+            object.__setattr__(self, "tags_map", tag_sets(self.tags_map, "the tags map"))
         if self.kind not in KINDS:
             raise UsageError(f"task kind {self.kind!r}: choose from {', '.join(KINDS)}")
         if (self.column is None) == (self.tags_map is None) or (self.kind == "value" and self.column is None):
@@ -82,18 +86,23 @@ def read_tags_map(path: str | Path) -> dict[str, tuple[str, ...]]:
     """A YAML or JSON mapping of the cache's class names to tag lists (a bare string is one tag, [] none)."""
     import yaml
 
-    try:
-        mapping = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:  # BaseLoader: every name stays the text written (`yes`, `010`), not YAML 1.1's bool or number
+        mapping = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise DataError(f"{path}: cannot read the tags map ({e})") from None
-    if not isinstance(mapping, dict) or not mapping:
-        raise DataError(f"{path}: a tags map is a mapping of class name -> list of tags, such as `cats: [cat, pet]`")
+    return tag_sets(mapping, str(path))
+
+
+def tag_sets(mapping: object, where: str) -> dict[str, tuple[str, ...]]:
+    """Class name -> its sorted tags, from a mapping of names to lists of names (a bare string is one tag)."""
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise DataError(f"{where}: a tags map is a mapping of class name -> list of tags, such as `cats: [cat, pet]`")
     out = {}
     for k, v in mapping.items():
-        tags = [v] if isinstance(v, str) else v if isinstance(v, list) else None
-        if tags is None or not all(isinstance(t, str | int) and str(t).strip() for t in tags):
-            raise DataError(f"{path}: class {k!r} maps to {v!r}; give a list of tag names (or [] for none)")
-        out[str(k)] = tuple(sorted({str(t).strip() for t in tags}))
+        tags = [v] if isinstance(v, str) else list(v) if isinstance(v, list | tuple) else None
+        if tags is None or not all(isinstance(t, str) and t.strip() for t in tags):
+            raise DataError(f"{where}: class {k!r} maps to {v!r}; give a list of tag names (or [] for none)")
+        out[str(k)] = tuple(sorted({t.strip() for t in tags}))
     return out
 
 
@@ -108,8 +117,12 @@ def target_of(tags: str | None = None, tags_map: str | Path | None = None, value
             raise UsageError("--manifest names where --tags or --target columns are read; give one of them")
         return None
     if tags_map is not None:
+        if manifest is not None:
+            raise UsageError("--manifest names where a --tags or --target column is read; a --tags-map task reads "
+                             "the class folders instead: drop one of them")
         return Target("tags", tags_map=read_tags_map(tags_map))
-    where = None if manifest is None else str(manifest)
+    # recorded absolute, so that evaluate finds it from any folder
+    where = None if manifest is None else str(manifest) if is_url(str(manifest)) else str(Path(manifest).resolve())
     return Target("tags", column=tags, manifest=where) if tags is not None else Target("value", value, manifest=where)
 
 
@@ -125,20 +138,39 @@ def _manifest_of(fc: FeatureCache, target: Target) -> str:
 
 
 def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, list[str | None]]:
-    """For each cache entry, its value in the manifest's `column` (None where the manifest has no such row)."""
-    from .dataset import display, scan_csv
+    """For each cache entry, its value in the manifest's `column` (None where the manifest has no such row).
 
+    A stored path matches a manifest row by its text, by the file it names (links resolved), or, where extract
+    stored it relative to the folder it ran in, as the tail of the row's absolute path: from any folder.
+    """
+    from .dataset import COLUMNS, display, scan_csv
+
+    if column in COLUMNS:
+        raise DataError(f"{column!r} is a manifest's own column, not a task's; name a column of your own, such as "
+                        "labels or age")
     ds = scan_csv(manifest)
     if column not in ds.columns:
-        raise DataError(f"{manifest}: no column {column!r}; its columns are path, "
-                        f"{', '.join([*(['label'] if any(ds.label_names) else []), *ds.columns]) or '(none else)'}")
+        raise DataError(f"{manifest}: no column {column!r}; its task columns are {', '.join(ds.columns) or '(none)'}")
     by_path: dict[str, str] = {}
-    for p, v in zip(ds.paths, ds.columns[column], strict=True):
-        by_path[display(p)] = v
-        if "://" not in p:  # the same file however the path was written: relative, absolute, through a link
-            by_path.setdefault(os.path.realpath(p), v)
+    for p, v in zip(map(display, ds.paths), ds.columns[column], strict=True):
+        if by_path.get(p, v) != v:
+            raise DataError(f"{manifest}: {p} is listed twice, with {column} {by_path[p]!r} and {v!r}; keep one row")
+        by_path[p] = v
+    files = {os.path.realpath(p): v for p, v in by_path.items() if not is_url(p)}
+    tails: dict[int, dict[str, str | None]] = {}
+
+    def tail(p: str) -> str | None:  # the row whose absolute path ends with the relative stored path p
+        n = len(Path(p).parts)
+        if n not in tails:
+            tails[n] = {}
+            for f, v in files.items():
+                key = str(Path(*Path(f).parts[-n:]))
+                tails[n][key] = None if key in tails[n] else v  # None: two rows share the tail, ambiguous
+        return tails[n].get(os.path.normpath(p))
+
     stored = fc.paths.tolist()
-    values = [by_path.get(p, by_path.get(os.path.realpath(p)) if "://" not in p else None) for p in stored]
+    values = [by_path.get(p) if p in by_path or is_url(p) else
+              files.get(os.path.realpath(p)) if os.path.isabs(p) else tail(p) for p in stored]
     if not any(v is not None for v in values):
         raise DataError(f"{manifest}: none of its paths is a file of dataset {fc.dataset!r} in {fc.path} "
                         f"(such as {stored[0] if stored else '-'}); write them as extract read them "
@@ -146,6 +178,16 @@ def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, 
     import numpy as np
 
     return np.array([v is not None for v in values]), values
+
+
+def manifest_digest(fc: FeatureCache, target: Target) -> str | None:
+    """The sha256 of the manifest a column task reads (None for a tags map or a manifest in an object store)."""
+    from headstart.export.files import file_digest
+
+    if target.column is None:
+        return None
+    manifest = _manifest_of(fc, target)
+    return None if is_url(manifest) else file_digest(Path(manifest))
 
 
 def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ on the same rows a Selection picks.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import Callable
@@ -16,14 +17,15 @@ import numpy as np
 from headstart.export.errors import DataError, IncompatibleError, UsageError
 from headstart.export.files import atomic_write
 from headstart.export.fingerprint import compatible
-from headstart.heads.kinds import TASK_KINDS, task_kind_of
+from headstart.export.progress import LOG
+from headstart.heads.kinds import TASK_KINDS
 from headstart.heads.metrics import wilson
 from headstart.heads.regression import regression_metrics
 from headstart.heads.tags import tag_metrics
 
 from .cache import FeatureCache
 from .selection import Selection, excluded, select_rows
-from .targets import Target, target_values
+from .targets import Target, manifest_digest, target_values
 
 
 def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Callable[[str], None] = lambda _: None
@@ -36,8 +38,8 @@ def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Cal
         raise UsageError("--classes-map and --relabel change class labels; a tags or value task reads its answers "
                          f"from {target.describe()} instead: edit them there")
     names, Y, known = target_values(fc, target)
-    known &= ~excluded(fc, selection, say)
     outside = int((~known).sum())
+    known &= ~excluded(fc, selection, say)  # counted apart: it says so itself
     if outside:
         why = (f"have no {target.column}" if target.kind == "value" else "are not in the manifest"
                if target.column else "are of classes the tags map does not name")
@@ -47,6 +49,9 @@ def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Cal
         never = [t for j, t in enumerate(names) if not Y[train, j].any()]
         if never:
             say(f"tag(s) {', '.join(never)} occur on no training row: the head learns to leave them off")
+    elif np.ptp(Y[train]) == 0:
+        raise DataError(f"{target.describe()}: every training row has the same {target.column} ({Y[train][0]:g}): "
+                        "there is nothing to learn; check the column")
     return names, Y, known, train, valid
 
 
@@ -72,7 +77,8 @@ def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selectio
     head.outputs_ = names
     scores = score(head, X_valid, Y[valid], target.kind, names) if len(valid) else {}
     head.meta_ = {"task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint,
-                  "selection": selection.record(fc.dataset), "target": target.record(),
+                  "selection": selection.record(fc.dataset),
+                  "target": target.record() | {"manifest_sha256": manifest_digest(fc, target)},
                   "rows": {"train": int(len(train)), "valid": int(len(valid))},
                   "metrics": {f"valid_{k}": scores[k] for k in HEADLINE[target.kind] if k in scores}}
     if not getattr(head, "history_", None):  # the probes fit in one go: their record is the final scores
@@ -85,36 +91,51 @@ HEADLINE = {"tags": ("mAP", "micro_f1", "macro_f1", "n"), "value": ("r2", "mae",
 
 
 def score(head, X: np.ndarray, Y: np.ndarray, task_kind: str, names: list[str]) -> dict:
-    """The task's metrics of `head` on rows X with answers Y."""
+    """The task's metrics of `head` on rows X with answers Y; None where undefined (R2 of a constant, the AP of
+    a tag that never occurs): JSON has no NaN."""
     if task_kind == "tags":
-        return tag_metrics(Y, head.predict_proba(X), head.predict(X), names)
-    predicted = head.predict(X)
-    return regression_metrics(Y, predicted)
+        return _defined(tag_metrics(Y, head.predict_proba(X), head.predict(X), names))
+    return _defined(regression_metrics(Y, head.predict(X)))
 
 
-def evaluate_task(cache: str | Path, head, split: str | None = None, selection: Selection | None = None
-                  ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+def _defined(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _defined(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def evaluate_task(cache: str | Path, head, split: str | None = None, selection: Selection | None = None,
+                  manifest: str | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """Score a tags or value head on the rows it was validated on (or on `split`), under its recorded Target.
 
+    `manifest`: read the column from this manifest instead of the one recorded (moved, or a new version).
     Returns (metrics, Y of the rows scored, the head's output on them (tag probabilities or values), paths).
     """
     meta = head.meta_
     sel = selection or Selection.from_record(meta["selection"])
     target = Target.from_record(meta["target"])
+    if manifest is not None:
+        target = dataclasses.replace(target, manifest=manifest)
     fc = FeatureCache(cache, sel.dataset)
     layer = meta["layer"]
     compatible(meta["fingerprint"], fc.fingerprint, str(fc.path), layer)
+    digest = meta["target"].get("manifest_sha256")
+    if digest and manifest is None and manifest_digest(fc, target) != digest:
+        LOG.warning(f"{target.manifest or fc.summary.get('source')} changed since the head was trained: scoring "
+                    "against its answers as they are now")
     names, Y, known = target_values(fc, target)
     if target.kind == "tags" and names != list(head.outputs_):
-        raise IncompatibleError(f"the task's tags in {fc.path} ({names}) differ from the head's "
-                                f"({list(head.outputs_)})")
+        raise IncompatibleError(f"the tags of {target.describe()} ({', '.join(names)}) differ from the head's "
+                                f"({', '.join(head.outputs_)}); score it on the tags it was trained for, or train "
+                                "it again")
     known &= ~excluded(fc, sel)
     if split is None:
         _, rows = select_rows(fc, np.where(known, 0, -1), sel)
     else:
         rows = np.flatnonzero((fc.splits == split) & known)
     if len(rows) == 0:
-        raise DataError(f"{fc.path}: no rows with answers to evaluate on (split {split or sel.valid_split!r})")
+        raise DataError(f"{fc.path}: no rows with answers to evaluate on in split {split or sel.valid_split!r} "
+                        f"(splits: {', '.join(sorted(set(fc.splits)))})")
     X = fc.features(layer, rows)
     result = score(head, X, Y[rows], target.kind, names)
     out = head.predict_proba(X) if target.kind == "tags" else head.predict(X)
@@ -143,8 +164,8 @@ def write_task_reports(result: dict, Y: np.ndarray, out: np.ndarray, head, metri
             tmp.write_text(json.dumps(result, indent=2) + "\n")
     if pairs_csv:
         with atomic_write(pairs_csv) as tmp:
-            if kind == "value":
-                tmp.write_text("actual,predicted\n" + "".join(f"{a:g},{p:g}\n" for a, p in
+            if kind == "value":  # repr: every digit, as the manifest and the head have them
+                tmp.write_text("actual,predicted\n" + "".join(f"{float(a)!r},{float(p)!r}\n" for a, p in
                                                               zip(Y.ravel(), out.ravel(), strict=True)))
             else:
                 on = out >= head.thresholds_
@@ -169,15 +190,15 @@ def _plot(result: dict, Y: np.ndarray, out: np.ndarray, path: Path) -> None:
         low, high = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
         ax.plot([low, high], [low, high], color="grey", linewidth=1)
         ax.set(xlabel=f"true {result['outputs'][0]}", ylabel="predicted",
-               title=f"{title}\nR2 {result['r2']:.3f}, MAE {result['mae']:.3g}")
+               title=f"{title}\nR2 {shown(result['r2'])}, MAE {result['mae']:.3g}")
     else:
         from sklearn.metrics import precision_recall_curve
 
         for j, t in enumerate(result["outputs"]):
             if Y[:, j].any():
                 precision, recall, _ = precision_recall_curve(Y[:, j], out[:, j])
-                ax.plot(recall, precision, label=f"{t} (AP {result['per_tag'][t]['ap']:.3f})")
-        ax.set(xlabel="recall", ylabel="precision", title=f"{title}\nmAP {result['mAP']:.3f}")
+                ax.plot(recall, precision, label=f"{t} (AP {shown(result['per_tag'][t]['ap'])})")
+        ax.set(xlabel="recall", ylabel="precision", title=f"{title}\nmAP {shown(result['mAP'])}")
         ax.legend(fontsize=8)
     ax.title.set_fontsize(9)
     fig.tight_layout()
@@ -186,6 +207,6 @@ def _plot(result: dict, Y: np.ndarray, out: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def is_task_head(head: object) -> bool:
-    """Whether `head` is a tags or value head (its reports are these, not the classes')."""
-    return task_kind_of(head) is not None
+def shown(value: float | None) -> str:
+    """A score to 3 decimals, '-' where it is undefined (R2 of a constant target, mAP without tags)."""
+    return "-" if value is None else f"{value:.3f}"

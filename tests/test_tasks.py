@@ -213,3 +213,62 @@ def test_brightness_and_two_tags_on_the_catsdogs_photos(photo_cache, catsdogs_ma
               f"{scores['gap']['r2']:.3f}; tags mAP {tags['mAP']:.3f}, AP " +
               ", ".join(f"{t} {r['ap']:.3f}" for t, r in tags["per_tag"].items()) +
               f", micro F1 {tags['micro_f1']:.3f}")
+
+
+def test_review_cases_of_manifests_and_maps(manifest_cache, tmp_path):
+    import headstart as hs
+    from headstart.pipeline.targets import read_tags_map
+
+    root, images, _ = manifest_cache
+    rows = (root / "m.csv").read_text().splitlines()
+    # a path listed twice with two values is refused, naming it
+    (tmp_path / "dup.csv").write_text("\n".join(rows + [rows[2].rsplit(",", 1)[0] + ",99999"]) + "\n")
+    out = cli("train", "--cache", root / "c.zarr", "--manifest", tmp_path / "dup.csv", "--target", "brightness",
+              "-o", tmp_path / "h.head", ok=False)
+    assert "is listed twice, with brightness" in out and "'99999'" in out
+    # tags and class names are read as written: YAML 1.1 would make yes/no booleans
+    (tmp_path / "t.yaml").write_text("a: [yes]\nb: [no]\nc: on\n")
+    assert read_tags_map(tmp_path / "t.yaml") == {"a": ("yes",), "b": ("no",), "c": ("on",)}
+    assert hs.Target("tags", tags_map={"a": "xy", "b": ["x"]}).tags_map == {"a": ("xy",), "b": ("x",)}
+    # every training row with one value: nothing to learn
+    (tmp_path / "const.csv").write_text("path,age\n" + "".join(f"{p},5\n" for p in images))
+    out = cli("train", "--cache", root / "c.zarr", "--manifest", tmp_path / "const.csv", "--target", "age", "-o",
+              tmp_path / "h.head", ok=False)
+    assert "every training row has the same age (5)" in out
+    for args, message in ((["--target", "brightness", "--class-weight", "balanced"], "--class-weight weighs"),
+                          (["--tags-map", tmp_path / "t.yaml", "--manifest", root / "m.csv"], "drop one of them"),
+                          (["--tags", "label"], "'label' is a manifest's own column")):
+        assert message in cli("train", "--cache", root / "c.zarr", *args, "-o", tmp_path / "h.head", ok=False)
+    assert not (tmp_path / "h.head").exists()
+
+
+def test_a_task_from_another_folder_and_a_changed_manifest(random_model, tmp_path, monkeypatch):
+    images = generated_images(tmp_path / "d" / "img", 12)
+    monkeypatch.chdir(tmp_path)  # extract stores the paths relative to the folder it runs in
+    with open("d/m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "split", "brightness"])
+        for i, p in enumerate(images):
+            w.writerow([p.relative_to(tmp_path / "d"), "valid" if i % 3 == 0 else "train", f"{brightness(p):.3f}"])
+    cli("extract", "d/m.csv", "--body", random_model, "--cache", "d/c.zarr")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = cli("train", "--cache", "../d/c.zarr", "--target", "brightness", "-o", "v.head")
+    assert "16 train / 8 valid rows" in out
+    exclude = tmp_path / "ex.txt"
+    exclude.write_text(f"{images[1].name}\n")
+    out = cli("train", "--cache", "../d/c.zarr", "--target", "brightness", "--exclude", exclude, "-o", "x.head")
+    assert "exclusions leave out 1 rows" in out and "have no brightness" not in out
+    result = json.loads(cli("evaluate", "--cache", "../d/c.zarr", "--head-file", "v.head", "--json", "-"))
+    assert result["n"] == 8
+    # the manifest changed since training: evaluate says so; --manifest reads another one
+    text = (tmp_path / "d" / "m.csv").read_text()
+    (tmp_path / "d" / "m.csv").write_text(text + "\n")
+    result = CliRunner().invoke(main, ["evaluate", "--cache", "../d/c.zarr", "--head-file", "v.head"])
+    assert result.exit_code == 0 and "changed since the head was trained" in result.output
+    (tmp_path / "copy.csv").write_text("path,brightness\n" + "".join(f"{p},{brightness(p):.3f}\n" for p in images))
+    out = cli("evaluate", "--cache", "../d/c.zarr", "--head-file", "v.head", "--manifest", tmp_path / "copy.csv")
+    assert "changed since" not in out and "8 rows: R2" in out
+    cli("bundle", "--body", random_model, "--head-file", "v.head", "-o", "v.onnx")
+    out = cli("predict", tmp_path / "d" / "img", "--classifier", "v.onnx", "--clip", "0.1,0.9", ok=False)
+    assert "--clip clips probabilities" in out

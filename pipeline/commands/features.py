@@ -134,6 +134,8 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
         bounds = (lo, hi)
     meta = classifier_metadata(classifier)
     classes, kind = meta["classes"], meta.get("task_kind", "classes")
+    if kind == "value" and bounds:
+        raise Failure(f"--clip clips probabilities; {classifier} predicts a value and has none")
     images = scan(images)  # once: its length sizes the bar, its paths are what is predicted
     total = len(images)
     if dask_address:

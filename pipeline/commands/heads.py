@@ -15,6 +15,7 @@ from ..options import (
     FILE,
     POSITIVE,
     SELECTION,
+    WHERE,
     LazyChoice,
     Option,
     default_of,
@@ -85,6 +86,8 @@ def train(cache: str, layer: str, kind: str, calibration: str | None, output: Pa
     if kind not in registry:
         raise click.UsageError(f"--head {kind}: a {answers.kind if answers else 'classes'} task takes "
                                f"{', '.join(registry)}")
+    if answers is not None and class_weight != "none":
+        raise click.UsageError("--class-weight weighs the classes of a head of classes; a tags or value task has none")
     sizes = _sizes(hidden)
     given = {"epochs": epochs, "lr": lr, "batch_size": minibatch, "l2": l2, "hidden": sizes, "dropout": dropout,
              "patience": patience, "standardize": standardize,
@@ -106,10 +109,11 @@ def train(cache: str, layer: str, kind: str, calibration: str | None, output: Pa
     _write_history(head, history)
     if answers is not None:
         m, rows = head.meta_["metrics"], head.meta_["rows"]
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "valid_n")
+        shown = ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in m.items() if k != "valid_n")
         name = kind if kind != "auto" else f"auto ({task_head_name(head)})"
+        n = len(head.outputs_)
         click.echo(f"{head.meta_['task']}: {name} {answers.kind} head on {layer} ({head.n_features_in_} features, "
-                   f"{len(head.outputs_)} {'tags' if answers.kind == 'tags' else 'target'}: "
+                   f"{n} {('tag' if answers.kind == 'tags' else 'target') + ('s' if n > 1 else '')}: "
                    f"{', '.join(head.outputs_)}), {rows['train']} train / {rows['valid']} valid rows: "
                    f"{shown or 'no valid rows'}, trained in {time.perf_counter() - t0:.2f} s -> {output}")
         return
@@ -272,11 +276,13 @@ def sweep(cache: str, layers: str, kinds: str, l2: list[float] | None, lr: list[
                                                "confidence in 15 bins, as the calibration error is computed.")
 @shared("exclude")
 @shared("relabel")
+@click.option("--manifest", type=WHERE, help="A tags or value head: read its column from this manifest instead of "
+                                            "the one it was trained on (moved, or a new version).")
 @shared("json")
 def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None, metrics: Path | None,
              details: Path | None, confusion: Path | None, plot: Path | None, predictions: Path | None,
              n_errors: int, errors_plot: Path | None, errors_csv: Path | None, reliability: Path | None,
-             exclude: Path | None, relabel: Path | None, json_out: Path | None) -> None:
+             exclude: Path | None, relabel: Path | None, manifest: str | None, json_out: Path | None) -> None:
     """Score a head on cached features: accuracy with its 95% Wilson interval, log loss, calibration (ECE, Brier),
     per-class precision/recall, confusion matrix (--plot draws it).
 
@@ -299,8 +305,10 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
         if extra:
             raise click.UsageError(f"{', '.join(extra)}: reports of a head of classes; {head_path} is a "
                                    f"{head.meta_['target']['kind']} head")
-        _evaluate_task(cache, head, split, selection, metrics, details, confusion, plot, json_out)
+        _evaluate_task(cache, head, split, selection, manifest, metrics, details, confusion, plot, json_out)
         return
+    if manifest is not None:
+        raise click.UsageError(f"--manifest is for a tags or value head; {head_path} is a head of classes")
     result, y, proba, paths = score(cache, head, split, selection)
     write_reports(result, y, proba.argmax(1), metrics, details, confusion, plot)
     errors = confident_errors(y, proba, paths, list(result["per_class"]), n_errors)
@@ -327,23 +335,25 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
         click.echo(f"  wrong: {e['path']}: {e['actual']} taken for {e['predicted']} (p={e['probability']:.3f})")
 
 
-def _evaluate_task(cache: str, head, split: str | None, selection: Selection, metrics: Path | None,
-                   details: Path | None, pairs: Path | None, plot: Path | None, json_out: Path | None) -> None:
+def _evaluate_task(cache: str, head, split: str | None, selection: Selection, manifest: str | None,
+                   metrics: Path | None, details: Path | None, pairs: Path | None, plot: Path | None,
+                   json_out: Path | None) -> None:
     """evaluate for a tags or value head: mAP and F1, or MAE, RMSE and R2; --plot draws precision-recall curves
     or predicted against true values."""
-    from ..tasks import evaluate_task, write_task_reports
+    from ..tasks import evaluate_task, shown, write_task_reports
 
-    result, Y, out, _ = evaluate_task(cache, head, split, selection)
+    result, Y, out, _ = evaluate_task(cache, head, split, selection, manifest)
     write_task_reports(result, Y, out, head, metrics, details, pairs, plot)
     if write_json(result, json_out):
         return
     where = f"{result['task']}: {result['head']} on {result['layer']}, {result['split']}, {result['n']} rows"
     if result["task_kind"] == "value":
-        click.echo(f"{where}: R2 {result['r2']:.3f}, MAE {result['mae']:.4g}, RMSE {result['rmse']:.4g}")
+        click.echo(f"{where}: R2 {shown(result['r2'])}, MAE {result['mae']:.4g}, RMSE {result['rmse']:.4g}")
         return
     low, high = result["cell_accuracy_interval"]
-    click.echo(f"{where}: mAP {result['mAP']:.3f}, micro F1 {result['micro_f1']:.3f}, macro F1 "
+    click.echo(f"{where}: mAP {shown(result['mAP'])}, micro F1 {result['micro_f1']:.3f}, macro F1 "
                f"{result['macro_f1']:.3f}; decisions right {result['cell_accuracy']:.3f} [{low:.3f}, {high:.3f}]")
     for t, r in result["per_tag"].items():
         ap = "-" if r["ap"] is None else f"{r['ap']:.3f}"
         click.echo(f"  {t}: AP {ap}, F1 {r['f1']:.3f}")
+

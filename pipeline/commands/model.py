@@ -173,8 +173,12 @@ def _head_info(path: Path) -> dict:
         raise Failure(f"{path}: not a headstart head file (no headstart-head format in its metadata)")
     info = meta.get("info", {})
     fingerprint = info.get("fingerprint", {})
+    target = info.get("target") or {}
     out = {"file": str(path), "format": meta["format"], "kind": meta.get("kind"),
-           "classes": ", ".join(map(str, meta.get("classes", []))), "n_features": meta.get("n_features"),
+           "task_kind": meta.get("task_kind"), "classes": ", ".join(map(str, meta.get("classes", []))),
+           "outputs": ", ".join(map(str, meta.get("outputs", []))),
+           "target": ", ".join(f"{k}={v}" for k, v in target.items() if v is not None and k != "tags_map"),
+           "n_features": meta.get("n_features"),
            "task": info.get("task"), "layer": info.get("layer"),
            "fingerprint": ", ".join(f"{k}={v}" for k, v in fingerprint.items()),
            "rows": ", ".join(f"{k}={v}" for k, v in info.get("rows", {}).items()),
