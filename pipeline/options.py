@@ -212,8 +212,9 @@ SHARED: dict[str, tuple[tuple[str, ...], dict]] = {
                                    "help": "A multi-label task: YAML file, cache class name -> its tags."}),
     "target": (("--target",), {"metavar": "COLUMN", "help": "A regression task: each image's number, from this "
                                                            "column of the manifest."}),
-    "manifest": (("--manifest",), {"type": WHERE, "help": "The CSV manifest holding the --tags or --target column "
-                                                         "(default: the one the dataset was extracted from)."}),
+    "manifest": (("--manifest",), {"type": WHERE, "help": "The CSV manifest holding a tags or value task's column "
+                                                         "(default: train, the one the dataset was extracted from; "
+                                                         "evaluate, the one the head was trained on)."}),
     "history": (("--history",), {"type": FILE, "help": "Write the per-epoch log as JSON."}),
     "augmented": (("--augmented",), {"is_flag": True, "help": "Each epoch, train on one of each image's cached views "
                                                               "(from `extract --augment K`)."}),

@@ -15,7 +15,6 @@ from ..options import (
     FILE,
     POSITIVE,
     SELECTION,
-    WHERE,
     LazyChoice,
     Option,
     default_of,
@@ -276,8 +275,7 @@ def sweep(cache: str, layers: str, kinds: str, l2: list[float] | None, lr: list[
                                                "confidence in 15 bins, as the calibration error is computed.")
 @shared("exclude")
 @shared("relabel")
-@click.option("--manifest", type=WHERE, help="A tags or value head: read its column from this manifest instead of "
-                                            "the one it was trained on (moved, or a new version).")
+@shared("manifest")
 @shared("json")
 def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None, metrics: Path | None,
              details: Path | None, confusion: Path | None, plot: Path | None, predictions: Path | None,
