@@ -260,10 +260,12 @@ def sweep(cache: str, layers: str, kinds: str, l2: list[float] | None, lr: list[
 @shared("dataset", shown="the head's own")
 @shared("head_file", required=True)
 @click.option("--split", help="Split to score (default: the rows the head was validated on).")
-@click.option("--metrics", type=FILE, help="Write the short metrics JSON (accuracy, log loss, n) here, for "
-                                           "`dvc metrics`.")
-@click.option("--details", type=FILE, help="Write per-class precision/recall and the confusion matrix as JSON here.")
-@click.option("--confusion", type=FILE, help="Write (actual, predicted) rows as CSV here, for `dvc plots`.")
+@click.option("--metrics", type=FILE, help="Write the short metrics JSON here, for `dvc metrics`: accuracy, log "
+                                           "loss, n (tags: mAP, micro and macro F1; a value: R2, MAE, RMSE).")
+@click.option("--details", type=FILE, help="Write every metric as JSON here: per class precision/recall and the "
+                                           "confusion matrix, or per tag AP and F1.")
+@click.option("--confusion", type=FILE, help="Write (actual, predicted) rows as CSV here, for `dvc plots` (tags: "
+                                             "tag,actual,predicted; a value: the two numbers).")
 @shared("plot")
 @click.option("--predictions", type=FILE,
               help="Write one CSV row per scored image here: path, split, label, predicted, a probability per class.")
@@ -282,7 +284,8 @@ def evaluate(cache: str, dataset: str | None, head_path: Path, split: str | None
              n_errors: int, errors_plot: Path | None, errors_csv: Path | None, reliability: Path | None,
              exclude: Path | None, relabel: Path | None, manifest: str | None, json_out: Path | None) -> None:
     """Score a head on cached features: accuracy with its 95% Wilson interval, log loss, calibration (ECE, Brier),
-    per-class precision/recall, confusion matrix (--plot draws it).
+    per-class precision/recall, confusion matrix (--plot draws it). A tags head: mAP, F1, each tag's AP (--plot:
+    precision-recall curves); a value head: R2, MAE, RMSE (--plot: predicted against true).
 
     By default the rows and labels the head was validated on: its dataset, exclusions and relabels.
     """
