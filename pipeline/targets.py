@@ -156,17 +156,22 @@ def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, 
         if by_path.get(p, v) != v:
             raise DataError(f"{manifest}: {p} is listed twice, with {column} {by_path[p]!r} and {v!r}; keep one row")
         by_path[p] = v
-    files = {os.path.realpath(p): v for p, v in by_path.items() if not is_url(p)}
-    tails: dict[int, dict[str, str | None]] = {}
+    local = [p for p in by_path if not is_url(p)]
+    files = {os.path.realpath(p): by_path[p] for p in local}
+    tails: dict[int, dict[str, tuple[str, str] | None]] = {}
 
-    def tail(p: str) -> str | None:  # the row whose absolute path ends with the relative stored path p
+    def tail(p: str) -> str | None:  # the row whose absolute path (as written, or resolved) ends with p
         n = len(Path(p).parts)
         if n not in tails:
             tails[n] = {}
-            for f, v in files.items():
-                key = str(Path(*Path(f).parts[-n:]))
-                tails[n][key] = None if key in tails[n] else v  # None: two rows share the tail, ambiguous
-        return tails[n].get(os.path.normpath(p))
+            for row in local:
+                real = os.path.realpath(row)
+                for path in {os.path.abspath(row), real}:
+                    key = str(Path(*Path(path).parts[-n:]))
+                    seen = tails[n].get(key, (real, by_path[row]))
+                    tails[n][key] = seen if seen is not None and seen[0] == real else None  # None: ambiguous
+        found = tails[n].get(os.path.normpath(p))
+        return None if found is None else found[1]
 
     stored = fc.paths.tolist()
     values = [by_path.get(p) if p in by_path or is_url(p) else
