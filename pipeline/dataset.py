@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import posixpath
 import re
@@ -57,6 +58,7 @@ class Dataset:
     splits: list[str] = field(default_factory=list)
     label_names: list[str | None] = field(default_factory=list)
     columns: dict[str, list[str]] = field(default_factory=dict)  # a manifest's task columns: name -> values
+    digest: str | None = None  # a manifest's sha256, of the bytes read
 
     @property
     def classes(self) -> list[str]:
@@ -135,6 +137,7 @@ def scan_csv(path: str | Path) -> Dataset:
         content, parent = fs.cat_file(inner), text.rsplit("/", 1)[0]
     else:
         content, parent = Path(text).read_bytes(), str(Path(text).parent)
+    ds.digest = hashlib.sha256(content).hexdigest()
     # -sig: a byte-order mark is not part of a name
     with io.StringIO(content.decode("utf-8-sig"), newline="") as f:
         reader = csv.reader(f)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from headstart.export.errors import DataError, UsageError
 
@@ -137,8 +137,9 @@ def _manifest_of(fc: FeatureCache, target: Target) -> str:
     return source
 
 
-def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, list[str | None]]:
-    """For each cache entry, its value in the manifest's `column` (None where the manifest has no such row).
+def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, list[str | None], str]:
+    """For each cache entry, its value in the manifest's `column` (None where the manifest has no such row), and
+    the sha256 of the manifest as read.
 
     A stored path matches a manifest row by its text, by the file it names (links resolved), or, where extract
     stored it relative to the folder it ran in, as the tail of the row's absolute path: from any folder.
@@ -182,24 +183,23 @@ def _rows_of(fc: FeatureCache, manifest: str, column: str) -> tuple[np.ndarray, 
                         "(`headstart info` lists them)")
     import numpy as np
 
-    return np.array([v is not None for v in values]), values
+    return np.array([v is not None for v in values]), values, ds.digest
 
 
-def manifest_digest(fc: FeatureCache, target: Target) -> str | None:
-    """The sha256 of the manifest a column task reads (None for a tags map or a manifest in an object store)."""
-    from headstart.export.files import file_digest
-
-    if target.column is None:
-        return None
-    manifest = _manifest_of(fc, target)
-    return None if is_url(manifest) else file_digest(Path(manifest))
-
-
-def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(names, Y, known) for the cache's entries: tags -> the tag names and Y (N, n_tags) of 0/1; value -> the
+class Answers(NamedTuple):
+    """A task's answers for the cache's entries: tags -> the tag names and Y (N, n_tags) of 0/1; value -> the
     column's name and Y (N,) float64. `known` (N,) is False for rows outside the task: no manifest row, an
     empty number, or a class the tags map does not name (an empty tags cell is an image with none of the tags).
-    """
+    `digest`: the sha256 of the manifest they were read from (None for a tags map)."""
+
+    names: list[str]
+    Y: np.ndarray
+    known: np.ndarray
+    digest: str | None
+
+
+def target_values(fc: FeatureCache, target: Target) -> Answers:
+    """The task's `Answers` for the cache's entries, read from its manifest column or tags map."""
     import numpy as np
 
     if target.tags_map is not None:
@@ -213,9 +213,9 @@ def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarr
             for t in target.tags_map.get(c, ()):
                 per_class[i, names.index(t)] = 1
         known = np.array([c in target.tags_map for c in fc.classes] + [False])[fc.labels]
-        return _checked_tags(names, per_class[fc.labels], known, "the tags map")
+        return _checked_tags(Answers(names, per_class[fc.labels], known, None), "the tags map")
     manifest = _manifest_of(fc, target)
-    known, cells = _rows_of(fc, manifest, target.column)
+    known, cells, digest = _rows_of(fc, manifest, target.column)
     if target.kind == "tags":
         sets = [{t.strip() for t in v.split(TAG_SEPARATOR) if t.strip()} if k else set()
                 for k, v in zip(known, cells, strict=True)]
@@ -223,7 +223,7 @@ def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarr
         Y = np.zeros((len(cells), len(names)), np.float32)
         for i, tags in enumerate(sets):
             Y[i, [names.index(t) for t in tags]] = 1
-        return _checked_tags(names, Y, known, f"column {target.column!r} of {manifest}")
+        return _checked_tags(Answers(names, Y, known, digest), f"column {target.column!r} of {manifest}")
     known &= np.array([v is not None and v.strip() != "" for v in cells])
     Y = np.full(len(cells), np.nan)
     for i in np.flatnonzero(known):
@@ -234,11 +234,10 @@ def target_values(fc: FeatureCache, target: Target) -> tuple[list[str], np.ndarr
                             "write a number, or leave the cell empty to leave the image out") from None
         if not math.isfinite(Y[i]):
             raise DataError(f"{manifest}: {target.column} of {fc.paths[i]} is {cells[i]!r}; give a finite number")
-    return [target.column], Y, known
+    return Answers([target.column], Y, known, digest)
 
 
-def _checked_tags(names: list[str], Y: np.ndarray, known: np.ndarray, where: str
-                  ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    if not names:
+def _checked_tags(answers: Answers, where: str) -> Answers:
+    if not answers.names:
         raise DataError(f"{where}: no tags on any image; write them as `cat|outdoor`")
-    return names, Y, known
+    return answers

@@ -25,21 +25,23 @@ from headstart.heads.tags import tag_metrics
 
 from .cache import FeatureCache
 from .selection import Selection, excluded, select_rows
-from .targets import Target, manifest_digest, target_values
+from .targets import Answers, Target, target_values
 
 
 def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Callable[[str], None] = lambda _: None
-                ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(output names, Y for every entry, known (N,) bool, train entries, valid entries) of a tags or value task."""
+                ) -> tuple[Answers, np.ndarray, np.ndarray]:
+    """(the answers for every entry, `known` less the exclusions; train entries; valid entries) of a tags or
+    value task."""
     if selection.augmented:
         raise UsageError("--augmented trains heads of classes by epochs; a tags or value head trains on each image's "
                          "plain view")
     if selection.classes_map is not None or selection.relabel:
         raise UsageError("--classes-map and --relabel change class labels; a tags or value task reads its answers "
                          f"from {target.describe()} instead: edit them there")
-    names, Y, known = target_values(fc, target)
-    outside = int((~known).sum())
-    known &= ~excluded(fc, selection, say)  # counted apart: it says so itself
+    answers = target_values(fc, target)
+    names, Y = answers.names, answers.Y
+    outside = int((~answers.known).sum())
+    known = answers.known & ~excluded(fc, selection, say)  # counted apart: it says so itself
     if outside:
         why = (f"have no {target.column}" if target.kind == "value" else "are not in the manifest"
                if target.column else "are of classes the tags map does not name")
@@ -52,7 +54,7 @@ def target_rows(fc: FeatureCache, selection: Selection, target: Target, say: Cal
     elif np.ptp(Y[train]) == 0:
         raise DataError(f"{target.describe()}: every training row has the same {target.column} ({Y[train][0]:g}): "
                         "there is nothing to learn; check the column")
-    return names, Y, known, train, valid
+    return answers._replace(known=known), train, valid
 
 
 def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selection, target: Target, *,
@@ -62,7 +64,8 @@ def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selectio
     kinds = TASK_KINDS[target.kind]
     if kind not in kinds:
         raise UsageError(f"--head {kind} is a head of classes; a {target.kind} task takes {', '.join(kinds)}")
-    names, Y, _, train, valid = target_rows(fc, selection, target, say)
+    answers, train, valid = target_rows(fc, selection, target, say)
+    names, Y = answers.names, answers.Y
     head = kinds[kind](**params)
     if "random_state" in head.get_params():
         head.set_params(random_state=selection.seed)
@@ -78,7 +81,7 @@ def train_task_head(fc: FeatureCache, layer: str, kind: str, selection: Selectio
     scores = score(head, X_valid, Y[valid], target.kind, names) if len(valid) else {}
     head.meta_ = {"task": task or fc.dataset, "layer": layer, "fingerprint": fc.fingerprint,
                   "selection": selection.record(fc.dataset),
-                  "target": target.record() | {"manifest_sha256": manifest_digest(fc, target)},
+                  "target": target.record() | {"manifest_sha256": answers.digest},
                   "rows": {"train": int(len(train)), "valid": int(len(valid))},
                   "metrics": {f"valid_{k}": scores[k] for k in HEADLINE[target.kind] if k in scores}}
     if not getattr(head, "history_", None):  # the probes fit in one go: their record is the final scores
@@ -119,11 +122,11 @@ def evaluate_task(cache: str | Path, head, split: str | None = None, selection: 
     fc = FeatureCache(cache, sel.dataset)
     layer = meta["layer"]
     compatible(meta["fingerprint"], fc.fingerprint, str(fc.path), layer)
-    digest = meta["target"].get("manifest_sha256")
-    if digest and manifest is None and manifest_digest(fc, target) != digest:
+    names, Y, known, digest = target_values(fc, target)
+    recorded = meta["target"].get("manifest_sha256")
+    if recorded and manifest is None and digest != recorded:
         LOG.warning(f"{target.manifest or fc.summary.get('source')} changed since the head was trained: scoring "
                     "against its answers as they are now")
-    names, Y, known = target_values(fc, target)
     if target.kind == "tags" and names != list(head.outputs_):
         raise IncompatibleError(f"the tags of {target.describe()} ({', '.join(names)}) differ from the head's "
                                 f"({', '.join(head.outputs_)}); score it on the tags it was trained for, or train "
