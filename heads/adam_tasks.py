@@ -23,7 +23,7 @@ from headstart.export.errors import DataError, UsageError
 from .base import FLOATS, EpochLog, checked, dense_outputs, standardization
 from .compute import mean_std
 from .regression import regression_metrics
-from .tags import best_thresholds
+from .tags import best_thresholds, tag_matrix, tag_names
 from .training import AdamTraining, InMemory, SigmoidBCE, SquaredError
 
 if TYPE_CHECKING:
@@ -288,16 +288,14 @@ class SigmoidHead(_AdamTaskHead):
             Called with each epoch's record.
         """
         X = self._features(X)
-        Y = _tag_matrix(Y, len(X), "Y")
+        Y = tag_matrix(Y, len(X), "Y")
         if self.folds < 2:
             raise UsageError(f"folds must be at least 2, got {self.folds!r}")
-        self.tags_ = np.array([str(i) for i in range(Y.shape[1])] if tags is None else [str(t) for t in tags])
-        if len(self.tags_) != Y.shape[1]:
-            raise UsageError(f"{len(self.tags_)} tag names for {Y.shape[1]} columns")
+        self.tags_ = tag_names(tags, Y.shape[1])
         valid = None
         if X_valid is not None and len(X_valid):
             valid = (checked(validate_data, self, X_valid, reset=False, dtype=FLOATS),
-                     _tag_matrix(Y_valid, len(X_valid), "Y_valid"))
+                     tag_matrix(Y_valid, len(X_valid), "Y_valid"))
             if valid[1].shape[1] != Y.shape[1]:
                 raise UsageError(f"Y_valid has {valid[1].shape[1]} tags, Y has {Y.shape[1]}")
         loss = SigmoidBCE(Y.shape[1])
@@ -354,14 +352,6 @@ def _targets(y: np.ndarray | None, n: int) -> np.ndarray:
     if not np.isfinite(Y).all():
         raise DataError(f"the targets hold NaN or infinite values in {int((~np.isfinite(Y)).any(1).sum())} rows")
     return Y
-
-
-def _tag_matrix(Y: np.ndarray | None, n: int, what: str) -> np.ndarray:
-    """A 0/1 tag matrix as float32 (n, n_tags); anything else is a UsageError."""
-    Y = np.asarray(Y)
-    if Y.ndim != 2 or len(Y) != n or Y.shape[1] == 0 or not np.isin(Y, (0, 1)).all():
-        raise UsageError(f"{what} must be an (n_samples, n_tags) array of 0/1 for {n} rows, got shape {Y.shape}")
-    return Y.astype(np.float32)
 
 
 def _bce(Y: np.ndarray, z: np.ndarray) -> float:

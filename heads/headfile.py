@@ -24,7 +24,7 @@ from headstart.export.files import atomic_write
 
 from .auto import AutoHead
 from .base import DenseHead
-from .kinds import KINDS, TASK_KINDS, task_head_name, task_kind_of
+from .kinds import KINDS, TASK_KINDS, kind_name, task_kind_of
 from .knn import KNNHead
 from .tuned import POOLINGS, TunedHead
 
@@ -90,7 +90,7 @@ def _save_task(head: object, path: str | Path) -> Path:
             arrays |= {f"{p}{i}": a for i, layer in enumerate(head.layers_) for p, a in zip("Wb", layer, strict=True)}
         else:
             arrays[name] = np.asarray(getattr(head, name))
-    meta = {"format": FORMAT, "kind": task_head_name(head), "task_kind": task_kind_of(head),
+    meta = {"format": FORMAT, "kind": _kind(head), "task_kind": task_kind_of(head),
             "params": head.get_params(), "outputs": [str(o) for o in head.outputs_],
             "n_features": int(head.n_features_in_), "info": getattr(head, "meta_", {}),
             "fitted": {k: float(getattr(head, k)) for k in ("l2_", "alpha_") if hasattr(head, k)},
@@ -146,7 +146,7 @@ def _load_task(meta: dict, arrays: dict, bad: Callable[[str], HeadFileError]) ->
 
 
 def _kind(head: object) -> str:
-    return "tuned" if isinstance(head, TunedHead) else next(k for k, cls in KINDS.items() if type(head) is cls)
+    return "tuned" if isinstance(head, TunedHead) else kind_name(head)
 
 
 def load_head(path: str | Path) -> DenseHead:

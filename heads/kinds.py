@@ -22,6 +22,8 @@ def task_kind_of(head: object) -> str | None:
     return next((k for k, reg in TASK_KINDS.items() if type(head) in reg.values()), None)
 
 
-def task_head_name(head: object) -> str:
-    """The name of a tags or value head's kind, as a head file records it (never `auto`)."""
-    return next(n for reg in TASK_KINDS.values() for n, cls in reg.items() if type(head) is cls and n != "auto")
+def kind_name(head: object) -> str:
+    """The name of a fitted head's kind, as a head file records it: its KINDS name, or its tags or value kind's
+    own (never `auto`, an alias there)."""
+    tasks = [(n, cls) for reg in TASK_KINDS.values() for n, cls in reg.items() if n != "auto"]
+    return next(n for n, cls in [*KINDS.items(), *tasks] if type(head) is cls)

@@ -56,6 +56,22 @@ def _normalized(X: np.ndarray) -> np.ndarray:
     return l2_normalize(X) * np.float32(np.sqrt(X.shape[1]))
 
 
+def tag_matrix(Y: np.ndarray | None, n: int, what: str) -> np.ndarray:
+    """A 0/1 tag matrix as float32 (n, n_tags); anything else is a UsageError naming `what`."""
+    Y = np.asarray(Y)
+    if Y.ndim != 2 or len(Y) != n or Y.shape[1] == 0 or not np.isin(Y, (0, 1)).all():
+        raise UsageError(f"{what} must be an (n_samples, n_tags) array of 0/1 for {n} rows, got shape {Y.shape}")
+    return Y.astype(np.float32)
+
+
+def tag_names(tags: list[str] | None, n_tags: int) -> np.ndarray:
+    """The tags' names as str (default "0", "1", ...); as many as the tag matrix has columns."""
+    names = np.array([str(i) for i in range(n_tags)] if tags is None else [str(t) for t in tags])
+    if len(names) != n_tags:
+        raise UsageError(f"{len(names)} tag names for {n_tags} columns")
+    return names
+
+
 def best_thresholds(Y: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Per column, the probability threshold maximizing F1 over the given rows (0.5 where a tag never occurs)."""
     out = np.full(Y.shape[1], 0.5)
@@ -126,19 +142,14 @@ class TagHead(BaseEstimator):
             The tags' names (default "0", "1", ...).
         """
         X = validate_data(self, X, dtype=np.float32)
-        Y = np.asarray(Y)
-        if Y.ndim != 2 or len(Y) != len(X) or not np.isin(Y, (0, 1)).all():
-            raise UsageError(f"tags must be an (n_samples, n_tags) array of 0/1 for {len(X)} rows, got shape "
-                             f"{Y.shape}")
+        Y = tag_matrix(Y, len(X), "tags")
         if self.folds < 2:
             raise UsageError(f"folds must be at least 2, got {self.folds!r}")
         if len(X) < 2:
             raise UsageError(f"tags need at least 2 training rows (one a fold), got {len(X)}")
-        self.tags_ = np.array([str(i) for i in range(Y.shape[1])] if tags is None else [str(t) for t in tags])
-        if len(self.tags_) != Y.shape[1]:
-            raise UsageError(f"{len(self.tags_)} tag names for {Y.shape[1]} columns")
+        self.tags_ = tag_names(tags, Y.shape[1])
         with threadpool_limits(1, user_api="blas"):  # small products: BLAS's threads cost more than they save
-            return self._fit(_normalized(X), Y.astype(np.float32))
+            return self._fit(_normalized(X), Y)
 
     def _fit(self, Z: np.ndarray, Y: np.ndarray) -> TagHead:
         grid = sorted(L2_GRID if self.l2_grid is None else self.l2_grid, reverse=True)

@@ -75,7 +75,7 @@ def train(cache: str, layer: str, kind: str, calibration: str | None, output: Pa
     import time
 
     from headstart.heads.headfile import save_head
-    from headstart.heads.kinds import KINDS, TASK_KINDS, task_head_name
+    from headstart.heads.kinds import KINDS, TASK_KINDS, kind_name
 
     from ..targets import target_of
     from ..train import train_head
@@ -109,7 +109,7 @@ def train(cache: str, layer: str, kind: str, calibration: str | None, output: Pa
     if answers is not None:
         m, rows = head.meta_["metrics"], head.meta_["rows"]
         shown = ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in m.items() if k != "valid_n")
-        name = kind if kind != "auto" else f"auto ({task_head_name(head)})"
+        name = kind if kind != "auto" else f"auto ({kind_name(head)})"
         n = len(head.outputs_)
         click.echo(f"{head.meta_['task']}: {name} {answers.kind} head on {layer} ({head.n_features_in_} features, "
                    f"{n} {('tag' if answers.kind == 'tags' else 'target') + ('s' if n > 1 else '')}: "
