@@ -8,7 +8,6 @@ the values themselves (the targets' standardization folded into it); the tag hea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from .base import FLOATS, EpochLog, checked, dense_outputs, standardization
 from .compute import mean_std
 from .regression import regression_metrics
 from .tags import best_thresholds, tag_matrix, tag_names
-from .training import AdamTraining, InMemory, SigmoidBCE, SquaredError
+from .training import AdamTraining, InMemory, SigmoidBCE, SquaredError, hash_folds, passes_per_epoch
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
@@ -54,8 +53,7 @@ class _AdamTaskHead(BaseEstimator):
         where None); `on_epoch(epoch, ms, passes, run)` after each."""
         rng = np.random.default_rng(self.random_state)
         n = len(targets) if keep is None else int(keep.sum())
-        # small data: each epoch makes several passes, so that 8 rows and 80,000 rows both converge
-        passes = max(1, math.ceil(self.min_steps / (self.epochs * math.ceil(max(n, 1) / self.batch_size))))
+        passes = passes_per_epoch(self.min_steps, self.epochs, n, self.batch_size)
         run = AdamTraining(self, X.shape[1], targets, np.ones(len(targets), np.float32), self.epochs * passes, rng,
                            loss)
         source = InMemory(X)
@@ -300,7 +298,7 @@ class SigmoidHead(_AdamTaskHead):
                 raise UsageError(f"Y_valid has {valid[1].shape[1]} tags, Y has {Y.shape[1]}")
         loss = SigmoidBCE(Y.shape[1])
         # out-of-fold probabilities by content hash, as _AdamHead's temperature: the same folds in any row order
-        fold = np.minimum((InMemory(X).hashes(len(X)) * self.folds).astype(int), self.folds - 1)
+        fold = hash_folds(InMemory(X), len(X), self.folds)
         proba, tested = np.zeros(Y.shape, np.float32), np.zeros(len(X), bool)
         for i in range(self.folds):
             test = fold == i

@@ -7,7 +7,6 @@ loop is `training.AdamTraining` and their optimizer `optimizers.Adam`; the fitte
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ from .base import FLOATS, NORM_EPS, DenseHead, EpochLog, l2_normalize, softmax
 from .calibration import CALIBRATE_ROWS, calibrate, make_folds
 from .compute import mean_std
 from .metrics import loss_and_accuracy
-from .training import AdamTraining, InMemory, Streamed
+from .training import AdamTraining, InMemory, Streamed, hash_folds, passes_per_epoch
 
 __all__ = ["FLOATS", "NORM_EPS", "DenseHead", "EpochLog", "LogisticHead", "MLPHead", "SoftmaxHead", "l2_normalize",
            "softmax"]
@@ -98,7 +97,7 @@ class _AdamHead(DenseHead):
         """
         rng = np.random.default_rng(self.random_state)
         n = len(y) if keep is None else int(keep.sum())
-        passes = max(1, math.ceil(self.min_steps / (self.epochs * math.ceil(n / self.batch_size))))
+        passes = passes_per_epoch(self.min_steps, self.epochs, n, self.batch_size)
         run = AdamTraining(self, d, y, self._sample_weight(y), self.epochs * passes, rng)
         self.layers_ = run.layers  # views, so that the log scores the current weights
         trained = slice(None) if keep is None else keep
@@ -128,7 +127,7 @@ class _AdamHead(DenseHead):
 
     def _out_of_fold(self, source: InMemory | Streamed, d: int, y: np.ndarray) -> dict:
         """Fit the temperature on out-of-fold logits: 3 folds by content hash, the head retrained on the others."""
-        fold = np.minimum((source.hashes(len(y)) * 3).astype(int), 2)
+        fold = hash_folds(source, len(y), 3)
         z = np.zeros((len(y), len(self.classes_)), np.float32)
         for i in range(3):
             test = fold == i

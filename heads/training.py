@@ -9,6 +9,7 @@ turning a batch's outputs and targets into the outputs' gradient.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -29,6 +30,17 @@ LARGE = 2**20
 COMPILE_WORK = 6 * 10**8
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def passes_per_epoch(min_steps: int, epochs: int, n: int, batch_size: int) -> int:
+    """Passes over `n` rows each epoch makes, so that `epochs` epochs take at least `min_steps` Adam steps: on
+    small data an epoch is several passes, so that 8 rows and 80,000 rows both converge."""
+    return max(1, math.ceil(min_steps / (epochs * math.ceil(max(n, 1) / batch_size))))
+
+
+def hash_folds(source: InMemory | Streamed, n: int, k: int) -> np.ndarray:
+    """(n,) each row's fold in 0..k-1, by its content hash: the same folds in any row order, equal rows together."""
+    return np.minimum((source.hashes(n) * k).astype(int), k - 1)
 
 
 class SoftmaxCE:
