@@ -425,12 +425,11 @@ def predict(classifier: str | Path, images: str | Path, *, output: str | Path | 
     """
     from headstart.heads.bundle import classifier_metadata
 
-    from .predict import write_csv
+    from .predict import check_clip, write_csv
 
     meta = classifier_metadata(classifier)
     classes, kind = meta["classes"], meta.get("task_kind", "classes")
-    if kind == "value" and clip:
-        raise UsageError(f"clip clips probabilities; {classifier} predicts a value and has none")
+    check_clip(meta, clip, classifier)
     rows = prediction_rows(images, classifier, batch_size, jobs, device, clip, client, quiet=True)
     kept: list[dict] = []
 

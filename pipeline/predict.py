@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.export.errors import UsageError
 from headstart.export.files import atomic_write
 from headstart.export.runtime import open_session
 from headstart.heads.bundle import classifier_metadata
@@ -29,6 +30,12 @@ def predict(images: str | Path | Dataset, model: str | Path, batch_size: int = 3
     meta = classifier_metadata(model)
     paths = (images if isinstance(images, Dataset) else scan(images)).paths
     yield from predict_paths(paths, open_session(model, device, quiet=quiet), meta, batch_size, jobs, clip)
+
+
+def check_clip(meta: dict, clip: tuple[float, float] | None, classifier: str | Path, option: str = "clip") -> None:
+    """Refuse `clip` for a value classifier (metadata `meta`): it clips probabilities, and a value has none."""
+    if clip and meta.get("task_kind") == "value":
+        raise UsageError(f"{option} clips probabilities; {classifier} predicts a value and has none")
 
 
 def predict_paths(paths: list[str], session, meta: dict, batch_size: int, jobs: int,

@@ -121,7 +121,7 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
 
     from ..api import prediction_rows
     from ..dataset import scan
-    from ..predict import write_csv
+    from ..predict import check_clip, write_csv
 
     bounds = None
     if clip:
@@ -134,8 +134,7 @@ def predict(images: str, classifier: Path, output: Path, batch_size: int, jobs: 
         bounds = (lo, hi)
     meta = classifier_metadata(classifier)
     classes, kind = meta["classes"], meta.get("task_kind", "classes")
-    if kind == "value" and bounds:
-        raise Failure(f"--clip clips probabilities; {classifier} predicts a value and has none")
+    check_clip(meta, bounds, classifier, "--clip")
     images = scan(images)  # once: its length sizes the bar, its paths are what is predicted
     total = len(images)
     if dask_address:
